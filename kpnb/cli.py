@@ -1,0 +1,188 @@
+"""The ``kpnb`` command: ``kpnb run`` (notebooks headless with papermill), ``kpnb synth``, ``kpnb bench``.
+
+``kpnb run [--preset P] [--out DIR | --resume DIR] [--only 01,02] [-p name=value ...]``
+
+* ``-p section.key=value`` overrides a preset setting (``-p vq.steps=200``); ``-p name=value`` sets a
+  notebook parameter (``-p dataset_dir=/data/danbooru``). Values are JSON when they parse, else strings.
+  Unknown presets, settings and parameters are refused before any work, with the valid ones listed.
+* Notebooks run in order into ``DIR/notebooks/``; the first failure stops the run and prints the failing
+  cell's error. ``--resume DIR`` skips notebooks that already finished (their metrics file exists).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import runs
+
+COMMON_PARAMETERS = ("preset", "run_dir", "overrides")
+
+
+def notebooks_dir() -> Path:
+    return runs.repo_root() / "notebooks"
+
+
+def list_notebooks() -> list[Path]:
+    return sorted(p for p in notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+
+
+def notebook_parameters(nb: Path) -> dict[str, Any]:
+    """Names and default values of the cell tagged ``parameters`` (read without a kernel)."""
+    import ast
+
+    data = json.loads(nb.read_text())
+    for cell in data["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            src = "".join(cell["source"])
+            out: dict[str, Any] = {}
+            for node in ast.parse(src).body:
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+                    try:
+                        out[node.targets[0].id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        out[node.targets[0].id] = None
+            return out
+    raise runs.ConfigError(f"{nb}: no cell tagged 'parameters'")
+
+
+def _select(only: str | None) -> list[Path]:
+    nbs = list_notebooks()
+    if not only:
+        return nbs
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    chosen = [nb for nb in nbs if nb.name[:2] in wanted or nb.stem in wanted]
+    unknown = [w for w in wanted if not any(nb.name[:2] == w or nb.stem == w for nb in nbs)]
+    if unknown:
+        raise runs.ConfigError(f"unknown notebook(s) {', '.join(unknown)}; valid: "
+                               f"{', '.join(nb.name[:2] for nb in nbs)}")
+    return chosen
+
+
+def split_params(pairs: list[str], preset: str, nbs: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``name=value`` pairs -> (preset overrides, notebook parameters); refuses unknown names."""
+    overrides: dict[str, Any] = {}
+    nb_params: dict[str, Any] = {}
+    known = set()
+    for nb in nbs:
+        known |= set(notebook_parameters(nb))
+    known -= set(COMMON_PARAMETERS)
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq:
+            raise runs.ConfigError(f"parameter {pair!r} must look like name=value")
+        if "." in name:
+            overrides[name] = runs.parse_value(value)
+        elif name in known:
+            nb_params[name] = runs.parse_value(value)
+        else:
+            raise runs.ConfigError(f"unknown parameter {name!r}; notebook parameters: {', '.join(sorted(known))}; "
+                                   f"preset settings look like section.key (see kpnb.runs.PRESETS)")
+    runs.preset_config(preset, overrides)  # validates every override
+    return overrides, nb_params
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import papermill as pm
+
+    if args.resume:
+        root = Path(args.resume)
+        if not (root / "config.json").exists():
+            print(f"kpnb run: {root} is not a run folder (no config.json)", file=sys.stderr)
+            return 2
+        cfg = json.loads((root / "config.json").read_text())
+        preset, saved_overrides = cfg["preset"], cfg.get("overrides", {})
+    else:
+        preset, saved_overrides = args.preset, {}
+        root = Path(args.out) if args.out else runs.default_run_dir(preset)
+    try:
+        nbs = _select(args.only)
+        overrides, nb_params = split_params(args.param or [], preset, nbs)
+    except runs.ConfigError as e:
+        print(f"kpnb run: {e}", file=sys.stderr)
+        return 2
+    overrides = {**saved_overrides, **overrides}
+    try:
+        runs.run_dir(root, preset, overrides)
+    except runs.ConfigError as e:
+        print(f"kpnb run: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(f"kpnb run: preset {preset}, run folder {root}")
+    for nb in nbs:
+        done = root / "metrics" / f"{nb.stem}.json"
+        if args.resume and done.exists():
+            print(f"  {nb.stem}: finished before, skipped")
+            continue
+        accepted = notebook_parameters(nb)
+        params = {"preset": preset, "run_dir": str(root.resolve()), "overrides": overrides}
+        params.update({k: v for k, v in nb_params.items() if k in accepted})
+        out_nb = root / "notebooks" / nb.name
+        t0 = time.time()
+        print(f"  {nb.stem}: running ...", flush=True)
+        try:
+            pm.execute_notebook(str(nb), str(out_nb), parameters=params, cwd=str(notebooks_dir()),
+                                progress_bar=args.progress, kernel_name="python3")
+        except pm.PapermillExecutionError as e:
+            print(f"kpnb run: {nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}", file=sys.stderr)
+            print("".join(_strip_ansi(line) + "\n" for line in e.traceback[-12:]), file=sys.stderr)
+            print(f"kpnb run: the executed notebook is {out_nb}; finished notebooks are kept - "
+                  f"`kpnb run --resume {root}` goes on from here", file=sys.stderr)
+            return 1
+        print(f"  {nb.stem}: done in {time.time() - t0:.0f} s", flush=True)
+    print(f"kpnb run: finished; metrics in {root / 'metrics'}, figures in {root / 'figures'}")
+    return 0
+
+
+def _strip_ansi(s: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", s)
+
+
+def cmd_synth(argv: list[str]) -> int:
+    from . import synth
+
+    return synth.main(argv) or 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from . import bench
+
+    return bench.main(argv) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "synth":
+        return cmd_synth(argv[1:])
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    p = argparse.ArgumentParser(prog="kpnb", description="kpnb workbook: run | synth | bench")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute the notebooks headless with papermill")
+    r.add_argument("--preset", default="cpu", help=f"one of {', '.join(runs.PRESETS)}")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--out", help="run folder (default outputs/<timestamp>_<preset>)")
+    g.add_argument("--resume", help="go on with an interrupted run folder")
+    r.add_argument("--only", help="comma-separated notebook numbers, e.g. 01,02")
+    r.add_argument("-p", "--param", action="append", metavar="NAME=VALUE")
+    r.add_argument("--no-progress", dest="progress", action="store_false")
+    sub.add_parser("synth", help="write the synthetic dataset (kpnb synth --help)")
+    sub.add_parser("bench", help="measure training/sampling speed (kpnb bench --help)")
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        if args.preset not in runs.PRESETS:
+            print(f"kpnb run: unknown preset {args.preset!r}; valid presets: {', '.join(runs.PRESETS)}",
+                  file=sys.stderr)
+            return 2
+        return cmd_run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

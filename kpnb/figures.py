@@ -1,0 +1,157 @@
+"""Figures: image grids, pose overlays, scatter and heat maps, loss curves. Each returns a matplotlib Figure
+and, given ``path``, saves it as PNG (200 dpi for the write-up's figures)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .keypoints import JOINTS, LIMBS, LIMB_COLOURS, Pose, draw_skeleton
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig: Any, path: str | Path | None, dpi: int = 200) -> Any:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return fig
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 10,
+               size: float = 1.2, path: str | Path | None = None, suptitle: str | None = None) -> Any:
+    """A grid of uint8 images with optional small titles."""
+    plt = _plt()
+    n = max(1, len(images))
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * (1.25 if titles else 1)),
+                             squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(images):
+            ax.imshow(images[k], interpolation="nearest")
+            if titles:
+                ax.set_title(titles[k], fontsize=6)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def overlay(image: np.ndarray, pose: Pose | np.ndarray, size: int = 128) -> np.ndarray:
+    """The pose's skeleton drawn over the image, upscaled to ``size``."""
+    if not isinstance(pose, Pose):
+        pose = Pose.from_array(pose)
+    return draw_skeleton(pose, size, background=image)
+
+
+def skeleton_grid(poses: Sequence[Any], images: Sequence[np.ndarray] | None = None, titles=None, ncols: int = 8,
+                  size: int = 128, path=None, suptitle=None) -> Any:
+    tiles = [overlay(images[i], p, size) if images is not None else draw_skeleton(
+        p if isinstance(p, Pose) else Pose.from_array(p), size) for i, p in enumerate(poses)]
+    return image_grid(tiles, titles, ncols=ncols, size=1.6, path=path, suptitle=suptitle)
+
+
+def hip_scatter(hip_xy: np.ndarray, keep: np.ndarray | None = None, frame: int = 512, path=None) -> Any:
+    """The original analysis' hip-midpoint scatter, in the 512 frame (y down); kept vs removed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    p = hip_xy * frame
+    if keep is None:
+        ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.4)
+    else:
+        ax.scatter(p[keep, 0], p[keep, 1], s=2, alpha=0.4, label=f"kept ({keep.sum()})")
+        ax.scatter(p[~keep, 0], p[~keep, 1], s=4, alpha=0.6, c="red", label=f"removed ({(~keep).sum()})")
+        ax.legend(fontsize=7, loc="upper right")
+    ax.axhline(frame, color="grey", lw=0.5, ls="--")
+    ax.axvline(0, color="grey", lw=0.5, ls="--")
+    ax.axvline(frame, color="grey", lw=0.5, ls="--")
+    ax.set_xlim(-0.5 * frame, 1.5 * frame)
+    ax.set_ylim(2.0 * frame, -0.25 * frame)
+    ax.set_xlabel("hip midpoint x (512 frame)")
+    ax.set_ylabel("hip midpoint y (512 frame; > 512 = below the frame)")
+    ax.set_title("hip midpoints", fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def joint_heatmaps(poses: np.ndarray, bins: int = 32, path=None) -> Any:
+    """Per-joint 2D histograms of in-frame positions."""
+    plt = _plt()
+    fig, axes = plt.subplots(3, 6, figsize=(12, 6.4))
+    for j, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if j >= len(JOINTS):
+            ax.axis("off")
+            continue
+        m = (poses[:, j, 2] == 1) | (poses[:, j, 2] == 2)
+        h, _, _ = np.histogram2d(poses[m, j, 1], poses[m, j, 0], bins=bins, range=[[0, 1], [0, 1]])
+        ax.imshow(h, cmap="magma")
+        ax.set_title(f"{JOINTS[j]} ({m.mean():.0%} in frame)", fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def histograms(values: dict[str, np.ndarray], bins: int = 40, ncols: int = 4, path=None,
+               limits: dict[str, tuple[float, float]] | None = None) -> Any:
+    """One histogram per named array; optional (lo, hi) lines drawn on each."""
+    plt = _plt()
+    names = list(values)
+    nrows = int(np.ceil(len(names) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 3, nrows * 2.2), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        v = np.asarray(values[name])
+        v = v[np.isfinite(v)]
+        ax.hist(v, bins=bins, color="tab:blue", alpha=0.8)
+        if limits and name in limits:
+            for x in limits[name]:
+                ax.axvline(x, color="red", lw=1)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def loss_curves(csv_paths: dict[str, str | Path], keys: Sequence[str] = ("loss",), path=None,
+                logy: bool = True) -> Any:
+    """Loss curves from training metrics CSVs (one line per run and key)."""
+    import csv
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, p in csv_paths.items():
+        with open(p) as f:
+            rows = list(csv.DictReader(f))
+        for k in keys:
+            xs = [float(r["step"]) for r in rows if r.get(k) not in (None, "")]
+            ys = [float(r[k]) for r in rows if r.get(k) not in (None, "")]
+            if xs:
+                ax.plot(xs, ys, label=f"{name} {k}" if len(keys) > 1 else name, lw=1)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def limb_legend(path=None) -> Any:
+    """Which colour is which limb (left = warm, right = cool)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for k, ((a, b), c) in enumerate(zip(LIMBS, LIMB_COLOURS)):
+        ax.plot([0, 1], [k, k], color=np.array(c) / 255, lw=4)
+        ax.text(1.1, k, f"{JOINTS[a]} - {JOINTS[b]}", va="center", fontsize=6)
+    ax.set_xlim(0, 3)
+    ax.axis("off")
+    fig.tight_layout()
+    return save(fig, path)

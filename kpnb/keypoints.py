@@ -1,0 +1,492 @@
+"""The one pose type of kpnb, its readers and writers, flip, tokenisers, drawing and plausibility features.
+
+Inside kpnb a pose is a :class:`Pose`: 17 joints in COCO order, each with (x, y) in normalised image
+coordinates (0..1, origin top-left, x to the right) and a visibility code:
+
+* ``VISIBLE`` (2): labelled and visible
+* ``HIDDEN`` (1): labelled but occluded
+* ``MISSING`` (0): not labelled (coordinates are meaningless, stored as 0)
+* ``OUTSIDE`` (3): labelled, but outside the image frame (coordinates kept, outside 0..1)
+
+Every loader converts into it, every writer out of it. Two external formats are supported
+(see ``shared/design/KEYPOINTS.md``):
+
+* the Danbooru pose-keypoint release: one JSON object per image, ``{"nose": [y, x], ...}`` in pixels of a
+  512x512 frame. Note the **[row, col] = [y, x]** order. Values outside [0, 512) are kept and marked OUTSIDE.
+* COCO person keypoints: ``[x1, y1, v1, ...]`` in image pixels with v in {0, 1, 2}.
+
+Bad input raises :class:`PoseError`, which names the file (when known) and the field.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+JOINTS = [
+    "nose", "eye_left", "eye_right", "ear_left", "ear_right",
+    "shoulder_left", "shoulder_right", "elbow_left", "elbow_right",
+    "wrist_left", "wrist_right", "hip_left", "hip_right",
+    "knee_left", "knee_right", "ankle_left", "ankle_right",
+]
+N_JOINTS = len(JOINTS)
+JOINT_INDEX = {name: i for i, name in enumerate(JOINTS)}
+# Flip partner of each joint: "left" is the character's own left, so a mirror swaps every pair.
+FLIP_PERM = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
+LIMBS = [
+    (4, 2), (2, 0), (0, 1), (1, 3),            # head
+    (10, 8), (8, 6), (6, 5), (5, 7), (7, 9),   # arms and shoulders
+    (16, 14), (14, 12), (12, 11), (11, 13), (13, 15),  # legs and hips
+    (5, 11), (6, 12),                          # torso sides
+]
+JOINT_GROUPS = {
+    "head": [0, 1, 2, 3, 4],
+    "arms": [5, 6, 7, 8, 9, 10],
+    "legs": [11, 12, 13, 14, 15, 16],
+}
+
+MISSING, HIDDEN, VISIBLE, OUTSIDE = 0, 1, 2, 3
+VIS_NAMES = {MISSING: "missing", HIDDEN: "hidden", VISIBLE: "visible", OUTSIDE: "outside"}
+
+RELEASE_FRAME = 512  # the release's coordinates are pixels of a 512x512 frame
+GRID = 32            # the original tokeniser's grid (512 / 16)
+
+
+def _limb_side(a: int, b: int) -> str:
+    names = JOINTS[a] + JOINTS[b]
+    if "left" in names and "right" in names:
+        return "centre"
+    if "left" in names:
+        return "left"
+    if "right" in names:
+        return "right"
+    return "centre"
+
+
+def _limb_colours() -> list[tuple[int, int, int]]:
+    """A distinct colour per limb: warm hues for the character's left, cool for the right, greys/greens centre."""
+    import colorsys
+
+    left = [i for i, l in enumerate(LIMBS) if _limb_side(*l) == "left"]
+    right = [i for i, l in enumerate(LIMBS) if _limb_side(*l) == "right"]
+    centre = [i for i, l in enumerate(LIMBS) if _limb_side(*l) == "centre"]
+    out: list[tuple[int, int, int]] = [(0, 0, 0)] * len(LIMBS)
+    for idx, hue0, hue1 in ((left, 0.0, 0.17), (right, 0.5, 0.75), (centre, 0.28, 0.42)):
+        for k, i in enumerate(idx):
+            h = hue0 + (hue1 - hue0) * k / max(1, len(idx) - 1)
+            r, g, b = colorsys.hsv_to_rgb(h, 0.9, 1.0)
+            out[i] = (int(r * 255), int(g * 255), int(b * 255))
+    return out
+
+
+LIMB_COLOURS = _limb_colours()
+
+
+class PoseError(ValueError):
+    """A pose could not be read: names the file (if known) and the offending field."""
+
+    def __init__(self, message: str, *, source: str | Path | None = None, field: str | None = None):
+        self.source = str(source) if source is not None else None
+        self.field = field
+        where = []
+        if self.source:
+            where.append(str(self.source))
+        if field:
+            where.append(f"field {field!r}")
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+@dataclass
+class Pose:
+    """17 joints: ``xy`` float32 [17, 2] normalised (x right, y down), ``vis`` int8 [17] visibility codes."""
+
+    xy: np.ndarray
+    vis: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.xy = np.asarray(self.xy, dtype=np.float32).reshape(N_JOINTS, 2)
+        self.vis = np.asarray(self.vis, dtype=np.int8).reshape(N_JOINTS)
+        if not np.all(np.isfinite(self.xy)):
+            raise PoseError("coordinates must be finite", field="xy")
+        if not np.all(np.isin(self.vis, (MISSING, HIDDEN, VISIBLE, OUTSIDE))):
+            raise PoseError("visibility codes must be 0..3", field="vis")
+
+    # ---- basic views -------------------------------------------------------------------------------
+    @property
+    def labelled(self) -> np.ndarray:
+        """Joints with a position (visible, hidden or outside the frame)."""
+        return self.vis != MISSING
+
+    @property
+    def in_frame(self) -> np.ndarray:
+        """Joints labelled, inside the frame (visible or hidden)."""
+        return (self.vis == VISIBLE) | (self.vis == HIDDEN)
+
+    def copy(self) -> "Pose":
+        return Pose(self.xy.copy(), self.vis.copy())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pose) and np.array_equal(self.vis, other.vis) and np.allclose(
+            self.xy, other.xy, atol=1e-5)
+
+    def to_array(self) -> np.ndarray:
+        """[17, 3] float32: x, y, visibility code."""
+        return np.concatenate([self.xy, self.vis[:, None].astype(np.float32)], axis=1)
+
+    @classmethod
+    def from_array(cls, arr: Any) -> "Pose":
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.shape != (N_JOINTS, 3):
+            raise PoseError(f"expected shape (17, 3), got {arr.shape}", field="array")
+        return cls(arr[:, :2], arr[:, 2].round().astype(np.int8))
+
+    @classmethod
+    def from_pixels(cls, xy_px: Any, size: float, vis: Any | None = None) -> "Pose":
+        """From [17, 2] pixel (x, y) in a square frame of ``size``; visibility derived from the frame."""
+        xy = np.asarray(xy_px, dtype=np.float32) / float(size)
+        if vis is None:
+            vis = np.full(N_JOINTS, VISIBLE, dtype=np.int8)
+        vis = np.asarray(vis, dtype=np.int8).copy()
+        outside = ((xy < 0) | (xy >= 1)).any(axis=1) & (vis != MISSING)
+        vis[outside] = OUTSIDE
+        return cls(xy, vis)
+
+    def bbox(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) over in-frame joints (all labelled joints if none are in frame)."""
+        m = self.in_frame if self.in_frame.any() else self.labelled
+        if not m.any():
+            return (0.0, 0.0, 1.0, 1.0)
+        p = self.xy[m]
+        return float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())
+
+    def refresh_outside(self) -> "Pose":
+        """Re-mark which labelled joints fall outside the 0..1 frame (after a geometric change)."""
+        vis = self.vis.copy()
+        out = ((self.xy < 0) | (self.xy >= 1)).any(axis=1)
+        vis[(vis != MISSING) & out] = OUTSIDE
+        back = (vis == OUTSIDE) & ~out
+        vis[back] = VISIBLE
+        return Pose(self.xy, vis)
+
+    def affine(self, scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)) -> "Pose":
+        xy = self.xy * scale + np.asarray(shift, dtype=np.float32)
+        xy[self.vis == MISSING] = 0.0
+        return Pose(xy, self.vis).refresh_outside()
+
+    def fit_to_frame(self, margin: float = 0.1) -> "Pose":
+        """Scale and centre the labelled joints' bounding box into the frame (for poses from other images)."""
+        m = self.labelled
+        if not m.any():
+            return self.copy()
+        p = self.xy[m]
+        lo, hi = p.min(0), p.max(0)
+        span = float(max(hi - lo)) or 1.0
+        s = (1 - 2 * margin) / span
+        centre = (lo + hi) / 2
+        return self.affine(s, tuple(0.5 - centre * s))
+
+
+# ---- flip ----------------------------------------------------------------------------------------------
+def flip(pose: Pose) -> Pose:
+    """Mirror horizontally: x -> 1 - x and every left/right pair swapped (the character's left stays left)."""
+    xy = pose.xy.copy()
+    lab = pose.vis != MISSING
+    xy[lab, 0] = 1.0 - xy[lab, 0]
+    # A pixel at x in [0,1) maps to 1-x in (0,1]; keep the frame test consistent via refresh_outside.
+    return Pose(xy[FLIP_PERM], pose.vis[FLIP_PERM]).refresh_outside()
+
+
+# ---- format A: the Danbooru keypoint release ----------------------------------------------------------
+def _number(v: Any, *, source: Any, field: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PoseError(f"expected a number, got {type(v).__name__} {v!r:.40}", source=source, field=field)
+    f = float(v)
+    if not math.isfinite(f):
+        raise PoseError(f"expected a finite number, got {v!r}", source=source, field=field)
+    return f
+
+
+def pose_from_release(obj: Any, *, source: str | Path | None = None, frame: int = RELEASE_FRAME) -> Pose:
+    """Read the release format: ``{"nose": [y, x], ...}`` pixels in a ``frame`` x ``frame`` square.
+
+    Values outside [0, frame) are kept and marked OUTSIDE (never clamped). Every joint name must be present.
+    """
+    if not isinstance(obj, dict):
+        raise PoseError(f"expected a JSON object of 17 joints, got {type(obj).__name__}", source=source)
+    missing = [n for n in JOINTS if n not in obj]
+    if missing:
+        raise PoseError(f"missing joint(s) {', '.join(missing)}", source=source, field=missing[0])
+    xy = np.zeros((N_JOINTS, 2), np.float32)
+    for i, name in enumerate(JOINTS):
+        v = obj[name]
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise PoseError(f"expected [y, x], got {v!r:.60}", source=source, field=name)
+        y = _number(v[0], source=source, field=name)
+        x = _number(v[1], source=source, field=name)
+        xy[i] = (x / frame, y / frame)
+    return Pose.from_pixels(xy * frame, frame)
+
+
+def pose_to_release(pose: Pose, frame: int = RELEASE_FRAME) -> dict[str, list[float]]:
+    """Write the release format. MISSING joints have no representation there and are refused."""
+    if (pose.vis == MISSING).any():
+        names = [JOINTS[i] for i in np.flatnonzero(pose.vis == MISSING)]
+        raise PoseError(f"the release format has no missing joints; missing: {', '.join(names)}", field=names[0])
+    return {name: [float(pose.xy[i, 1] * frame), float(pose.xy[i, 0] * frame)] for i, name in enumerate(JOINTS)}
+
+
+def _read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PoseError(f"cannot read file ({e.__class__.__name__}: {e})", source=path) from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PoseError(f"not valid JSON ({e})", source=path) from e
+
+
+def read_release_json(path: str | Path, frame: int = RELEASE_FRAME) -> Pose:
+    return pose_from_release(_read_json(path), source=path, frame=frame)
+
+
+def write_release_json(pose: Pose, path: str | Path, frame: int = RELEASE_FRAME) -> None:
+    Path(path).write_text(json.dumps(pose_to_release(pose, frame)))
+
+
+# ---- format B: COCO person keypoints ------------------------------------------------------------------
+def pose_from_coco(keypoints: Any, width: float, height: float, *, source: Any = None,
+                   field: str = "keypoints") -> Pose:
+    """``[x1, y1, v1, ..., x17, y17, v17]`` in pixels of a ``width`` x ``height`` image -> Pose.
+
+    v = 0 -> MISSING, 1 -> HIDDEN, 2 -> VISIBLE; labelled joints outside the image become OUTSIDE.
+    Coordinates are normalised by width and height separately (the image's own frame).
+    """
+    w = _number(width, source=source, field="width")
+    h = _number(height, source=source, field="height")
+    if w <= 0 or h <= 0:
+        raise PoseError(f"image size must be positive, got {w}x{h}", source=source, field="width/height")
+    if not isinstance(keypoints, (list, tuple)) or len(keypoints) != 3 * N_JOINTS:
+        n = len(keypoints) if isinstance(keypoints, (list, tuple)) else type(keypoints).__name__
+        raise PoseError(f"expected a list of 51 numbers, got {n}", source=source, field=field)
+    xy = np.zeros((N_JOINTS, 2), np.float32)
+    vis = np.zeros(N_JOINTS, np.int8)
+    for i in range(N_JOINTS):
+        x = _number(keypoints[3 * i], source=source, field=f"{field}[{3 * i}]")
+        y = _number(keypoints[3 * i + 1], source=source, field=f"{field}[{3 * i + 1}]")
+        v = _number(keypoints[3 * i + 2], source=source, field=f"{field}[{3 * i + 2}]")
+        if v not in (0, 1, 2):
+            raise PoseError(f"visibility must be 0, 1 or 2, got {v}", source=source, field=f"{field}[{3 * i + 2}]")
+        if v == 0:
+            continue
+        xy[i] = (x / w, y / h)
+        vis[i] = HIDDEN if v == 1 else VISIBLE
+    return Pose(xy, vis).refresh_outside()
+
+
+def pose_to_coco(pose: Pose, width: float, height: float) -> list[float]:
+    """Pose -> COCO keypoint list. COCO cannot say "outside the frame": such joints are written as v=1
+    (labelled, not visible) with their out-of-image coordinates, which :func:`pose_from_coco` marks OUTSIDE again."""
+    out: list[float] = []
+    for i in range(N_JOINTS):
+        v = int(pose.vis[i])
+        if v == MISSING:
+            out += [0.0, 0.0, 0]
+        else:
+            out += [float(pose.xy[i, 0] * width), float(pose.xy[i, 1] * height), 2 if v == VISIBLE else 1]
+    return out
+
+
+def read_coco(obj_or_path: Any) -> list[dict[str, Any]]:
+    """Read COCO person keypoints: a full COCO file (``images`` + ``annotations``), a list of annotations
+    (each with ``width``/``height``), or one annotation. Returns one record per person:
+    ``{"image_id", "pose", "bbox", "width", "height"}``."""
+    source = None
+    obj = obj_or_path
+    if isinstance(obj_or_path, (str, Path)):
+        source = obj_or_path
+        obj = _read_json(obj_or_path)
+    sizes: dict[Any, tuple[float, float]] = {}
+    if isinstance(obj, dict) and "annotations" in obj:
+        images = obj.get("images", [])
+        if not isinstance(images, list):
+            raise PoseError("'images' must be a list", source=source, field="images")
+        for k, im in enumerate(images):
+            if not isinstance(im, dict) or "id" not in im:
+                raise PoseError("each image needs an 'id'", source=source, field=f"images[{k}]")
+            sizes[im["id"]] = (im.get("width"), im.get("height"))
+        anns = obj["annotations"]
+    elif isinstance(obj, dict):
+        anns = [obj]
+    else:
+        anns = obj
+    if not isinstance(anns, list):
+        raise PoseError("expected annotations as a list", source=source, field="annotations")
+    people = []
+    for k, ann in enumerate(anns):
+        f = f"annotations[{k}]"
+        if not isinstance(ann, dict) or "keypoints" not in ann:
+            raise PoseError("annotation without 'keypoints'", source=source, field=f)
+        iid = ann.get("image_id")
+        w, h = ann.get("width"), ann.get("height")
+        if (w is None or h is None) and iid in sizes:
+            w, h = sizes[iid]
+        if w is None or h is None:
+            raise PoseError("no image width/height for this annotation", source=source, field=f"{f}.width")
+        pose = pose_from_coco(ann["keypoints"], w, h, source=source, field=f"{f}.keypoints")
+        bbox = ann.get("bbox")
+        if bbox is not None:
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                raise PoseError("bbox must be [x, y, w, h]", source=source, field=f"{f}.bbox")
+            bbox = [_number(b, source=source, field=f"{f}.bbox") for b in bbox]
+        people.append({"image_id": iid, "pose": pose, "bbox": bbox, "width": float(w), "height": float(h)})
+    return people
+
+
+def coco_to_frame(person: dict[str, Any], margin: float = 0.1) -> Pose:
+    """A COCO person mapped into the square frame by its bounding box (aspect kept), for use as a condition."""
+    pose: Pose = person["pose"]
+    w, h = person["width"], person["height"]
+    xy = pose.xy * np.array([w, h], np.float32)  # back to pixels
+    if person.get("bbox"):
+        bx, by, bw, bh = person["bbox"]
+    else:
+        m = pose.labelled
+        p = xy[m] if m.any() else np.zeros((1, 2), np.float32)
+        bx, by = p.min(0)
+        bw, bh = p.max(0) - p.min(0)
+    span = max(bw, bh, 1e-6)
+    s = (1 - 2 * margin) / span
+    cx, cy = bx + bw / 2, by + bh / 2
+    nxy = (xy - np.array([cx, cy], np.float32)) * s + 0.5
+    nxy[pose.vis == MISSING] = 0
+    return Pose(nxy, pose.vis).refresh_outside()  # OUTSIDE is re-judged against the new frame
+
+
+# ---- the original 32x32 grid tokeniser ----------------------------------------------------------------
+def grid_tokens(pose: Pose, faithful_axes: bool = True) -> np.ndarray:
+    """The original training code's tokens: 17 integers in [0, 1023].
+
+    The original read the release's ``[a, b]`` (= [y, x] in the 512 frame), divided by 16, rounded
+    (numpy/torch round-half-to-even), clamped each to [0, 31] and formed ``token = a + 32 * b``. So with
+    ``faithful_axes=True`` (the default, as the original) the *row* y is the fast index:
+    ``token = y_cell + 32 * x_cell`` - the image axes are transposed relative to the usual row-major
+    ``x + 32 * y``. ``faithful_axes=False`` gives the conventional ``x_cell + 32 * y_cell``.
+    Missing joints, which the release never has, tokenise from (0, 0).
+    """
+    px = pose.xy * RELEASE_FRAME / (RELEASE_FRAME / GRID)  # cells, x then y
+    cells = np.clip(np.rint(px), 0, GRID - 1).astype(np.int64)
+    x_cell, y_cell = cells[:, 0], cells[:, 1]
+    if faithful_axes:
+        return y_cell + GRID * x_cell
+    return x_cell + GRID * y_cell
+
+
+def grid_tokens_to_pose(tokens: Iterable[int], faithful_axes: bool = True) -> Pose:
+    """Inverse of :func:`grid_tokens` up to the 16-pixel cell (cell centre-free: cell index * 16 / 512)."""
+    t = np.asarray(list(tokens), dtype=np.int64)
+    fast, slow = t % GRID, t // GRID
+    x_cell, y_cell = (slow, fast) if faithful_axes else (fast, slow)
+    xy = np.stack([x_cell, y_cell], 1).astype(np.float32) / GRID
+    return Pose(xy, np.full(N_JOINTS, VISIBLE, np.int8))
+
+
+# ---- drawing ------------------------------------------------------------------------------------------
+def draw_skeleton(pose: Pose, size: int = 256, background: Any = None, width: int | None = None,
+                  draw_hidden: bool = True) -> np.ndarray:
+    """Draw the pose as coloured limbs and joints; returns uint8 [size, size, 3].
+
+    ``background``: an image array to draw on (resized to ``size``) or None for black. Left limbs are warm,
+    right limbs cool; hidden joints are drawn hollow; outside and missing joints are not drawn.
+    """
+    from PIL import Image, ImageDraw
+
+    if background is None:
+        img = Image.new("RGB", (size, size), (0, 0, 0))
+    else:
+        bg = np.asarray(background)
+        if bg.dtype != np.uint8:
+            bg = (np.clip(bg, 0, 1) * 255).astype(np.uint8)
+        img = Image.fromarray(bg).convert("RGB").resize((size, size), Image.BILINEAR)
+    d = ImageDraw.Draw(img)
+    lw = width or max(1, size // 64)
+    p = pose.xy * size
+    show = pose.in_frame if draw_hidden else pose.vis == VISIBLE
+    for (a, b), col in zip(LIMBS, LIMB_COLOURS):
+        if show[a] and show[b]:
+            d.line([tuple(p[a]), tuple(p[b])], fill=col, width=lw)
+    r = max(1.0, lw * 0.9)
+    for i in range(N_JOINTS):
+        if not show[i]:
+            continue
+        side = "left" in JOINTS[i] and (255, 200, 0) or "right" in JOINTS[i] and (0, 200, 255) or (255, 255, 255)
+        box = [p[i, 0] - r, p[i, 1] - r, p[i, 0] + r, p[i, 1] + r]
+        if pose.vis[i] == HIDDEN:
+            d.ellipse(box, outline=side)
+        else:
+            d.ellipse(box, fill=side)
+    return np.asarray(img)
+
+
+# ---- plausibility features ----------------------------------------------------------------------------
+def _dist(xy: np.ndarray, a: int, b: int) -> float:
+    return float(np.linalg.norm(xy[a] - xy[b]))
+
+
+def plausibility_features(pose: Pose) -> dict[str, float]:
+    """Numbers a pose filter can threshold (all scale-free except positions, which are in frame units).
+
+    * ``frac_in_frame``: share of the 17 joints inside the frame
+    * ``hip_mid_x``, ``hip_mid_y``: midpoint of the hips (may lie outside 0..1, e.g. portraits)
+    * ``shoulder_mid_x``, ``shoulder_mid_y``
+    * ``torso``: shoulder-mid to hip-mid distance; limb ratios below are relative to it
+    * ``upper_arm_ratio``, ``forearm_ratio``, ``thigh_ratio``, ``shin_ratio``: mean of left/right, / torso
+    * ``arm_asym``, ``leg_asym``: |left - right| / (left + right) of total arm and leg length
+    * ``shoulder_ratio``: shoulder width / torso
+    * ``head_ratio``: nose to shoulder-mid / torso
+    * ``wrist_reach``: max wrist-to-own-shoulder distance / torso (arms longer than possible when large)
+    * ``lr_consistency``: share of left/right pairs (eyes, ears, shoulders, hips) whose left-right order
+      along the shoulder axis agrees with the shoulders' (1 = all consistent, e.g. not a scrambled pose)
+    """
+    xy = pose.xy
+    J = JOINT_INDEX
+    sh_mid = (xy[J["shoulder_left"]] + xy[J["shoulder_right"]]) / 2
+    hip_mid = (xy[J["hip_left"]] + xy[J["hip_right"]]) / 2
+    torso = max(float(np.linalg.norm(sh_mid - hip_mid)), 1e-4)
+
+    def pair(a: str, b: str) -> tuple[float, float]:
+        return _dist(xy, J[a + "_left"], J[b + "_left"]), _dist(xy, J[a + "_right"], J[b + "_right"])
+
+    ua, fa, th, sn = pair("shoulder", "elbow"), pair("elbow", "wrist"), pair("hip", "knee"), pair("knee", "ankle")
+    arm_l, arm_r = ua[0] + fa[0], ua[1] + fa[1]
+    leg_l, leg_r = th[0] + sn[0], th[1] + sn[1]
+    axis = xy[J["shoulder_left"]] - xy[J["shoulder_right"]]
+    n = float(np.linalg.norm(axis))
+    consistent = []
+    if n > 1e-6:
+        axis = axis / n
+        for part in ("eye", "ear", "hip"):
+            d = float(np.dot(xy[J[part + "_left"]] - xy[J[part + "_right"]], axis))
+            consistent.append(d >= 0)
+    return {
+        "frac_in_frame": float(pose.in_frame.mean()),
+        "hip_mid_x": float(hip_mid[0]), "hip_mid_y": float(hip_mid[1]),
+        "shoulder_mid_x": float(sh_mid[0]), "shoulder_mid_y": float(sh_mid[1]),
+        "torso": torso,
+        "upper_arm_ratio": (ua[0] + ua[1]) / 2 / torso,
+        "forearm_ratio": (fa[0] + fa[1]) / 2 / torso,
+        "thigh_ratio": (th[0] + th[1]) / 2 / torso,
+        "shin_ratio": (sn[0] + sn[1]) / 2 / torso,
+        "arm_asym": abs(arm_l - arm_r) / max(arm_l + arm_r, 1e-6),
+        "leg_asym": abs(leg_l - leg_r) / max(leg_l + leg_r, 1e-6),
+        "shoulder_ratio": n / torso,
+        "head_ratio": float(np.linalg.norm(xy[J["nose"]] - sh_mid)) / torso,
+        "wrist_reach": max(_dist(xy, J["wrist_left"], J["shoulder_left"]),
+                           _dist(xy, J["wrist_right"], J["shoulder_right"])) / torso,
+        "lr_consistency": float(np.mean(consistent)) if consistent else 0.0,
+    }

@@ -1,0 +1,209 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kpnb import keypoints as kp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pose(seed=0, n_outside=0):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0.05, 0.95, (17, 2)).astype(np.float32)
+    vis = np.full(17, kp.VISIBLE, np.int8)
+    for j in range(n_outside):
+        xy[16 - j, 1] = 1.2 + 0.1 * j
+        vis[16 - j] = kp.OUTSIDE
+    return kp.Pose(xy, vis)
+
+
+def test_example_poses_load():
+    files = sorted((ROOT / "data" / "poses").glob("*.json"))
+    assert len(files) == 2
+    for f in files:
+        pose = kp.read_release_json(f)
+        assert pose.xy.shape == (17, 2)
+        assert pose.in_frame.sum() >= 10
+    # 1000846: knee_left is stored as [533.2, 245.2] -> y = 533.2 is below the 512 frame
+    p = kp.read_release_json(ROOT / "data" / "poses" / "1000846.json")
+    j = kp.JOINT_INDEX["knee_left"]
+    assert p.vis[j] == kp.OUTSIDE
+    assert p.xy[j, 1] == pytest.approx(533.2 / 512, rel=1e-5)  # kept, not clamped
+    assert p.xy[j, 0] == pytest.approx(245.2 / 512, rel=1e-5)
+
+
+def test_release_axis_order():
+    obj = {n: [10.0, 300.0] for n in kp.JOINTS}  # [y, x]
+    obj["nose"] = [100.0, 400.0]
+    p = kp.pose_from_release(obj)
+    assert p.xy[0, 0] == pytest.approx(400 / 512)  # x from the second value
+    assert p.xy[0, 1] == pytest.approx(100 / 512)  # y from the first value
+    assert kp.pose_to_release(p)["nose"] == pytest.approx([100.0, 400.0])
+
+
+def test_release_round_trip_with_outside(tmp_path):
+    p = _pose(1, n_outside=3)
+    path = tmp_path / "p.json"
+    kp.write_release_json(p, path)
+    q = kp.read_release_json(path)
+    assert q == p
+    assert (q.vis == kp.OUTSIDE).sum() == 3
+
+
+def test_negative_values_are_outside():
+    obj = {n: [100.0, 100.0] for n in kp.JOINTS}
+    obj["wrist_left"] = [-20.0, 50.0]
+    p = kp.pose_from_release(obj)
+    assert p.vis[kp.JOINT_INDEX["wrist_left"]] == kp.OUTSIDE
+    assert p.xy[kp.JOINT_INDEX["wrist_left"], 1] < 0
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"nose": [1, 2]}, "eye_left"),
+    ("not a dict", None),
+])
+def test_release_errors_name_field(bad, field):
+    with pytest.raises(kp.PoseError) as e:
+        kp.pose_from_release(bad, source="x.json")
+    assert "x.json" in str(e.value)
+    if field:
+        assert field in str(e.value)
+
+
+def test_release_errors_nan_and_types():
+    base = {n: [1.0, 2.0] for n in kp.JOINTS}
+    for bad in ([float("nan"), 1.0], ["a", 1.0], [1.0], [True, 2.0], None, [1.0, float("inf")]):
+        obj = dict(base, elbow_right=bad)
+        with pytest.raises(kp.PoseError, match="elbow_right"):
+            kp.pose_from_release(obj, source="f.json")
+
+
+def test_read_release_bad_file(tmp_path):
+    f = tmp_path / "broken.json"
+    f.write_text("{not json")
+    with pytest.raises(kp.PoseError, match="broken.json"):
+        kp.read_release_json(f)
+    with pytest.raises(kp.PoseError, match="missing.json"):
+        kp.read_release_json(tmp_path / "missing.json")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=30,
+)
+joint_value = st.one_of(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**6, 10**6), min_size=0, max_size=3),
+    json_values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(json_values, st.fixed_dictionaries({n: joint_value for n in kp.JOINTS})))
+def test_reader_never_raises_anything_else(obj):
+    try:
+        pose = kp.pose_from_release(obj, source="h.json")
+    except kp.PoseError as e:
+        assert "h.json" in str(e)
+    else:
+        assert np.isfinite(pose.xy).all()
+
+
+def test_coco_one_and_many_people():
+    kps = []
+    for j in range(17):
+        kps += [10.0 + j, 20.0 + j, 2]
+    kps[3 * 5 + 2] = 1           # shoulder_left hidden
+    kps[3 * 9:3 * 9 + 3] = [0, 0, 0]  # wrist_left missing
+    coco = {"images": [{"id": 7, "width": 200, "height": 100}],
+            "annotations": [{"image_id": 7, "keypoints": kps, "bbox": [10, 20, 16, 16]},
+                            {"image_id": 7, "keypoints": [x * 2 if k % 3 != 2 else x for k, x in enumerate(kps)]}]}
+    people = kp.read_coco(coco)
+    assert len(people) == 2
+    p = people[0]["pose"]
+    assert p.xy[0, 0] == pytest.approx(10 / 200) and p.xy[0, 1] == pytest.approx(20 / 100)
+    assert p.vis[5] == kp.HIDDEN and p.vis[9] == kp.MISSING and p.vis[0] == kp.VISIBLE
+    # round trip
+    back = kp.pose_to_coco(p, 200, 100)
+    assert back == pytest.approx([float(v) for v in kps])
+    # mapped into the frame by its bbox: centred, in frame
+    f = kp.coco_to_frame(people[0])
+    assert f.in_frame[f.labelled].all()
+    assert np.allclose(f.xy[f.labelled].mean(0), 0.5, atol=0.2)
+
+
+def test_coco_errors():
+    with pytest.raises(kp.PoseError, match="51"):
+        kp.pose_from_coco([1, 2, 3], 10, 10)
+    with pytest.raises(kp.PoseError, match="positive"):
+        kp.pose_from_coco([0] * 51, -5, 10)
+    with pytest.raises(kp.PoseError, match="visibility"):
+        kp.pose_from_coco([1, 1, 7] + [0] * 48, 10, 10)
+    with pytest.raises(kp.PoseError, match="width"):
+        kp.read_coco([{"keypoints": [0] * 51}])
+
+
+def test_coco_outside_round_trip():
+    p = _pose(3, n_outside=2)
+    q = kp.pose_from_coco(kp.pose_to_coco(p, 64, 64), 64, 64)
+    assert q == p
+
+
+def test_flip_swaps_left_right():
+    p = _pose(4)
+    f = kp.flip(p)
+    L, R = kp.JOINT_INDEX["wrist_left"], kp.JOINT_INDEX["wrist_right"]
+    assert f.xy[L, 0] == pytest.approx(1 - p.xy[R, 0])
+    assert f.xy[L, 1] == pytest.approx(p.xy[R, 1])
+    assert f.xy[0, 0] == pytest.approx(1 - p.xy[0, 0])
+    assert kp.flip(f) == p
+    assert sorted(kp.FLIP_PERM) == list(range(17))
+    for i, j in enumerate(kp.FLIP_PERM):
+        a, b = kp.JOINTS[i], kp.JOINTS[j]
+        assert a.replace("left", "X").replace("right", "left").replace("X", "right") == b
+
+
+def test_grid_tokens_hand_computed():
+    obj = {n: [0.0, 0.0] for n in kp.JOINTS}
+    obj["nose"] = [100.0, 200.0]      # y=100 -> 6.25 -> 6 ; x=200 -> 12.5 -> 12 (half to even)
+    obj["eye_left"] = [600.0, -40.0]  # clamped: y -> 31, x -> 0
+    obj["eye_right"] = [24.0, 40.0]   # 1.5 -> 2 ; 2.5 -> 2
+    p = kp.pose_from_release(obj)
+    t = kp.grid_tokens(p)
+    assert t[0] == 6 + 32 * 12        # faithful: row (y) is the fast index
+    assert t[1] == 31 + 32 * 0
+    assert t[2] == 2 + 32 * 2
+    assert t[3] == 0
+    tc = kp.grid_tokens(p, faithful_axes=False)
+    assert tc[0] == 12 + 32 * 6
+    assert t.min() >= 0 and t.max() <= 1023
+    back = kp.grid_tokens_to_pose(t)
+    assert back.xy[0, 0] == pytest.approx(12 / 32) and back.xy[0, 1] == pytest.approx(6 / 32)
+
+
+def test_draw_skeleton_colours_sides():
+    p = _pose(5)
+    img = kp.draw_skeleton(p, 128)
+    assert img.shape == (128, 128, 3) and img.dtype == np.uint8
+    assert img.sum() > 0
+    left = [i for i, l in enumerate(kp.LIMBS) if kp._limb_side(*l) == "left"]
+    right = [i for i, l in enumerate(kp.LIMBS) if kp._limb_side(*l) == "right"]
+    assert len(set(kp.LIMB_COLOURS)) == len(kp.LIMBS)  # one distinct colour per limb
+    assert all(kp.LIMB_COLOURS[i][0] > kp.LIMB_COLOURS[i][2] for i in left)   # warm
+    assert all(kp.LIMB_COLOURS[i][2] > kp.LIMB_COLOURS[i][0] for i in right)  # cool
+
+
+def test_plausibility_features_detect_scramble():
+    p = kp.read_release_json(ROOT / "data" / "poses" / "1001870.json")
+    f = kp.plausibility_features(p)
+    assert 0 <= f["frac_in_frame"] <= 1
+    assert f["lr_consistency"] == 1.0
+    s = p.copy()
+    perm = list(range(17))
+    perm[11], perm[12] = 12, 11  # only the hips swapped: their left/right order disagrees with the shoulders'
+    s.xy = s.xy[perm]
+    g = kp.plausibility_features(s)
+    assert g["lr_consistency"] < 1.0
+    assert f["hip_mid_y"] == pytest.approx((p.xy[11, 1] + p.xy[12, 1]) / 2)
