@@ -1,0 +1,395 @@
+"""The one training loop every kpnb model uses (VQ, diffusion, estimator, CLIP, transformer).
+
+The caller supplies two plain functions and ``train`` does the rest::
+
+    def batch_fn(step):            # the batch of ``step``, derived only from (seed, step)
+        idx = batch_indices(len(data), 32, step, seed=0)
+        return data[idx]
+
+    def step_fn(step, batch):      # forward, backward, optimiser step(s); returns the losses
+        loss = model(batch).mean()
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        return {"loss": loss}
+
+    result = train({"model": model}, {"opt": opt}, step_fn, batch_fn, steps=1000,
+                   ckpt_dir=run / "checkpoints" / "thing", config={"width": 64}, batch_size=32)
+
+What it gives every model:
+
+* a ``tqdm.auto`` progress bar with the latest losses, and ``ckpt_dir/metrics.csv`` (step, mean losses since
+  the last row, cumulative seconds, images/s);
+* checkpoints every ``ckpt_every`` steps and at the end: ``ckpt-<step>.safetensors`` (module weights and
+  optimiser tensors, flat names) plus ``ckpt-<step>.json`` (config, step, optimiser hyper-parameters, RNG
+  states of torch/numpy/python, elapsed seconds). Both are written atomically (temporary file + rename) and
+  the JSON is written last, so a checkpoint exists only once it is complete; older ones are then removed.
+* resume: calling ``train`` again with the same ``ckpt_dir`` continues from the latest checkpoint, and - since
+  the data order is a function of (seed, step) and the RNG states are restored - a resumed run computes the
+  same losses as an uninterrupted one (on CPU; bit-exact up to nondeterministic kernels elsewhere).
+* a NaN/inf guard: a non-finite loss stops training with :class:`NonFiniteLossError` naming the step and the
+  loss, before anything is saved, so the last good checkpoint stays as it was.
+
+Nothing here unpickles: tensors go through :func:`kpnb.runs.save_tensors` / :func:`kpnb.runs.load_tensors`.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import runs
+
+CKPT_RE = re.compile(r"^ckpt-(\d{7,})\.json$")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss (or, at checkpoint time, a weight) became NaN or infinite; says which and at what step."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be resumed or loaded (names the file and the reason)."""
+
+
+# ---- data order ---------------------------------------------------------------------------------------
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of ints (e.g. (seed, step)): the same keys, the same stream."""
+    h = 1469598103934665603
+    for k in keys:  # FNV-1a over the keys: cheap, stable across processes (unlike hash())
+        h = ((h ^ (int(k) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return torch.Generator().manual_seed(h)
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=seeded_generator(seed, epoch, n))
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int = 0) -> torch.Tensor:
+    """Indices of the batch of ``step``: consecutive slices of a per-epoch random permutation of ``range(n)``.
+    A pure function of (n, batch_size, step, seed), so resuming needs no saved iterator."""
+    if n <= 0:
+        raise ValueError("batch_indices: the dataset is empty")
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = pos // n, pos % n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        out[sel] = _epoch_permutation(n, seed, e)[offsets[sel]]
+    return out
+
+
+def warmup_cosine(step: int, steps: int, base_lr: float, warmup: int = 0, final_frac: float = 0.1) -> float:
+    """A learning rate as a pure function of the step (no scheduler state to save): linear warm-up, then
+    cosine decay to ``final_frac * base_lr``."""
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return base_lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+@torch.no_grad()
+def ema_update(ema_module: nn.Module, module: nn.Module, decay: float) -> None:
+    """Exponential moving average of weights (buffers are copied). Keep the EMA copy in ``modules`` so it
+    is checkpointed with the rest."""
+    for e, p in zip(ema_module.parameters(), module.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema_module.buffers(), module.buffers()):
+        e.copy_(b)
+
+
+# ---- RNG state (JSON-able) ----------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---- checkpoint files ---------------------------------------------------------------------------------
+def _ckpt_paths(ckpt_dir: Path, step: int) -> tuple[Path, Path]:
+    stem = ckpt_dir / f"ckpt-{step:07d}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The JSON file of the newest complete checkpoint in ``ckpt_dir`` (None when there is none). A
+    checkpoint is complete once its JSON exists: the JSON is written after the tensors."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name)))
+    for _, p in reversed(found):
+        if p.with_suffix(".safetensors").exists():
+            return p
+    return None
+
+
+def _clean_dir(ckpt_dir: Path, keep_step: int | None) -> None:
+    """Remove temporary files left by a killed write, and every checkpoint other than ``keep_step``."""
+    for p in ckpt_dir.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+        m = re.match(r"^ckpt-(\d{7,})\.(json|safetensors)$", p.name)
+        if m and keep_step is not None and int(m.group(1)) != keep_step:
+            p.unlink(missing_ok=True)
+
+
+def _flatten_optimizer(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim/{name}/{idx}/{k}"] = v
+            else:
+                plain.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "state": plain}
+
+
+def _unflatten_optimizer(name: str, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    prefix = f"optim/{name}/"
+    for key, v in tensors.items():
+        if key.startswith(prefix):
+            idx, k = key[len(prefix):].split("/", 1)
+            state.setdefault(int(idx), {})[k] = v
+    for idx, st in info["state"].items():
+        state.setdefault(int(idx), {}).update(st)
+    groups = [dict(g) for g in info["param_groups"]]
+    for g in groups:  # JSON turned tuples into lists; optimisers unpack them either way, but keep them tidy
+        for k, v in g.items():
+            if isinstance(v, list) and k != "params":
+                g[k] = tuple(v)
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, modules: Mapping[str, nn.Module],
+                    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+                    config: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``ckpt-<step>`` (tensors, then JSON) atomically and remove older checkpoints. Refuses to save
+    non-finite weights, so a diverged model never replaces a good checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in modules.items():
+        for k, v in m.state_dict().items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise NonFiniteLossError(f"step {step}: weight {name}.{k} is not finite; checkpoint not written, "
+                                         f"the previous one in {ckpt_dir} is kept")
+            tensors[f"module/{name}/{k}"] = v.detach().cpu().clone()  # clone: tied weights must not share
+    optim_info = {}
+    for name, opt in (optimizers or {}).items():
+        t, info = _flatten_optimizer(name, opt)
+        tensors.update({k: v.detach().cpu().clone() for k, v in t.items()})
+        optim_info[name] = info
+    st_path, js_path = _ckpt_paths(ckpt_dir, step)
+    runs.save_tensors(st_path, tensors, {"step": step})
+    runs.write_json(js_path, {"step": step, "config": dict(config or {}), "modules": list(modules),
+                              "optimizers": optim_info, "rng": _rng_state(), **dict(extra or {})})
+    _clean_dir(ckpt_dir, keep_step=step)
+    return js_path
+
+
+def _resolve(path: str | Path) -> tuple[Path, Path | None]:
+    """(tensor file, JSON file or None) for a checkpoint folder, a ckpt JSON, or a tensor file."""
+    path = Path(path)
+    if path.is_dir():
+        js = latest_checkpoint(path)
+        if js is None:
+            raise CheckpointError(f"{path}: no complete checkpoint (ckpt-<step>.json + .safetensors) here")
+        return js.with_suffix(".safetensors"), js
+    if path.suffix == ".json":
+        return path.with_suffix(".safetensors"), path
+    js = path.with_suffix(".json")
+    return path, (js if js.exists() else None)
+
+
+def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The JSON half of a checkpoint (config, step, ...) of a folder's latest checkpoint or a given file."""
+    _, js = _resolve(path)
+    if js is None:
+        raise CheckpointError(f"{path}: no checkpoint JSON next to it")
+    try:
+        return json.loads(js.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{js}: unreadable checkpoint JSON ({e})") from e
+
+
+def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, strict: bool = True,
+                    optimizers: Mapping[str, torch.optim.Optimizer] | None = None) -> dict[str, Any]:
+    """Load weights (and optimiser state when given) into ``modules`` from a checkpoint folder (its latest
+    checkpoint) or file. Only the modules named are loaded, so a notebook can take just e.g. ``"ema"``.
+    Returns the checkpoint's JSON info ({} for a bare tensor file). Never unpickles: a ``.pt`` file goes
+    through ``torch.load(weights_only=True)`` and a code-running pickle is refused."""
+    st, js = _resolve(path)
+    tensors, _ = runs.load_tensors(st)
+    info = read_checkpoint_info(js) if js is not None else {}
+    has_prefix = any(k.startswith("module/") for k in tensors)
+    for name, m in modules.items():
+        if has_prefix:
+            prefix = f"module/{name}/"
+            sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if not sd:
+                saved = sorted({k.split("/")[1] for k in tensors if k.startswith("module/")})
+                raise CheckpointError(f"{st}: no module {name!r} in this checkpoint (it has: {', '.join(saved)})")
+        else:
+            sd = tensors  # a bare state dict file (e.g. third-party weights)
+        try:
+            m.load_state_dict(sd, strict=strict)
+        except RuntimeError as e:
+            raise CheckpointError(f"{st}: weights of {name!r} do not fit the model ({e})") from e
+    for name, opt in (optimizers or {}).items():
+        if name not in info.get("optimizers", {}):
+            raise CheckpointError(f"{js}: no optimiser {name!r} saved")
+        opt.load_state_dict(_unflatten_optimizer(name, tensors, info["optimizers"][name]))
+    return info
+
+
+# ---- metrics CSV --------------------------------------------------------------------------------------
+def _read_csv(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
+    keys = ["step"] + sorted({k for r in rows for k in r} - {"step", "seconds", "images_per_s"}) + [
+        "seconds", "images_per_s"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (int(r[k]) if k == "step" else f"{r[k]:.6g}") if k in r else "" for k in keys})
+    runs.atomic_write_bytes(path, buf.getvalue().encode())
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    step: int                      # steps completed
+    start_step: int                # where this call started (0, or the resumed checkpoint's step)
+    seconds: float                 # training seconds over all calls (resumes included)
+    images_per_s: float | None     # over this call's steps (None when no step ran)
+    history: list[dict[str, float]] = field(default_factory=list)  # the metrics.csv rows
+    checkpoint: Path | None = None
+
+
+def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
+          step_fn: Callable[[int, Any], Mapping[str, float | torch.Tensor]], batch_fn: Callable[[int], Any], *,
+          steps: int, ckpt_dir: str | Path, config: Mapping[str, Any] | None = None, batch_size: int = 1,
+          ckpt_every: int = 500, log_every: int = 10, seed: int = 0, desc: str = "train",
+          resume: bool = True, progress: bool = True,
+          on_log: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+    """Run ``step_fn(step, batch_fn(step))`` for steps ``[start, steps)``; see the module docstring.
+
+    ``config`` (JSON-able) is saved with each checkpoint; resuming with a different config (other than
+    ``steps``) is refused, so a checkpoint is never continued with another model. ``seed`` seeds the global
+    RNGs at a fresh start (resume restores them instead). ``batch_size`` only feeds the images/s figure.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(dict(config or {}), default=runs._json_default))  # as it will read back
+    csv_path = ckpt_dir / "metrics.csv"
+    start, elapsed, last = 0, 0.0, latest_checkpoint(ckpt_dir) if resume else None
+    _clean_dir(ckpt_dir, keep_step=None)  # temporary files of a killed write
+    if last is not None:
+        info = read_checkpoint_info(last)
+        saved = {k: v for k, v in info.get("config", {}).items() if k != "steps"}
+        now = {k: v for k, v in config.items() if k != "steps"}
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise CheckpointError(f"{last}: saved with a different config (keys {', '.join(diff)}); "
+                                  f"use another checkpoint folder or resume=False")
+        info = load_checkpoint(last, modules, optimizers=optimizers)
+        _set_rng_state(info["rng"])
+        start, elapsed = int(info["step"]), float(info.get("seconds", 0.0))
+        history = [r for r in _read_csv(csv_path) if r["step"] <= start]  # rows logged after it are redone
+    else:
+        torch.manual_seed(seed)
+        np.random.seed(seed % (1 << 32))
+        random.seed(seed)
+        history = []
+        csv_path.unlink(missing_ok=True)
+    for m in modules.values():
+        m.train()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+    sums: dict[str, float] = {}
+    n_in_row, t_row, t_call, ran = 0, time.perf_counter(), time.perf_counter(), 0
+    ckpt_path = last
+    try:
+        for step in range(start, steps):
+            out = step_fn(step, batch_fn(step))
+            losses = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+            bad = [k for k, v in losses.items() if not math.isfinite(v)]
+            if bad:
+                where = f"{ckpt_path.name} (step {read_checkpoint_info(ckpt_path)['step']})" if ckpt_path else "none"
+                raise NonFiniteLossError(
+                    f"{desc}: loss {bad[0]!r} is {losses[bad[0]]} at step {step}; training stopped. "
+                    f"Last good checkpoint in {ckpt_dir}: {where} (left untouched). Lower the learning rate "
+                    f"or check the data of this step.")
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_in_row += 1
+            ran += 1
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                now = time.perf_counter()
+                row = {"step": done, **{k: v / n_in_row for k, v in sums.items()},
+                       "seconds": elapsed + now - t_call, "images_per_s": n_in_row * batch_size / (now - t_row)}
+                history.append(row)
+                _write_csv(csv_path, history)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "seconds")},
+                                refresh=False)
+                if on_log is not None:
+                    on_log(row)
+                sums, n_in_row, t_row = {}, 0, now
+            bar.update(1)
+            if done % ckpt_every == 0 or done == steps:
+                ckpt_path = save_checkpoint(ckpt_dir, done, modules, optimizers, config,
+                                            {"seconds": elapsed + time.perf_counter() - t_call, "seed": seed,
+                                             "data_order": "batch_fn(step): a function of (seed, step)"})
+    finally:
+        bar.close()
+    total = elapsed + time.perf_counter() - t_call
+    call_s = time.perf_counter() - t_call
+    return TrainResult(step=max(start, steps), start_step=start, seconds=total,
+                       images_per_s=(ran * batch_size / call_s) if ran else None, history=history,
+                       checkpoint=ckpt_path)
