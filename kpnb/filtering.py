@@ -60,10 +60,27 @@ def stage_tags(cands: Any, bad_tags: Mapping[str, str] = BAD_TAGS,
 
 
 # ---- stage 2: image content -----------------------------------------------------------------------------
+def _bordered_runs(white: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """Per image: runs of white rows (or columns) inside the image with a panel line on both sides."""
+    out = np.zeros(white.shape[0], np.int64)
+    for i in range(white.shape[0]):
+        w, j, L = white[i], 0, white.shape[1]
+        while j < L:
+            if w[j]:
+                s = j
+                while j < L and w[j]:
+                    j += 1
+                if s > 0 and j < L and line[i, s - 1] and line[i, j]:
+                    out[i] += 1
+            else:
+                j += 1
+    return out
+
+
 def image_features(images: np.ndarray) -> dict[str, np.ndarray]:
     """Per-image numbers: ``border_frac`` (share of the frame in near-black full rows/columns at the edges),
-    ``saturation`` (mean HSV saturation of non-grey content), ``gutter_lines`` (count of bright full-length
-    straight rows/columns away from the edge, as a comic page's panel gutters), ``content_std``."""
+    ``saturation`` (mean HSV saturation), ``gutters`` (white full-length rows/columns with a dark panel line
+    on both sides: the gutters between a comic page's panels), ``content_std`` (luminance spread)."""
     x = images.astype(np.float32) / 255.0
     n, h, w, _ = x.shape
     lum = x.mean(-1)
@@ -81,20 +98,16 @@ def image_features(images: np.ndarray) -> dict[str, np.ndarray]:
     border = np.maximum(edge_run(dark_rows) / h, edge_run(dark_cols) / w)
     mx, mn = x.max(-1), x.min(-1)
     sat = np.where(mx > 1e-3, (mx - mn) / np.maximum(mx, 1e-3), 0.0)
-    saturation = sat.reshape(n, -1).mean(1)
-    # comic gutters: rows/cols (inner 80%) whose pixels are almost all bright and nearly constant
-    inner = slice(int(0.1 * h), int(0.9 * h))
-    bright_rows = ((lum[:, inner, :] > 0.85).mean(2) > 0.9) & (lum[:, inner, :].std(2) < 0.08)
-    bright_cols = ((lum[:, :, inner] > 0.85).mean(1) > 0.9) & (lum[:, :, inner].std(1) < 0.08)
-    dark_line_rows = ((lum[:, inner, :] < 0.25).mean(2) > 0.8)
-    dark_line_cols = ((lum[:, :, inner] < 0.25).mean(1) > 0.8)
-    gutters = bright_rows.sum(1) + bright_cols.sum(1) + dark_line_rows.sum(1) + dark_line_cols.sum(1)
-    return {"border_frac": border, "saturation": saturation, "gutter_lines": gutters.astype(np.float32),
-            "content_std": lum.reshape(n, -1).std(1)}
+    white = lum > 0.8
+    line = lum < 0.6
+    gutters = (_bordered_runs(white.mean(2) > 0.97, line.mean(2) > 0.6)
+               + _bordered_runs(white.mean(1) > 0.97, line.mean(1) > 0.6))
+    return {"border_frac": border, "saturation": sat.reshape(n, -1).mean(1),
+            "gutters": gutters.astype(np.float32), "content_std": lum.reshape(n, -1).std(1)}
 
 
-def stage_image(cands: Any, max_border: float = 0.25, min_saturation: float = 0.12,
-                max_gutter_lines: float = 3, min_content_std: float = 0.03) -> StageResult:
+def stage_image(cands: Any, max_border: float = 0.25, min_saturation: float = 0.025,
+                max_gutters: float = 0, min_content_std: float = 0.002) -> StageResult:
     f = image_features(cands.images)
     reasons = []
     for i in range(len(cands.images)):
@@ -104,7 +117,7 @@ def stage_image(cands: Any, max_border: float = 0.25, min_saturation: float = 0.
             reasons.append("image: no content")
         elif f["saturation"][i] < min_saturation:
             reasons.append("image: monochrome")
-        elif f["gutter_lines"][i] > max_gutter_lines:
+        elif f["gutters"][i] > max_gutters:
             reasons.append("image: comic panels")
         else:
             reasons.append("")
@@ -115,19 +128,19 @@ def stage_image(cands: Any, max_border: float = 0.25, min_saturation: float = 0.
 # Ranges of plausibility_features for a single drawn figure. Anime proportions are generous (big heads,
 # long legs), so the ranges are wide; they catch scrambled or mixed-up keypoints, not unusual poses.
 POSE_LIMITS: dict[str, tuple[float, float]] = {
-    "lr_consistency": (0.99, 1.0),
-    "upper_arm_ratio": (0.15, 1.1),
-    "forearm_ratio": (0.1, 1.1),
-    "thigh_ratio": (0.2, 1.6),
-    "shin_ratio": (0.15, 1.6),
-    "arm_asym": (0.0, 0.45),
-    "leg_asym": (0.0, 0.45),
-    "shoulder_ratio": (0.15, 1.6),
-    "head_ratio": (0.1, 1.2),
-    "wrist_reach": (0.0, 2.2),
+    "lr_consistency": (0.99, 1.0),   # eyes, ears, hips on the same side as the shoulders
+    "upper_arm_ratio": (0.3, 0.85),
+    "forearm_ratio": (0.2, 0.8),
+    "thigh_ratio": (0.0, 1.2),       # no lower bound: a seated figure's thighs point at the viewer
+    "shin_ratio": (0.4, 1.05),
+    "arm_asym": (0.0, 0.36),
+    "leg_asym": (0.0, 0.26),
+    "shoulder_ratio": (0.28, 0.95),
+    "head_ratio": (0.25, 0.8),
+    "wrist_reach": (0.5, 1.45),
     "hip_mid_x": (-0.1, 1.1),
-    "hip_mid_y": (0.2, 2.0),
-    "torso": (0.06, 1.5),
+    "hip_mid_y": (0.38, 1.45),       # below 1.0: the hips are in the frame; up to 1.45: half-body crops
+    "torso": (0.09, 0.7),
 }
 
 
