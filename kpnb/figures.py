@@ -66,8 +66,9 @@ def hip_scatter(hip_xy: np.ndarray, keep: np.ndarray | None = None, frame: int =
     if keep is None:
         ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.4)
     else:
-        ax.scatter(p[keep, 0], p[keep, 1], s=2, alpha=0.4, label=f"kept ({keep.sum()})")
-        ax.scatter(p[~keep, 0], p[~keep, 1], s=4, alpha=0.6, c="red", label=f"removed ({(~keep).sum()})")
+        # removed first, kept on top: the kept cluster must stay visible under the failures
+        ax.scatter(p[~keep, 0], p[~keep, 1], s=3, alpha=0.35, c="red", label=f"removed ({(~keep).sum()})")
+        ax.scatter(p[keep, 0], p[keep, 1], s=2, alpha=0.5, c="tab:blue", label=f"kept ({keep.sum()})")
         ax.legend(fontsize=7, loc="upper right")
     ax.axhline(frame, color="grey", lw=0.5, ls="--")
     ax.axvline(0, color="grey", lw=0.5, ls="--")
