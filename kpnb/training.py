@@ -352,6 +352,7 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
 
     bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     n_in_row, t_row, t_call, ran = 0, time.perf_counter(), time.perf_counter(), 0
     ckpt_path = last
     try:
@@ -365,14 +366,15 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
                     f"{desc}: loss {bad[0]!r} is {losses[bad[0]]} at step {step}; training stopped. "
                     f"Last good checkpoint in {ckpt_dir}: {where} (left untouched). Lower the learning rate "
                     f"or check the data of this step.")
-            for k, v in losses.items():
+            for k, v in losses.items():  # a key may appear only on some steps (e.g. GAN terms)
                 sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             n_in_row += 1
             ran += 1
             done = step + 1
             if done % log_every == 0 or done == steps:
                 now = time.perf_counter()
-                row = {"step": done, **{k: v / n_in_row for k, v in sums.items()},
+                row = {"step": done, **{k: v / counts[k] for k, v in sums.items()},
                        "seconds": elapsed + now - t_call, "images_per_s": n_in_row * batch_size / (now - t_row)}
                 history.append(row)
                 _write_csv(csv_path, history)
@@ -380,7 +382,7 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
                                 refresh=False)
                 if on_log is not None:
                     on_log(row)
-                sums, n_in_row, t_row = {}, 0, now
+                sums, counts, n_in_row, t_row = {}, {}, 0, now
             bar.update(1)
             if done % ckpt_every == 0 or done == steps:
                 ckpt_path = save_checkpoint(ckpt_dir, done, modules, optimizers, config,

@@ -1,0 +1,137 @@
+"""``kpnb bench``: training/sampling speed of the workbook's models on the machine at hand.
+
+Each ``bench_<stage>(preset, ...)`` returns a flat-ish dict of measurements; ``main`` prints them as JSON.
+Numbers: images/s of real training steps (the step function the notebooks use, on random images), GFLOP
+per image of one step (forward + backward + optimiser, counted with ``torch.utils.flop_counter``), the
+achieved GFLOP/s, and the torch thread count. Compare numbers only within one run of one machine.
+
+    kpnb bench vq [--preset cpu] [--steps 5] [--gpu-steps 1] [--specs f4,f8] [--threads 2] [--no-gpu-config]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from . import runs
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of one call of ``fn`` (matrix products and convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def time_steps(fn: Callable[[int], Any], steps: int, device: torch.device, warmup: int = 1) -> float:
+    """Seconds per call of ``fn(i)``, after ``warmup`` untimed calls."""
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        fn(warmup + i)
+    _sync(device)
+    return (time.perf_counter() - t0) / max(1, steps)
+
+
+# ---- VQ -----------------------------------------------------------------------------------------------
+def bench_vq_model(spec: str, vq_section: dict[str, Any], *, batch_size: int, steps: int,
+                   device: torch.device) -> dict[str, Any]:
+    """One VQ spec under one preset section: the autoencoder-only phase and the phase with the GAN."""
+    from . import vq
+
+    cfg = vq.vq_config_for(spec, vq_section)
+    settings = {**vq.train_settings(vq_section), "reseed_every": 0}
+    disc_start = int(settings["disc_start"])
+    total = int(settings["steps"])
+    tr = vq.VQTrainer(cfg, settings, total).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch_size, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1).to(device)
+    out: dict[str, Any] = {"spec": spec, "image_size": cfg.image_size, "batch_size": batch_size,
+                           "params_M": round(sum(p.numel() for p in tr.model.parameters()) / 1e6, 3)}
+    for phase, first_step in (("ae", 0), ("gan", max(disc_start, 0))):
+        # the counted step doubles as the warm-up (codebook initialisation, allocator, kernel choice)
+        gflop = count_flops(lambda: tr.step(first_step, x)) / batch_size / 1e9
+        out[f"{phase}.gflop_per_image"] = round(gflop, 3)
+        if steps <= 0:
+            continue
+        sec = time_steps(lambda i: tr.step(first_step, x), steps, device, warmup=0)
+        out[f"{phase}.images_per_s"] = round(batch_size / sec, 2)
+        out[f"{phase}.gflop_per_s"] = round(gflop * batch_size / sec, 1)
+    if steps <= 0:
+        return out
+    # the mean over a whole run: the GAN phase covers the steps from disc_start on
+    frac_gan = min(1.0, max(0.0, (total - disc_start) / max(1, total)))
+    sec_per_img = (1 - frac_gan) / out["ae.images_per_s"] + frac_gan / out["gan.images_per_s"]
+    out["run.images_per_s"] = round(1 / sec_per_img, 2)
+    out["run.estimated_seconds"] = round(total * batch_size * sec_per_img, 1)
+    return out
+
+
+def bench_vq(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs: list[str] | None = None,
+             gpu_config: bool = True, gpu_specs: list[str] | None = None) -> dict[str, Any]:
+    """Training speed of each VQ spec at ``preset`` (its batch size), and a few steps of the ``gpu`` preset's
+    models (batch 1, 256x256) on the same device. On a CPU one step of a gpu-preset model takes about a
+    minute, so there only f4 is run unless ``gpu_specs`` says otherwise; ``gpu_steps=0`` counts FLOPs only."""
+    device = _device()
+    section = runs.preset_config(preset)["vq"]
+    specs = specs or list(section["specs"])
+    res: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": preset,
+                           "models": []}
+    for spec in specs:
+        res["models"].append(bench_vq_model(spec, section, batch_size=int(section["batch_size"]), steps=steps,
+                                            device=device))
+    if gpu_config and preset != "gpu":
+        gpu_section = runs.preset_config("gpu")["vq"]
+        gpu_specs = gpu_specs or (specs if device.type == "cuda" else ["f4"])
+        res["gpu_config"] = [bench_vq_model(spec, gpu_section, batch_size=1, steps=gpu_steps, device=device)
+                             for spec in gpu_specs]
+    return res
+
+
+BENCHES: dict[str, Callable[..., dict[str, Any]]] = {"vq": bench_vq}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kpnb bench", description="measure training speed (JSON on stdout)")
+    p.add_argument("what", nargs="?", default="vq", choices=sorted(BENCHES), help="which model family")
+    p.add_argument("--preset", default="cpu", help=f"one of {', '.join(runs.PRESETS)}")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    p.add_argument("--gpu-steps", type=int, default=1, help="timed steps of the gpu-preset models (0: FLOPs only)")
+    p.add_argument("--specs", help="comma-separated subset, e.g. f4,f8")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-gpu-config", dest="gpu_config", action="store_false",
+                   help="skip the gpu-preset models (slow on a CPU: minutes per step)")
+    args = p.parse_args(argv)
+    if args.preset not in runs.PRESETS:
+        print(f"kpnb bench: unknown preset {args.preset!r}; valid: {', '.join(runs.PRESETS)}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = [s.strip() for s in args.specs.split(",")] if args.specs else None
+    t0 = time.time()
+    res = BENCHES[args.what](args.preset, steps=args.steps, gpu_steps=args.gpu_steps, specs=specs,
+                             gpu_config=args.gpu_config)
+    res["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

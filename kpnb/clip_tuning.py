@@ -1,0 +1,187 @@
+"""CLIP-guided tuning: move an image's VQ latent towards a text prompt (VQGAN-CLIP, Crowson et al. 2022).
+
+One step::
+
+    z  --quantize (straight-through)-->  zq  --decode-->  image  --clamp (gradient kept)-->  x in [0, 1]
+    x  --random cutouts + mild augmentation-->  CLIP image embeddings
+    loss = spherical distance(cutout embeddings, prompt embedding)     (mean over cutouts)
+         + anchor_weight * mean((z - z_start)^2)                       (optional: stay near the start)
+         + extra_loss(x)                                               (optional: e.g. keep the pose)
+    Adam step on z, then z is clamped into the codebook's per-channel range
+
+Only the latent moves; the VQ decoder and CLIP stay fixed (their weights get no gradient). The original
+project found this semantic on f16 latents, weaker on f8 and almost pixel-wise on f4; notebook 06 measures
+the same on kpnb's models.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .clip import encode_image_tensor, encode_texts, make_cutouts, preprocess_cfg, tensor_to_images
+
+
+def spherical_dist_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared great-circle distance / 2 between directions: ``2 * arcsin(|x^ - y^| / 2)^2`` = theta^2 / 2
+    for the angle theta between x and y (0 for the same direction, pi^2/8 orthogonal, pi^2/2 opposite).
+    Unlike 1 - cosine its gradient does not vanish as the angle approaches pi. Over the last dim."""
+    x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    return (x - y).norm(dim=-1).div(2).clamp(max=1.0).arcsin().pow(2).mul(2)
+
+
+class _ClampWithGrad(torch.autograd.Function):
+    """Clamp in the forward pass; in the backward pass let the gradient through unless it would push an
+    already out-of-range value further out (VQGAN-CLIP's ClampWithGrad). A plain clamp would zero the
+    gradient of every saturated pixel, and tuning could never pull a blown-out pixel back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        outside = x - x.clamp(ctx.lo, ctx.hi)
+        return grad * (outside * grad >= 0), None, None
+
+
+def clamp_with_grad(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return _ClampWithGrad.apply(x, lo, hi)
+
+
+def codebook_range(vq: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel min and max of the codebook, ``[1, C, 1, 1]`` each: the box the latent is kept in, so
+    that it never drifts where no code lives (there the straight-through gradient means nothing)."""
+    codes = vq.quantizer.codes().detach()  # [n_codes, C]
+    return codes.min(0).values.view(1, -1, 1, 1), codes.max(0).values.view(1, -1, 1, 1)
+
+
+@dataclass
+class TuneResult:
+    image: np.ndarray                 # uint8 [N, H, W, 3]: the decoded tuned latent
+    latent: torch.Tensor              # [N, C, h, w]: the tuned latent, quantised
+    start_image: np.ndarray           # uint8 [N, H, W, 3]: the decoded starting latent (what tuning began at)
+    clip_score_before: np.ndarray     # [N]: 100 x cosine(full image, prompt) at the start
+    clip_score_after: np.ndarray      # [N]
+    history: list[dict[str, Any]] = field(default_factory=list)  # per step; "images" every record_every
+    seconds: float = 0.0
+    iterations_per_s: float = 0.0
+
+
+def _start_latent(vq: torch.nn.Module, image_or_latent: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images ``[H, W, 3]`` / ``[N, H, W, 3]`` are encoded; a tensor ``[N, C, h, w]`` is taken as a
+    latent (pre-quantisation, e.g. a diffusion sample)."""
+    if isinstance(image_or_latent, torch.Tensor):
+        if image_or_latent.ndim != 4:
+            raise ValueError(f"a latent must be [N, C, h, w], got shape {tuple(image_or_latent.shape)}")
+        return image_or_latent.detach().float().clone()
+    arr = np.asarray(image_or_latent)
+    if arr.dtype != np.uint8 or arr.shape[-1] != 3 or arr.ndim not in (3, 4):
+        raise ValueError(f"image_or_latent: expected uint8 images [N, H, W, 3] or a latent tensor "
+                         f"[N, C, h, w], got {type(image_or_latent).__name__} {arr.dtype} {arr.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(arr.reshape(-1, *arr.shape[-3:]))).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return vq.encode(x.float().div(127.5).sub(1.0))
+
+
+def decode_latent(vq: torch.nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(quantised latent (straight-through), image in [0, 1] with a gradient-keeping clamp)."""
+    zq = vq.quantize(z)[0]
+    return zq, clamp_with_grad(vq.decode(zq).add(1).div(2), 0.0, 1.0)
+
+
+def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.ndarray | torch.Tensor,
+         prompt: str | Sequence[str], *, steps: int = 100, lr: float = 0.05, cutouts: int = 8,
+         cut_min_frac: float = 0.75, cut_noise: float = 0.05, anchor_weight: float = 0.0,
+         extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+         record_every: int = 10, callback: Callable[[int, np.ndarray, dict[str, Any]], None] | None = None,
+         progress: bool = True) -> TuneResult:
+    """Tune images towards ``prompt`` (one for all, or one per image) by optimising their VQ latent.
+
+    ``image_or_latent``: uint8 images ``[N, H, W, 3]`` (or one ``[H, W, 3]``), or a latent tensor
+    ``[N, C, h, w]`` from ``vq.encode`` or a diffusion sample. ``lr``: Adam's step on the latent (in latent
+    units; the codebook's spread sets the scale). ``cutouts``: crops per image per step (each a random
+    ``cut_min_frac``..1 of the side, mirrored at random, Gaussian noise up to ``cut_noise``).
+    ``anchor_weight``: weight of the mean squared distance to the starting latent. ``extra_loss``: called
+    with the decoded images ``[N, 3, H, W]`` in [0, 1] (differentiable), returns a scalar to add (its weight
+    included), e.g. a pose-keeping term. ``callback(step, images_uint8, row)`` runs every ``record_every``
+    steps and at the end. Both models are put in eval mode; their weights are not changed.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    vq.eval()
+    clip_model.eval()
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    z0 = _start_latent(vq, image_or_latent)
+    n = len(z0)
+    if len(prompts) not in (1, n):
+        raise ValueError(f"{n} images but {len(prompts)} prompts (give one, or one per image)")
+    target = encode_texts(clip_model, prompts)
+    target = target.expand(n, -1) if len(target) == 1 else target  # [N, D]
+    lo, hi = codebook_range(vq)
+    size = preprocess_cfg(clip_model)["size"]
+    gen = torch.Generator().manual_seed(seed)
+
+    z = z0.clamp(lo, hi).clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    history: list[dict[str, Any]] = []
+
+    def full_scores(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return (100.0 * (encode_image_tensor(clip_model, x) * target).sum(-1)).numpy()
+
+    with torch.no_grad():
+        _, x_start = decode_latent(vq, z)
+    before = full_scores(x_start)
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps + 1), desc=f"CLIP tuning: {prompts[0][:40]}", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        zq, x = decode_latent(vq, z)
+        cuts = make_cutouts(x, cutouts, size, min_frac=cut_min_frac, noise=cut_noise, generator=gen)
+        emb = encode_image_tensor(clip_model, cuts)  # [cutouts * N, D], cutout-major
+        clip_loss = spherical_dist_loss(emb, target.repeat(cutouts, 1)).view(cutouts, n).mean(0).sum()
+        anchor = (z - z0).pow(2).flatten(1).mean(1).sum()
+        loss = clip_loss + anchor_weight * anchor
+        extra = extra_loss(x) if extra_loss is not None else None
+        if extra is not None:
+            loss = loss + extra
+        scores = full_scores(x.detach())
+        row: dict[str, Any] = {"step": step, "loss": loss.item() / n, "clip_loss": clip_loss.item() / n,
+                               "anchor": anchor.item() / n, "clip_score": float(scores.mean()),
+                               "clip_scores": scores.tolist()}
+        if extra is not None:
+            row["extra"] = extra.item()
+        if step % record_every == 0 or step == steps:
+            row["images"] = tensor_to_images(x)
+            if callback is not None:
+                callback(step, row["images"], row)
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", clip=f"{row['clip_score']:.2f}", refresh=False)
+        if step == steps:  # the last row describes the final latent; no step after it
+            break
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(f"CLIP tuning: loss is {row['loss']} at step {step}; lower lr ({lr})")
+        (grad,) = torch.autograd.grad(loss, [z])  # only the latent gets a gradient, never the models
+        opt.zero_grad(set_to_none=True)
+        z.grad = grad
+        opt.step()
+        with torch.no_grad():
+            z.copy_(torch.maximum(torch.minimum(z, hi), lo))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        zq, x = decode_latent(vq, z)
+    return TuneResult(image=tensor_to_images(x), latent=zq.detach(), start_image=tensor_to_images(x_start),
+                      clip_score_before=before, clip_score_after=full_scores(x),
+                      history=history, seconds=seconds, iterations_per_s=steps / max(seconds, 1e-9))

@@ -1,0 +1,557 @@
+"""VQGAN-style autoencoders (f4 / f8 / f16): encoder, vector quantiser, decoder, patch discriminator, training.
+
+The layout follows taming-transformers / latent-diffusion (ResNet blocks with GroupNorm and swish, strided
+downsampling, nearest-neighbour upsampling, attention only in the middle block), written small. The one
+addition is ``stem``: a pixel-unshuffle (space-to-depth) of the input by ``stem`` before the first conv and
+the matching pixel-shuffle after the last. On 2 CPU cores the cost of the original design is its
+full-resolution layers; folding 2x2 pixels into channels removes them (the ``cpu`` preset's models cost a
+fraction of the FLOPs per image and learn the flat-colour synthetic images as well - see kpnb.bench and the
+design notes in notebook 03). ``stem=1`` is exactly the original layout, which the ``gpu`` preset uses.
+
+Downsampling factor = ``stem * 2 ** (len(channel_mult) - 1)``.
+
+Images are in [-1, 1] inside the model. ``encode(x)`` gives the continuous pre-quantisation latent ``h``
+([B, latent_channels, H/f, W/f], what a latent diffusion model works in), ``quantize(h)`` snaps it to the
+codebook (straight-through gradient), ``decode(zq)`` maps a quantised latent back to pixels.
+
+Codebook health: the codebook is initialised from encoder outputs at the first training step, code usage is
+tracked as a moving average, and codes that fall out of use are re-seeded from recent encoder outputs every
+``reseed_every`` steps - the usual cure for dead codes (cf. Jukebox, "random restarts").
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import training
+
+SPECS = ("f4", "f8", "f16")
+
+
+class VQConfigError(ValueError):
+    """A VQ configuration that cannot be built (names the field)."""
+
+
+@dataclass
+class VQConfig:
+    factor: int = 4                     # spatial downsampling: 4, 8 or 16
+    image_size: int = 256
+    latent_channels: int = 3
+    n_codes: int = 8192
+    base_width: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    res_blocks: int = 2                 # per level in the encoder
+    dec_res_blocks: int = 3             # per level in the decoder (taming: res_blocks + 1)
+    stem: int = 1                       # pixel-unshuffle patch of the input (1 = the original layout)
+    mid_attention: bool = True          # attention only in the middle block
+    l2_codes: bool = False              # look up codes by cosine similarity (l2-normalised vectors)
+    beta: float = 0.25                  # commitment weight
+    usage_decay: float = 0.99           # moving average of code usage
+    dead_threshold: float = 0.03        # a code is dead below this fraction of the uniform usage rate
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        got = self.stem * 2 ** (len(self.channel_mult) - 1)
+        if got != self.factor:
+            raise VQConfigError(f"VQConfig: stem {self.stem} and {len(self.channel_mult)} levels "
+                                f"(channel_mult {self.channel_mult}) give factor {got}, not factor {self.factor}")
+        if self.image_size % self.factor:
+            raise VQConfigError(f"VQConfig: image_size {self.image_size} is not a multiple of factor {self.factor}")
+        for name in ("latent_channels", "n_codes", "base_width", "res_blocks", "dec_res_blocks", "stem"):
+            if getattr(self, name) < (0 if "res_blocks" in name else 1):
+                raise VQConfigError(f"VQConfig: {name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VQConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise VQConfigError(f"VQConfig: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**dict(d))
+
+
+# ---- building blocks ----------------------------------------------------------------------------------
+def _norm(ch: int) -> nn.GroupNorm:
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if ch % g == 0 and ch // g >= 2 or g == 1)
+    return nn.GroupNorm(groups, ch, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all positions (only used at the lowest resolution)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm, self.qkv, self.out = _norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # [B, HW, C] each
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(h.transpose(1, 2).reshape(b, c, hh, ww))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # taming's asymmetric pad keeps H/2 exactly
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(ch: int, attention: bool) -> nn.Sequential:
+    return nn.Sequential(ResBlock(ch, ch), *([Attention(ch)] if attention else []), ResBlock(ch, ch))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        widths = [cfg.base_width * m for m in cfg.channel_mult]
+        self.stem = cfg.stem
+        self.conv_in = nn.Conv2d(3 * cfg.stem ** 2, widths[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            for _ in range(cfg.res_blocks):
+                layers.append(ResBlock(cin, w))
+                cin = w
+            if i < len(widths) - 1:
+                layers.append(Downsample(cin))
+        self.down = nn.Sequential(*layers)
+        self.mid = _mid(cin, cfg.mid_attention)
+        self.norm_out, self.conv_out = _norm(cin), nn.Conv2d(cin, cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem > 1:
+            x = F.pixel_unshuffle(x, self.stem)
+        h = self.mid(self.down(self.conv_in(x)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        widths = [cfg.base_width * m for m in cfg.channel_mult]
+        self.stem = cfg.stem
+        cin = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, cin, 3, padding=1)
+        self.mid = _mid(cin, cfg.mid_attention)
+        layers: list[nn.Module] = []
+        for i in reversed(range(len(widths))):
+            for _ in range(cfg.dec_res_blocks):
+                layers.append(ResBlock(cin, widths[i]))
+                cin = widths[i]
+            if i > 0:
+                layers.append(Upsample(cin))
+        self.up = nn.Sequential(*layers)
+        self.norm_out = _norm(cin)
+        self.conv_out = nn.Conv2d(cin, 3 * cfg.stem ** 2, 3, padding=1)  # its weight drives the GAN weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.mid(self.conv_in(z)))
+        x = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(x, self.stem) if self.stem > 1 else x
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code lookup with the VQ-VAE codebook + commitment loss and a straight-through gradient, plus
+    the bookkeeping against dead codes (initialisation from data, usage average, re-seeding)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.codebook = nn.Parameter(torch.randn(cfg.n_codes, cfg.latent_channels) / cfg.n_codes)
+        self.register_buffer("usage", torch.full((cfg.n_codes,), 1.0 / cfg.n_codes))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def codes(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=1) if self.cfg.l2_codes else self.codebook
+
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """Indices of the nearest codes for flat vectors z [N, C]."""
+        e = self.codes()
+        if self.cfg.l2_codes:
+            return (F.normalize(z, dim=1) @ e.t()).argmax(1)
+        d = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)[None]
+        return d.argmin(1)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, c, hh, ww = h.shape
+        z = h.permute(0, 2, 3, 1).reshape(-1, c)
+        if self.training and not bool(self.initialized):
+            self.init_from(z)
+        if self.cfg.l2_codes:
+            z = F.normalize(z, dim=1)
+        idx = self.lookup(z)
+        zq = self.codes()[idx]
+        # codebook term pulls codes to the encoder outputs, commitment term keeps the encoder near its codes
+        loss = F.mse_loss(zq, z.detach()) + self.cfg.beta * F.mse_loss(z, zq.detach())
+        zq = z + (zq - z).detach()
+        if self.training:
+            with torch.no_grad():
+                counts = torch.bincount(idx, minlength=self.cfg.n_codes).float() / idx.numel()
+                self.usage.lerp_(counts, 1 - self.cfg.usage_decay)
+        zq = zq.reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+        return zq, idx.reshape(b, hh, ww), loss
+
+    @torch.no_grad()
+    def init_from(self, z: torch.Tensor) -> None:
+        """Codebook := random encoder outputs (with replacement when there are fewer than n_codes), plus a
+        little noise so duplicates separate."""
+        pick = torch.randint(0, z.shape[0], (self.cfg.n_codes,), device=z.device)
+        self.codebook.copy_(z[pick] + 0.01 * z.std() * torch.randn_like(z[pick]))
+        self.usage.fill_(1.0 / self.cfg.n_codes)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def reseed_dead(self, h: torch.Tensor) -> int:
+        """Move codes used less than ``dead_threshold`` x the uniform rate onto random current encoder
+        outputs; returns how many were moved."""
+        dead = (self.usage < self.cfg.dead_threshold / self.cfg.n_codes).nonzero().flatten()
+        if dead.numel() == 0:
+            return 0
+        z = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+        pick = torch.randint(0, z.shape[0], (dead.numel(),), device=z.device)
+        self.codebook[dead] = z[pick] + 0.01 * z.std() * torch.randn_like(z[pick])
+        self.usage[dead] = 1.0 / self.cfg.n_codes  # a grace period before it can be called dead again
+        return int(dead.numel())
+
+
+class VQModel(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.quantizer, self.decoder = Encoder(cfg), VectorQuantizer(cfg), Decoder(cfg)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [-1, 1] [B, 3, H, W] -> continuous latent h [B, latent_channels, H/f, W/f]."""
+        return self.encoder(x)
+
+    def quantize(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h -> (zq (straight-through), code indices [B, H/f, W/f], codebook + commitment loss)."""
+        return self.quantizer(h)
+
+    def decode(self, zq: torch.Tensor) -> torch.Tensor:
+        """Quantised latent -> images in [-1, 1] (not clamped). To decode a diffusion latent, quantize first."""
+        return self.decoder(zq)
+
+    def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
+        """Code indices [B, h, w] -> images."""
+        zq = self.quantizer.codes()[idx].permute(0, 3, 1, 2)
+        return self.decode(zq)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x -> (reconstruction, codebook loss, indices)."""
+        zq, idx, qloss = self.quantize(self.encode(x))
+        return self.decode(zq), qloss, idx
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix / taming NLayerDiscriminator): one real/fake logit per overlapping patch."""
+
+    def __init__(self, width: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = width
+        for i in range(1, n_layers + 1):
+            out = width * min(2 ** i, 8)
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():  # the pix2pix initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# ---- optional perceptual loss -------------------------------------------------------------------------
+class VGGPerceptual(nn.Module):
+    """Distance between unit-normalised VGG16 features (LPIPS with equal layer weights). Built only from a
+    local torchvision ``vgg16`` state dict file (e.g. ``vgg16-397923af.pth``); nothing is downloaded."""
+
+    LAYERS = (3, 8, 15, 22, 29)  # relu1_2 .. relu5_3
+
+    def __init__(self, weights_path: str | Path):
+        super().__init__()
+        import torchvision
+
+        from . import runs
+
+        vgg = torchvision.models.vgg16(weights=None)
+        sd, _ = runs.load_tensors(weights_path)
+        feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
+        vgg.features.load_state_dict(feats)
+        self.features = vgg.features[: self.LAYERS[-1] + 1].eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([x, y]).add(1).div(2).sub(self.mean).div(self.std)
+        loss = x.new_zeros(())
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.LAYERS:
+                a, b = F.normalize(h, dim=1).chunk(2)
+                loss = loss + (a - b).pow(2).sum(1).mean()
+        return loss
+
+
+def perceptual_loss_for(path: str | None) -> tuple[VGGPerceptual | None, str]:
+    """(loss module or None, a sentence saying whether it is on and why)."""
+    if not path:
+        return None, "perceptual loss off: no weights path set (vq.perceptual_weights); L1 + GAN only"
+    if not Path(path).exists():
+        return None, (f"perceptual loss off: {path} does not exist (put a torchvision vgg16 state dict there, "
+                      f"e.g. vgg16-397923af.pth; nothing is downloaded)")
+    return VGGPerceptual(path), f"perceptual loss on: VGG16 features from {path}"
+
+
+# ---- configs per spec ---------------------------------------------------------------------------------
+# The gpu layouts are the latent-diffusion first stages (vq-f4 exactly: 3 channels, 8192 codes, width 128,
+# mult 1,2,4, attention only in the middle, 256x256; f8/f16 by analogy with vq-f8 / vq-f16).
+GPU_MODELS: dict[str, dict[str, Any]] = {
+    "f4": dict(factor=4, latent_channels=3, n_codes=8192, base_width=128, channel_mult=(1, 2, 4), stem=1),
+    "f8": dict(factor=8, latent_channels=4, n_codes=16384, base_width=128, channel_mult=(1, 2, 2, 4), stem=1),
+    "f16": dict(factor=16, latent_channels=8, n_codes=16384, base_width=128, channel_mult=(1, 1, 2, 2, 4),
+                stem=1),
+}
+
+
+def vq_config_for(spec: str, preset_cfg: Mapping[str, Any]) -> VQConfig:
+    """The VQConfig of ``spec`` ("f4"/"f8"/"f16") under a preset's ``vq`` section: its ``models[spec]``
+    fields on top of the defaults, with ``image_size`` from the section."""
+    if spec not in SPECS:
+        raise VQConfigError(f"unknown VQ spec {spec!r}; valid: {', '.join(SPECS)}")
+    models = preset_cfg.get("models", {})
+    if spec not in models:
+        raise VQConfigError(f"vq.models has no entry for {spec!r} (has: {', '.join(models) or 'none'})")
+    d = {"factor": int(spec[1:]), **dict(models[spec])}
+    if "image_size" in preset_cfg:
+        d["image_size"] = preset_cfg["image_size"]
+    return VQConfig.from_dict(d)
+
+
+# ---- training -----------------------------------------------------------------------------------------
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+    return images_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _images_tensor(images: np.ndarray, name: str = "images") -> torch.Tensor:
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
+            and images.shape[-1] == 3):
+        got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}"
+        raise ValueError(f"{name}: expected a uint8 numpy array [N, H, W, 3], got {got}")
+    return torch.from_numpy(np.ascontiguousarray(images))
+
+
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """Taming's balance of the GAN term: |grad rec| / |grad gan| at the decoder's last layer, clamped."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 1000, "batch_size": 32, "lr": 2e-4, "disc_lr": None, "betas": [0.5, 0.9], "warmup": 50,
+    "disc_start": 500, "disc_weight": 0.5, "disc_width": 32, "disc_layers": 2, "reseed_every": 100,
+    "perceptual_weights": None, "perceptual_weight": 1.0, "ckpt_every": 500, "log_every": 10, "seed": 0,
+}
+
+
+def train_settings(preset_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The training settings of a preset's vq section, filled with TRAIN_DEFAULTS."""
+    return {k: preset_cfg.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
+
+
+class VQTrainer:
+    """The models, optimisers and one training step of a VQ autoencoder; :func:`train_vq` drives it through
+    :func:`kpnb.training.train`, and :mod:`kpnb.bench` times the same step."""
+
+    def __init__(self, cfg: VQConfig, settings: Mapping[str, Any], steps: int):
+        s = self.settings = {**TRAIN_DEFAULTS, **settings}
+        self.cfg, self.steps = cfg, steps
+        torch.manual_seed(int(s["seed"]))  # the same initial weights for the same seed (resume overwrites them)
+        self.model = VQModel(cfg)
+        self.disc = PatchDiscriminator(s["disc_width"], s["disc_layers"])
+        self.perceptual, self.perceptual_note = perceptual_loss_for(s["perceptual_weights"])
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=s["lr"], betas=tuple(s["betas"]))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=s["disc_lr"] or s["lr"], betas=tuple(s["betas"]))
+
+    def to(self, device: torch.device | str) -> "VQTrainer":
+        for m in (self.model, self.disc, self.perceptual):
+            if m is not None:
+                m.to(device)
+        return self
+
+    def step(self, step: int, x: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        """One step on images x in [-1, 1]: autoencoder (+ GAN term from ``disc_start``), then discriminator."""
+        s, model, disc = self.settings, self.model, self.disc
+        lr = training.warmup_cosine(step, self.steps, s["lr"], s["warmup"])
+        training.set_lr(self.opt, lr)
+        training.set_lr(self.opt_d, lr * (s["disc_lr"] or s["lr"]) / s["lr"])
+        h = model.encode(x)
+        zq, _, qloss = model.quantize(h)
+        xrec = model.decode(zq)
+        rec = (x - xrec).abs().mean()
+        out: dict[str, torch.Tensor | float] = {"rec": rec, "codebook": qloss}
+        if self.perceptual is not None:
+            p = self.perceptual(xrec, x)
+            out["perceptual"] = p
+            rec = rec + s["perceptual_weight"] * p
+        loss = rec + qloss
+        gan_on = step >= s["disc_start"]
+        if gan_on:
+            disc.requires_grad_(False)  # the generator's backward must not reach D's weights
+            g_loss = -disc(xrec).mean()
+            w = adaptive_weight(rec, g_loss, model.decoder.conv_out.weight) * s["disc_weight"]
+            loss = loss + w * g_loss
+            disc.requires_grad_(True)
+            out.update(g_loss=g_loss, gan_weight=w)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if gan_on:
+            real, fake = disc(x), disc(xrec.detach())
+            d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())  # hinge
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            out["d_loss"] = d_loss
+        if s["reseed_every"] and (step + 1) % s["reseed_every"] == 0:
+            out["reseeded"] = float(model.quantizer.reseed_dead(h.detach()))
+        out["loss"] = loss
+        return out
+
+
+def train_vq(spec: str, images: np.ndarray, preset_cfg: Mapping[str, Any], ckpt_dir: str | Path, *,
+             progress: bool = True, resume: bool = True, **overrides: Any) -> tuple[VQModel, dict[str, Any]]:
+    """Train the ``spec`` autoencoder on uint8 images [N, H, W, 3] (random horizontal flips) through
+    :func:`kpnb.training.train`; checkpoints and metrics.csv go to ``ckpt_dir``; a finished or interrupted
+    run in ``ckpt_dir`` is resumed. ``overrides`` replace training settings (e.g. ``steps=10``). Returns
+    (model in eval mode, info: settings, perceptual note, images_per_s, seconds, steps, history)."""
+    cfg = vq_config_for(spec, preset_cfg)
+    s = {**train_settings(preset_cfg), **overrides}
+    unknown = sorted(set(overrides) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise VQConfigError(f"train_vq: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(TRAIN_DEFAULTS)}")
+    data = _images_tensor(images)
+    if data.shape[1] != cfg.image_size or data.shape[2] != cfg.image_size:
+        raise ValueError(f"images are {data.shape[1]}x{data.shape[2]}, the {spec} model expects "
+                         f"{cfg.image_size}x{cfg.image_size} (vq.image_size)")
+    steps, bs, seed = int(s["steps"]), int(s["batch_size"]), int(s["seed"])
+    trainer = VQTrainer(cfg, s, steps)
+    print(trainer.perceptual_note)
+
+    def batch_fn(step: int) -> torch.Tensor:
+        x = to_model_range(data[training.batch_indices(len(data), bs, step, seed)])
+        flip = torch.rand(bs, generator=training.seeded_generator(seed, step, 1)) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+    config = {"spec": spec, "model": cfg.to_dict(), "train": {k: v for k, v in s.items() if k != "steps"},
+              "steps": steps, "n_images": len(data)}
+    res = training.train({"model": trainer.model, "disc": trainer.disc}, {"opt": trainer.opt, "opt_d": trainer.opt_d},
+                         trainer.step, batch_fn, steps=steps, ckpt_dir=ckpt_dir, config=config, batch_size=bs,
+                         ckpt_every=int(s["ckpt_every"]), log_every=int(s["log_every"]), seed=seed,
+                         desc=f"vq-{spec}", resume=resume, progress=progress)
+    model = trainer.model.eval()
+    return model, {"spec": spec, "config": cfg.to_dict(), "settings": s, "perceptual": trainer.perceptual_note,
+                   "images_per_s": res.images_per_s, "seconds": res.seconds, "steps": res.step,
+                   "start_step": res.start_step, "history": res.history}
+
+
+def load_vq(ckpt_dir: str | Path) -> VQModel:
+    """The trained autoencoder of a checkpoint folder (latest checkpoint), in eval mode."""
+    info = training.read_checkpoint_info(ckpt_dir)
+    if "model" not in info.get("config", {}):
+        raise training.CheckpointError(f"{ckpt_dir}: not a VQ checkpoint (no model config in its JSON)")
+    model = VQModel(VQConfig.from_dict(info["config"]["model"]))
+    training.load_checkpoint(ckpt_dir, {"model": model})
+    return model.eval()
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+PSNR_CAP = 100.0  # dB, for a perfect reconstruction (so means stay finite)
+
+
+def reconstruction_metrics(originals: np.ndarray, recons: np.ndarray) -> dict[str, float]:
+    """PSNR (dB, per image on [0, 1] then averaged; capped at PSNR_CAP) and MAE in [0, 1] units, for arrays
+    of the same shape in [0, 1] (float) or uint8."""
+    a, b = (np.asarray(v, dtype=np.float64) / (255.0 if np.asarray(v).dtype == np.uint8 else 1.0)
+            for v in (originals, recons))
+    if a.shape != b.shape:
+        raise ValueError(f"reconstruction_metrics: shapes differ {a.shape} vs {b.shape}")
+    err = (a - b).reshape(len(a), -1)
+    mse = (err ** 2).mean(1)
+    psnr = np.where(mse > 0, 10 * np.log10(1.0 / np.maximum(mse, 1e-300)), PSNR_CAP).clip(max=PSNR_CAP)
+    return {"psnr": float(psnr.mean()), "mae": float(np.abs(err).mean())}
+
+
+def code_usage(indices: np.ndarray | torch.Tensor, n_codes: int) -> dict[str, float]:
+    """Perplexity (exp of the entropy of the code histogram) and the fraction of codes used at least once."""
+    counts = np.bincount(np.asarray(indices).ravel(), minlength=n_codes).astype(np.float64)
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    return {"codebook_perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
+            "codebook_used_fraction": float((counts > 0).mean())}
+
+
+@torch.no_grad()
+def reconstruct(model: VQModel, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(reconstructions uint8 [N, H, W, 3], code indices [N, h, w]) of uint8 images."""
+    model.eval()
+    data = _images_tensor(images)
+    recs, idxs = [], []
+    for i in range(0, len(data), batch_size):
+        zq, idx, _ = model.quantize(model.encode(to_model_range(data[i:i + batch_size])))
+        x = model.decode(zq).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+        recs.append(x.permute(0, 2, 3, 1).numpy())
+        idxs.append(idx.numpy())
+    return np.concatenate(recs), np.concatenate(idxs)
+
+
+def evaluate_vq(model: VQModel, images: np.ndarray, batch_size: int = 64) -> dict[str, float]:
+    """Held-out metrics: psnr, mae (of the uint8 reconstructions), codebook_perplexity,
+    codebook_used_fraction."""
+    recs, idx = reconstruct(model, images, batch_size)
+    return {**reconstruction_metrics(images, recs), **code_usage(idx, model.cfg.n_codes)}

@@ -1,0 +1,233 @@
+"""Latent diffusion: schedule against the original, UNet layout, DDIM determinism, guidance, inpainting,
+bad poses, and a tiny model whose loss falls when trained through kpnb.training."""
+import numpy as np
+import pytest
+import torch
+
+from kpnb import diffusion as D
+from kpnb.keypoints import MISSING, VISIBLE, PoseError
+
+
+def tiny(modes="tokens+skeleton", C=3, S=8, seed=0):
+    torch.manual_seed(seed)
+    m = D.make_ldm(modes, (C, S, S), base=16, mults=(1, 2), num_res_blocks=1, attn_ds=(2,), heads=2, token_dim=16)
+    # zero-initialised output layers would make every prediction 0; give the test model real outputs
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+def poses(n, seed=0):
+    rng = np.random.default_rng(seed)
+    p = np.zeros((n, 17, 3), np.float32)
+    p[..., :2] = rng.uniform(0.1, 0.9, (n, 17, 2))
+    p[..., 2] = VISIBLE
+    return torch.from_numpy(p)
+
+
+def test_schedule_is_ldm_linear():
+    s = D.Schedule()
+    want = np.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000, dtype=np.float64) ** 2
+    np.testing.assert_allclose(s.betas.numpy(), want, rtol=1e-12)
+    assert abs(s.betas[0].item() - 0.0015) < 1e-12 and abs(s.betas[-1].item() - 0.0195) < 1e-12
+    ac = s.alphas_cumprod
+    assert torch.all(ac[1:] < ac[:-1]) and 0 < ac[-1] < 0.01 and ac[0] == 1 - 0.0015
+    # ldm's make_ddim_timesteps('uniform', 50, 1000): range(0, 1000, 20) + 1, sampled in reverse
+    assert s.ddim_timesteps(50) == list(range(981, 0, -20))
+    assert len(s.ddim_timesteps(30)) == 30 and s.ddim_timesteps(1000) == list(range(999, 0, -1))
+    x0, n = torch.ones(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)
+    out = s.add_noise(x0, n, torch.tensor([0, 999]))
+    torch.testing.assert_close(out.flatten(), ac[[0, 999]].sqrt().float())
+
+
+def test_original_unet_layout_is_constructible():
+    with torch.device("meta"):  # shapes only: 206M parameters need not be allocated here
+        u = D.original_ldm().unet
+    sd = u.state_dict()
+    # the names and shapes of ldm's openaimodel.UNetModel (base 160, attention at ds 2, 4, 8, context 17)
+    assert sd["input_blocks.0.0.weight"].shape == (160, 3, 3, 3)
+    assert sd["input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 17)
+    assert "input_blocks.1.1.norm.weight" not in sd                    # no attention at full resolution
+    assert sd["middle_block.1.proj_in.weight"].shape == (640, 640, 1, 1)
+    assert sd["output_blocks.2.2.conv.weight"].shape == (640, 640, 3, 3)  # the first upsample
+    assert sd["out.2.weight"].shape == (3, 160, 3, 3)
+    assert u.input_blocks[4][1].transformer_blocks[0].attn1.heads == 8
+    assert len(u.input_blocks) == 12 and len(u.output_blocks) == 12
+
+
+def test_ldm_state_dict_mapping_roundtrip():
+    u = D.UNet(D.UNetConfig(in_channels=3, out_channels=3, base=16, mults=(1, 2), num_res_blocks=1,
+                            attn_ds=(2,), heads=2, context_dim=17))
+    sd = u.state_dict()
+    ldm = {"model.diffusion_model." + k: v for k, v in sd.items()}
+    ldm.update({"model_ema.diffusion_model" + k.replace(".", ""): v + 1 for k, v in sd.items()})
+    ldm["first_stage_model.encoder.conv_in.weight"] = torch.zeros(1)
+    got = D.unet_state_from_ldm(ldm, ema=False)
+    assert set(got) == set(sd)
+    got_ema = D.unet_state_from_ldm(ldm, ema=True)
+    u.load_state_dict(got_ema)
+    k = "input_blocks.0.0.weight"
+    torch.testing.assert_close(u.state_dict()[k], sd[k])  # +1 applied: loaded the EMA copy
+
+
+def test_ddim_deterministic_for_a_seed():
+    m = tiny()
+    p = poses(2)
+    a = D.ddim_sample(m, p, steps=5, eta=0.5, seed=3)
+    b = D.ddim_sample(m, p, steps=5, eta=0.5, generator=torch.Generator().manual_seed(3))
+    c = D.ddim_sample(m, p, steps=5, eta=0.5, seed=4)
+    assert a.shape == (2, 3, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_guidance_scales():
+    m = tiny()
+    p = poses(3)
+    x = torch.randn(3, 3, 8, 8)
+    t = torch.tensor([10, 500, 900])
+    cond, uncond = m.cond(p), m.cond.null(3)
+    e_c, e_u = m.eps(x, t, cond), m.eps(x, t, uncond)
+    assert not torch.allclose(e_c, e_u)
+    torch.testing.assert_close(m.guided_eps(x, t, cond, uncond, 1.0), e_c)
+    torch.testing.assert_close(m.guided_eps(x, t, cond, uncond, 0.0), e_u)
+    # the batched two-branch path: eps_u + s (eps_c - eps_u)
+    torch.testing.assert_close(m.guided_eps(x, t, cond, uncond, 3.0), e_u + 3.0 * (e_c - e_u), atol=1e-5, rtol=1e-5)
+    # and the sampler at scale 0 ignores the pose entirely
+    a = D.ddim_sample(m, p, steps=3, guidance=0.0, seed=1)
+    b = D.ddim_sample(m, poses(3, seed=9), steps=3, guidance=0.0, seed=1)
+    torch.testing.assert_close(a, b)
+
+
+def test_callback_and_inpainting():
+    m = tiny("skeleton")
+    p = poses(2)
+    seen = []
+    D.ddim_sample(m, p, steps=4, seed=0, callback=seen.append)
+    assert [s["i"] for s in seen] == [0, 1, 2, 3] and seen[0]["t"] == 751 and seen[-1]["t"] == 1
+    assert seen[0]["pred_x0"].shape == (2, 3, 8, 8) and set(seen[0]) == {"i", "t", "x", "pred_x0"}
+    x0 = torch.randn(1, 3, 8, 8)
+    keep = D.ddim_sample(m, p, steps=4, seed=0, x0=x0, mask=torch.ones(8, 8))
+    torch.testing.assert_close(keep, x0.expand(2, -1, -1, -1))
+    free = D.ddim_sample(m, p, steps=4, seed=0, x0=x0, mask=torch.zeros(8, 8))
+    torch.testing.assert_close(free, D.ddim_sample(m, p, steps=4, seed=0))
+    half = torch.zeros(8, 8)
+    half[:, :4] = 1
+    mixed = D.ddim_sample(m, p, steps=4, seed=0, x0=x0, mask=half)
+    torch.testing.assert_close(mixed[..., :4], x0.expand(2, -1, -1, -1)[..., :4])
+    with pytest.raises(ValueError, match="needs x0"):
+        D.ddim_sample(m, p, steps=2, mask=half)
+
+
+def test_bad_poses_to_the_sampler():
+    m = tiny("tokens")
+    p = poses(1).numpy()
+    with pytest.raises(PoseError, match=r"shape \[B, 17, 3\]"):
+        D.ddim_sample(m, p[:, :16], steps=2)
+    q = p.copy()
+    q[0, 5, 1] = np.nan
+    with pytest.raises(PoseError, match="shoulder_left.*not finite"):
+        D.ddim_sample(m, q, steps=2)
+    q = p.copy()
+    q[0, 0, 2] = 4
+    with pytest.raises(PoseError, match="nose.*visibility code"):
+        D.ddim_sample(m, q, steps=2)
+    q = p.copy()
+    q[0, :, 2] = MISSING  # a legal pose with nothing known still samples
+    assert D.ddim_sample(m, q, steps=2, seed=0).shape == (1, 3, 8, 8)
+
+
+def test_tiny_model_learns_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    N = 64
+    p = poses(N, seed=1)
+    # latents that depend on the pose: a blob at the nose position, so conditioning matters
+    yy, xx = torch.meshgrid(torch.arange(8) + 0.5, torch.arange(8) + 0.5, indexing="ij")
+    nose = p[:, 0, :2] * 8
+    blob = torch.exp(-((xx - nose[:, 0, None, None]) ** 2 + (yy - nose[:, 1, None, None]) ** 2) / 2)
+    lat = torch.stack([blob, -blob, 0.5 * blob], 1) * 3
+    cfg = {"steps": 40, "batch_size": 16, "lr": 3e-3, "warmup": 5, "base": 16, "mults": [1, 2],
+           "num_res_blocks": 1, "attn_ds": [2], "heads": 2, "token_dim": 16, "ckpt_every": 20, "ema_decay": 0.9}
+    model, res = D.train_ldm(lat, p, cfg, tmp_path / "ldm", "tokens+skeleton", progress=False)
+    losses = [r["loss"] for r in res.history]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert abs(model.scale_factor - 1 / lat.std().item()) < 1e-5
+    again = D.load_ldm(tmp_path / "ldm")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    c = model.cond(p[:2])
+    torch.testing.assert_close(again.eps(x, t, again.cond(p[:2])), model.eps(x, t, c))
+    assert again.config() == model.config()
+
+
+def test_ddim_update_with_an_oracle():
+    """With the exact noise of a known x0, every step's pred_x0 is x0, and the result is x0 at ldm's last
+    level alphas_cumprod[0] (ldm's DDIM ends there, not at alpha = 1)."""
+    m = tiny("skeleton")
+    x0 = torch.randn(2, 3, 8, 8)
+    s = m.schedule
+    m.guided_eps = lambda x, t, c, u, g: (x - s.abar(t, x).sqrt() * x0) / (1 - s.abar(t, x)).sqrt()
+    seen = []
+    out = D.ddim_sample(m, poses(2), steps=10, seed=0, callback=seen.append)
+    for st in seen:
+        torch.testing.assert_close(st["pred_x0"], x0, atol=1e-4, rtol=1e-4)
+    a0 = s.alphas_cumprod[0].item()
+    e = (seen[-2]["x"] - s.alphas_cumprod[seen[-1]["t"]].sqrt().item() * x0) / (1 - s.alphas_cumprod[seen[-1]["t"]].item()) ** 0.5
+    torch.testing.assert_close(out, a0 ** 0.5 * x0 + (1 - a0) ** 0.5 * e, atol=1e-4, rtol=1e-4)
+    # x0_fn acts on each step's x0 estimate (here: a clamp)
+    seen.clear()
+    D.ddim_sample(m, poses(2), steps=4, seed=0, callback=seen.append, x0_fn=lambda z: z.clamp(-0.1, 0.1))
+    assert all(st["pred_x0"].abs().max() <= 0.1 + 1e-6 for st in seen)
+
+
+def test_min_snr_weighting():
+    m = tiny("tokens")
+    z, p = torch.randn(8, 3, 8, 8), poses(8)
+    plain = m.loss(z, p, generator=torch.Generator().manual_seed(0))
+    same = m.loss(z, p, min_snr=1e9, generator=torch.Generator().manual_seed(0))
+    low = m.loss(z, p, min_snr=1.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain, same)
+    assert low < plain
+
+
+class FakeVQ(torch.nn.Module):
+    """encode = 4x4 average pool, quantize = nearest of 5 grey levels, decode = nearest upsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.levels = torch.nn.Parameter(torch.linspace(-1, 1, 5), requires_grad=False)
+
+    def encode(self, x):
+        return torch.nn.functional.avg_pool2d(x, 4)
+
+    def quantize(self, h):
+        idx = (h[..., None] - self.levels).abs().argmin(-1)
+        return self.levels[idx], idx, torch.zeros(())
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(z, scale_factor=4.0)
+
+
+def test_latents_roundtrip_and_sampling_plumbing():
+    from kpnb.pose_estimator import PoseNet
+
+    vq = FakeVQ()
+    imgs = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    lat = D.encode_latents(vq, imgs, batch_size=3)
+    assert lat.shape == (4, 3, 8, 8)
+    sf = D.scale_factor_of(lat)
+    assert abs((lat * sf).std().item() - 1) < 1e-5
+    back = D.decode_latents(vq, lat * sf, sf)
+    assert back.shape == (4, 32, 32, 3) and back.dtype == np.uint8
+    assert set(np.unique(back)) <= {0, 64, 128, 191, 255}  # quantised to the 5 levels, in uint8
+    snap = D.snap_to_codebook(vq, sf)
+    assert set(torch.unique(snap(lat * sf) / sf).tolist()) <= set(vq.levels.tolist())
+    m = tiny("skeleton")
+    m.scale_factor = sf
+    out = D.sample_images(m, vq, poses(3), steps=2, batch_size=2, seed=1)
+    assert out.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(out[2:], D.sample_images(m, vq, poses(3)[2:], steps=2, batch_size=2, seed=2))
+    est = PoseNet(image_size=32, width=8)
+    imgs2, metrics = D.pose_fidelity(m, vq, est, poses(3), steps=2, ceiling={"pck@0.1": 0.5})
+    assert imgs2.shape == (3, 32, 32, 3) and 0 <= metrics["pck@0.1"] <= 1
+    assert metrics["pck@0.1.ratio"] == pytest.approx(metrics["pck@0.1"] / 0.5)
+    assert metrics["sample_images_per_s"] > 0

@@ -1,0 +1,100 @@
+"""PCK on hand-made cases (METRICS.md), and the estimator end to end on a few renders."""
+import numpy as np
+import pytest
+import torch
+
+from kpnb import pose_estimator as E
+from kpnb.keypoints import HIDDEN, MISSING, OUTSIDE, VISIBLE
+
+
+def box_pose(w=0.4, h=0.2):
+    """17 visible joints spread over a w x h box at (0.3, 0.4): max(w, h) = w."""
+    t = np.linspace(0, 1, 17, dtype=np.float32)
+    p = np.zeros((17, 3), np.float32)
+    p[:, 0] = 0.3 + w * t
+    p[:, 1] = 0.4 + h * (1 - t)
+    p[:, 2] = VISIBLE
+    return p
+
+
+def test_perfect_is_one_and_keys():
+    tgt = np.stack([box_pose(), box_pose(0.3, 0.5)])
+    out = E.pck(tgt[..., :2], tgt)
+    for a in ("0.05", "0.1", "0.2"):
+        assert out[f"pck@{a}"] == 1.0
+        for g in ("head", "arms", "legs"):
+            assert out[f"pck@{a}.{g}"] == 1.0
+    assert out["n_images"] == 2 and out["n_joints"] == 34
+
+
+def test_known_shift():
+    tgt = box_pose()[None]                      # max(w, h) = 0.4
+    pred = tgt[..., :2].copy()
+    pred[0, :, 0] += 0.03                       # 0.03: beyond 0.05 * 0.4 = 0.02, within 0.1 * 0.4 = 0.04
+    out = E.pck(pred, tgt)
+    assert out["pck@0.05"] == 0.0 and out["pck@0.1"] == 1.0 and out["pck@0.2"] == 1.0
+    pred = tgt[..., :2].copy()
+    pred[0, 9:, 1] -= 0.05                      # 8 of 17 joints (wrists, hips, knees, ankles) off by 0.05
+    out = E.pck(pred, tgt)
+    assert out["pck@0.1"] == pytest.approx(9 / 17) and out["pck@0.2"] == 1.0
+    assert out["pck@0.1.head"] == 1.0 and out["pck@0.1.legs"] == 0.0
+    assert out["pck@0.1.arms"] == pytest.approx(4 / 6)   # shoulders, elbows right; wrists (9, 10) wrong
+
+
+def test_only_visible_in_frame_joints_count_but_hidden_ones_size_the_box():
+    tgt = box_pose()[None].copy()
+    pred = tgt[..., :2].copy()
+    tgt[0, 1, 2] = HIDDEN
+    tgt[0, 2, 2] = MISSING
+    tgt[0, 3, :] = (1.4, 0.5, OUTSIDE)
+    pred[0, 1:4] = 5.0                          # garbage where the joints do not count
+    out = E.pck(pred, tgt)
+    assert out["pck@0.05"] == 1.0 and out["n_joints"] == 14
+    # a hidden joint far away widens the box: a shift of 0.03 becomes correct at 0.05
+    tgt2 = box_pose()[None].copy()
+    tgt2[0, 0, :] = (0.3 - 0.4, 0.4, HIDDEN)   # w: 0.4 -> 0.8, threshold 0.05 * 0.8 = 0.04
+    pred2 = tgt2[..., :2].copy()
+    pred2[0, :, 0] += 0.03
+    assert E.pck(pred2, tgt2)["pck@0.05"] == 1.0
+
+
+def test_mean_over_joints_then_images_and_found_flag():
+    a = box_pose()
+    b = box_pose()
+    a[2:, 2] = MISSING                          # image a: 2 counted joints
+    pred = np.stack([a[:, :2], b[:, :2]]).copy()
+    pred[0, 0, 0] += 0.3                        # a: 1 of 2 right; b: 17 of 17
+    out = E.pck(pred, np.stack([a, b]))
+    assert out["pck@0.1"] == pytest.approx((0.5 + 1.0) / 2)   # not the joint-pooled 18/19
+    p3 = np.concatenate([np.stack([b[:, :2]]), np.full((1, 17, 1), VISIBLE, np.float32)], -1)
+    p3[0, :4, 2] = OUTSIDE                      # the estimator says these are not in the image
+    assert E.pck(p3, b[None])["pck@0.1"] == pytest.approx(13 / 17)
+    with pytest.raises(ValueError, match="pred must be"):
+        E.pck(np.zeros((2, 17, 2)), b[None])
+
+
+def test_soft_argmax_reads_the_peak():
+    hm = torch.full((1, 2, 16, 16), -30.0)
+    hm[0, 0, 4, 10] = 30.0
+    hm[0, 1, 15, 0] = 30.0
+    xy = E.soft_argmax(hm)[0]
+    torch.testing.assert_close(xy, torch.tensor([[10.5 / 16, 4.5 / 16], [0.5 / 16, 15.5 / 16]]))
+
+
+def test_estimator_on_a_few_renders(tmp_path):
+    imgs, poses = E.render_truth(6, seed=5, image_size=32, render_size=64)
+    assert imgs.shape == (6, 32, 32, 3) and imgs.dtype == np.uint8 and poses.shape == (6, 17, 3)
+    assert E.pck(poses[..., :2], poses)["pck@0.05"] == 1.0
+    cfg = {"steps": 3, "batch_size": 4, "width": 8, "ckpt_every": 3}
+    model, res = E.train_estimator(imgs, poses, cfg, tmp_path / "est", progress=False)
+    assert res.step == 3 and np.isfinite(res.history[-1]["loss"])
+    pred = E.predict(model, imgs)
+    assert pred.shape == (6, 17, 3) and pred.dtype == np.float32
+    assert set(np.unique(pred[..., 2])) <= {OUTSIDE, HIDDEN, VISIBLE}
+    assert np.all((pred[..., :2] > 0) & (pred[..., :2] < 1))
+    # other image sizes are resized to the network's input
+    assert E.predict(model, np.zeros((2, 48, 48, 3), np.uint8)).shape == (2, 17, 3)
+    again = E.load_estimator(tmp_path / "est")
+    np.testing.assert_allclose(E.predict(again, imgs), pred, atol=1e-5)
+    c = E.ceiling(model, imgs, poses)
+    assert 0.0 <= c["pck@0.1"] <= 1.0 and c["n_images"] == 6

@@ -1,0 +1,160 @@
+"""VQ autoencoders: shapes, the gpu layout, checkpoint round trip, dead codes, learning, metrics."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kpnb import runs, training, vq
+
+TINY = {
+    "f4": dict(latent_channels=3, n_codes=32, base_width=8, channel_mult=[1, 2], res_blocks=1, dec_res_blocks=1,
+               stem=2),
+    "f8": dict(latent_channels=4, n_codes=32, base_width=8, channel_mult=[1, 2, 2], res_blocks=1,
+               dec_res_blocks=1, stem=2),
+    "f16": dict(latent_channels=4, n_codes=32, base_width=8, channel_mult=[1, 2, 2, 2], res_blocks=1,
+                dec_res_blocks=1, stem=2),
+}
+TINY_SECTION = {"image_size": 32, "models": TINY, "batch_size": 4, "lr": 2e-3, "warmup": 0, "disc_start": 3,
+                "disc_width": 8, "disc_layers": 2, "reseed_every": 2, "ckpt_every": 100, "log_every": 1}
+
+
+def _images(n: int = 24, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Blocky colour images: easy to learn, so a few steps visibly lower the loss."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    return small.repeat(size // 4, 1).repeat(size // 4, 2)
+
+
+@pytest.mark.parametrize("spec", vq.SPECS)
+def test_latent_shapes(spec):
+    cfg = vq.vq_config_for(spec, TINY_SECTION)
+    model = vq.VQModel(cfg).eval()
+    f = int(spec[1:])
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    h = model.encode(x)
+    assert h.shape == (2, cfg.latent_channels, 32 // f, 32 // f)
+    zq, idx, loss = model.quantize(h)
+    assert zq.shape == h.shape and idx.shape == (2, 32 // f, 32 // f) and loss.ndim == 0
+    assert model.decode(zq).shape == x.shape
+    assert torch.allclose(model.decode_indices(idx), model.decode(zq), atol=1e-5)
+
+
+def test_gpu_preset_is_the_original_f4():
+    cfg = vq.vq_config_for("f4", runs.PRESETS["gpu"]["vq"])
+    assert (cfg.factor, cfg.image_size, cfg.latent_channels, cfg.n_codes, cfg.base_width, cfg.channel_mult,
+            cfg.stem, cfg.res_blocks, cfg.mid_attention) == (4, 256, 3, 8192, 128, (1, 2, 4), 1, 2, True)
+    model = vq.VQModel(cfg)
+    attn = [n for n, m in model.named_modules() if isinstance(m, vq.Attention)]
+    assert attn == ["encoder.mid.1", "decoder.mid.1"]  # attention only in the middle blocks
+    for spec in vq.SPECS:  # every preset builds every spec
+        for preset in runs.PRESETS:
+            vq.vq_config_for(spec, runs.PRESETS[preset]["vq"])
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(vq.VQConfigError, match="factor"):
+        vq.VQConfig(factor=8, channel_mult=(1, 2), stem=1)
+    with pytest.raises(vq.VQConfigError, match="unknown field.*widthh"):
+        vq.VQConfig.from_dict({"widthh": 3})
+    with pytest.raises(vq.VQConfigError, match="f32"):
+        vq.vq_config_for("f32", TINY_SECTION)
+
+
+def test_training_lowers_loss_and_checkpoint_round_trips(tmp_path):
+    torch.set_num_threads(1)
+    images = _images()
+    model, info = vq.train_vq("f4", images, TINY_SECTION, tmp_path, steps=30, progress=False)
+    hist = info["history"]
+    assert len(hist) == 30 and info["steps"] == 30
+    first, last = np.mean([r["rec"] for r in hist[:3]]), np.mean([r["rec"] for r in hist[-3:]])
+    assert last < 0.85 * first, (first, last)
+    assert "d_loss" in hist[-1] and "d_loss" not in hist[0]  # the discriminator switched on at disc_start
+    assert "perceptual loss off" in info["perceptual"]
+
+    loaded = vq.load_vq(tmp_path)
+    x = vq.to_model_range(torch.from_numpy(images[:4]))
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], model(x)[0])
+    assert loaded.cfg == model.cfg
+    m = vq.evaluate_vq(loaded, images)
+    assert m == vq.evaluate_vq(model, images)
+    assert 0 < m["psnr"] < vq.PSNR_CAP and 0 < m["mae"] < 1 and 1 <= m["codebook_perplexity"] <= 32
+    # a finished run called again resumes at its end and trains no further
+    again, info2 = vq.train_vq("f4", images, TINY_SECTION, tmp_path, steps=30, progress=False)
+    assert info2["start_step"] == 30
+    with torch.no_grad():
+        assert torch.equal(again(x)[0], model(x)[0])
+
+
+def test_codebook_initialised_from_data_and_dead_codes_reseeded():
+    torch.manual_seed(0)
+    cfg = vq.VQConfig(factor=4, image_size=16, latent_channels=3, n_codes=16, base_width=8, channel_mult=(1, 2),
+                      stem=2, res_blocks=1, dec_res_blocks=1)
+    q = vq.VectorQuantizer(cfg).train()
+    h = torch.randn(2, 3, 4, 4) * 5 + 10  # far from the random initial codes
+    q(h)
+    assert bool(q.initialized)
+    z = h.permute(0, 2, 3, 1).reshape(-1, 3)
+    nearest = torch.cdist(q.codebook.detach(), z).min(1).values
+    assert (nearest < 0.5).all()  # every code starts on (next to) an encoder output
+
+    q.usage.fill_(1.0 / 16)
+    dead = torch.tensor([1, 5, 9])
+    q.usage[dead] = 0.0
+    with torch.no_grad():
+        q.codebook[dead] = -1000.0  # far away: never chosen
+    before = q.codebook.detach().clone()
+    h2 = torch.randn(2, 3, 4, 4) - 50
+    assert q.reseed_dead(h2) == 3
+    after = q.codebook.detach()
+    alive = torch.ones(16, dtype=torch.bool)
+    alive[dead] = False
+    assert torch.equal(after[alive], before[alive])
+    z2 = h2.permute(0, 2, 3, 1).reshape(-1, 3)
+    assert (torch.cdist(after[dead], z2).min(1).values < 0.5).all()  # moved onto current outputs
+    assert (q.usage[dead] > cfg.dead_threshold / 16).all()  # given a grace period
+    assert q.reseed_dead(h2) == 0
+
+
+def test_reconstruction_metrics_hand_made():
+    a = np.full((3, 8, 8, 3), 100, np.uint8)
+    same = vq.reconstruction_metrics(a, a)
+    assert same == {"psnr": vq.PSNR_CAP, "mae": 0.0}
+    b = a + 10
+    m = vq.reconstruction_metrics(a, b)
+    assert math.isclose(m["mae"], 10 / 255)
+    assert math.isclose(m["psnr"], 20 * math.log10(255 / 10))
+    c = a.copy()
+    c[0] += 10  # only one image differs: PSNR is averaged per image
+    m = vq.reconstruction_metrics(a, c)
+    assert math.isclose(m["psnr"], (20 * math.log10(255 / 10) + 2 * vq.PSNR_CAP) / 3)
+    with pytest.raises(ValueError, match="shapes"):
+        vq.reconstruction_metrics(a, a[:2])
+
+
+def test_code_usage_hand_made():
+    u = vq.code_usage(np.arange(8).repeat(3), 8)
+    assert math.isclose(u["codebook_perplexity"], 8) and u["codebook_used_fraction"] == 1.0
+    u = vq.code_usage(np.zeros(10, int), 8)
+    assert math.isclose(u["codebook_perplexity"], 1) and u["codebook_used_fraction"] == 1 / 8
+    u = vq.code_usage(np.array([0, 0, 1, 1]), 4)
+    assert math.isclose(u["codebook_perplexity"], 2) and u["codebook_used_fraction"] == 0.5
+
+
+def test_bad_images_are_refused_with_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        vq.train_vq("f4", np.zeros((4, 32, 32, 3), np.float32), TINY_SECTION, tmp_path, steps=1, progress=False)
+    with pytest.raises(ValueError, match="expects 32x32"):
+        vq.train_vq("f4", np.zeros((4, 16, 16, 3), np.uint8), TINY_SECTION, tmp_path, steps=1, progress=False)
+
+
+def test_bench_vq_reports_speed_and_flops():
+    from kpnb import bench
+
+    section = runs.preset_config("smoke")["vq"]
+    r = bench.bench_vq_model("f4", section, batch_size=2, steps=1, device=torch.device("cpu"))
+    assert r["gan.gflop_per_image"] > r["ae.gflop_per_image"] > 0  # the GAN phase adds the discriminator
+    assert r["ae.images_per_s"] > 0 and r["gan.images_per_s"] > 0 and r["run.estimated_seconds"] > 0
