@@ -54,6 +54,7 @@ VIS_NAMES = {MISSING: "missing", HIDDEN: "hidden", VISIBLE: "visible", OUTSIDE: 
 
 RELEASE_FRAME = 512  # the release's coordinates are pixels of a 512x512 frame
 GRID = 32            # the original tokeniser's grid (512 / 16)
+MAX_COORD = 1e6      # pixel values beyond this are corrupt, not "outside the frame"
 
 
 def _limb_side(a: int, b: int) -> str:
@@ -204,9 +205,12 @@ def flip(pose: Pose) -> Pose:
 def _number(v: Any, *, source: Any, field: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise PoseError(f"expected a number, got {type(v).__name__} {v!r:.40}", source=source, field=field)
-    f = float(v)
-    if not math.isfinite(f):
-        raise PoseError(f"expected a finite number, got {v!r}", source=source, field=field)
+    try:
+        f = float(v)
+    except OverflowError:  # a huge JSON integer
+        f = math.inf
+    if not math.isfinite(f) or abs(f) > MAX_COORD:
+        raise PoseError(f"expected a finite number within +-{MAX_COORD:g}, got {v!r:.40}", source=source, field=field)
     return f
 
 
