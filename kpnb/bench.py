@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -27,6 +28,11 @@ def _device() -> torch.device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _sig(v: float, digits: int = 4) -> float:
+    """Round to significant digits (a gpu-preset model on a CPU runs at 0.006 images/s)."""
+    return float(f"{v:.{digits}g}")
 
 
 def count_flops(fn: Callable[[], Any]) -> float:
@@ -68,19 +74,19 @@ def bench_vq_model(spec: str, vq_section: dict[str, Any], *, batch_size: int, st
     for phase, first_step in (("ae", 0), ("gan", max(disc_start, 0))):
         # the counted step doubles as the warm-up (codebook initialisation, allocator, kernel choice)
         gflop = count_flops(lambda: tr.step(first_step, x)) / batch_size / 1e9
-        out[f"{phase}.gflop_per_image"] = round(gflop, 3)
+        out[f"{phase}.gflop_per_image"] = _sig(gflop)
         if steps <= 0:
             continue
         sec = time_steps(lambda i: tr.step(first_step, x), steps, device, warmup=0)
-        out[f"{phase}.images_per_s"] = round(batch_size / sec, 2)
-        out[f"{phase}.gflop_per_s"] = round(gflop * batch_size / sec, 1)
+        out[f"{phase}.images_per_s"] = _sig(batch_size / sec)
+        out[f"{phase}.gflop_per_s"] = _sig(gflop * batch_size / sec)
     if steps <= 0:
         return out
     # the mean over a whole run: the GAN phase covers the steps from disc_start on
     frac_gan = min(1.0, max(0.0, (total - disc_start) / max(1, total)))
     sec_per_img = (1 - frac_gan) / out["ae.images_per_s"] + frac_gan / out["gan.images_per_s"]
-    out["run.images_per_s"] = round(1 / sec_per_img, 2)
-    out["run.estimated_seconds"] = round(total * batch_size * sec_per_img, 1)
+    out["run.images_per_s"] = _sig(1 / sec_per_img)
+    out["run.estimated_seconds"] = _sig(total * batch_size * sec_per_img)
     return out
 
 
@@ -92,8 +98,10 @@ def bench_vq(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs: 
     device = _device()
     section = runs.preset_config(preset)["vq"]
     specs = specs or list(section["specs"])
+    # the load average says whether other work shared the cores (with 2 threads on 2 busy cores, torch can be
+    # 10x slower than with 1: OpenMP threads wait for each other)
     res: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": preset,
-                           "models": []}
+                           "load_avg_1min": round(os.getloadavg()[0], 2), "models": []}
     for spec in specs:
         res["models"].append(bench_vq_model(spec, section, batch_size=int(section["batch_size"]), steps=steps,
                                             device=device))

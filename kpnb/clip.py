@@ -170,8 +170,7 @@ def encode_images(model: torch.nn.Module, images: np.ndarray | torch.Tensor, bat
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             outs.append(encode_image_tensor(model, x[i:i + batch_size].to(dev)))
-    return torch.cat(outs) if outs else torch.zeros(0, model.text_projection.shape[-1] if hasattr(
-        model, "text_projection") else 0)
+    return torch.cat(outs) if outs else torch.zeros(0, int(getattr(model.visual, "output_dim", 0)))
 
 
 # ---- scores --------------------------------------------------------------------------------------------

@@ -185,3 +185,33 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
     return TuneResult(image=tensor_to_images(x), latent=zq.detach(), start_image=tensor_to_images(x_start),
                       clip_score_before=before, clip_score_after=full_scores(x),
                       history=history, seconds=seconds, iterations_per_s=steps / max(seconds, 1e-9))
+
+
+def pose_keeping_loss(estimator: torch.nn.Module, poses: np.ndarray | torch.Tensor,
+                      weight: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An ``extra_loss`` for :func:`tune` that keeps the pose: ``weight`` x the mean L1 distance (in frame
+    units) between the pose estimator's soft-argmax joints on the decoded images and ``poses``
+    (``[N, 17, 3]`` Pose arrays), over the joints that are VISIBLE in ``poses``.
+
+    Caveat: PCK measured afterwards with the same estimator is then no longer independent of the tuning
+    (the optimiser can please this estimator without drawing a better pose); report it as such, or measure
+    with a second estimator."""
+    from .keypoints import VISIBLE
+    from .pose_estimator import soft_argmax
+
+    target = torch.as_tensor(np.asarray(poses), dtype=torch.float32)
+    if target.ndim != 3 or target.shape[1:] != (17, 3):
+        raise ValueError(f"poses must be [N, 17, 3], got {tuple(target.shape)}")
+    mask = (target[..., 2] == VISIBLE).float()
+    estimator.eval()
+
+    def loss(x01: torch.Tensor) -> torch.Tensor:
+        x = x01 * 2 - 1
+        size = estimator.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        xy = soft_argmax(estimator(x)[0])
+        err = (xy - target[..., :2]).abs().sum(-1)
+        return weight * (err * mask).sum() / mask.sum().clamp_min(1)
+
+    return loss

@@ -20,14 +20,18 @@ both) and the latent ``scale_factor``. Diffusion runs on the VQ model's *pre-qua
 (``vq.encode``) times ``scale_factor`` (1/std of the training latents, ldm's ``scale_by_std``; the original
 project ran with ldm's default 1.0); a sample is divided by it, quantised and decoded
 (:func:`decode_latents`). Prediction target: epsilon. Training (:func:`train_ldm`) goes through
-:func:`kpnb.training.train` with horizontal flip augmentation (latent and pose flipped together) and
-conditioning dropout for guidance.
+:func:`kpnb.training.train` with horizontal flip augmentation (latent and pose flipped together),
+conditioning dropout for guidance, EMA weights, and optionally Min-SNR loss weighting (``min_snr``).
+
+Images: :func:`encode_latents` (uint8 -> unscaled latents), :func:`sample_images` (poses -> uint8 images;
+snaps each DDIM step's x0 estimate to the VQ codebook by default, ldm's ``quantize_denoised``),
+:func:`pose_fidelity` (generate, estimate, PCK against the conditioning poses, as METRICS.md).
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -601,8 +605,9 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
         training.ema_update(ema, model, min(c["ema_decay"], (1 + step) / (10 + step)))
         return {"loss": loss}
 
-    config = {"ldm": model.config(), "train": {k: c[k] for k in TRAIN_DEFAULTS if k not in ARCH_KEYS},
-              "n_train": len(data)}
+    # "steps" at the top level: kpnb.training allows resuming with more (or fewer) steps, nothing else changed
+    config = {"ldm": model.config(), "train": {k: c[k] for k in TRAIN_DEFAULTS if k not in ARCH_KEYS + ("steps",)},
+              "steps": steps, "n_train": len(data)}
     result = training.train({"model": model, "ema": ema}, {"opt": opt}, step_fn, batch_fn, steps=steps,
                             ckpt_dir=ckpt_dir, config=config, batch_size=bs, ckpt_every=int(c["ckpt_every"]),
                             seed=seed, desc=f"ldm[{'+'.join(modes)}]", resume=resume, progress=progress,

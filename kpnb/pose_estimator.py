@@ -284,7 +284,8 @@ def train_estimator(images: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: s
         opt.step()
         return losses
 
-    config = {"estimator": model.config(), "train": {k: c[k] for k in ESTIMATOR_DEFAULTS}, "n_train": len(data)}
+    config = {"estimator": model.config(), "train": {k: c[k] for k in ESTIMATOR_DEFAULTS if k != "steps"},
+              "steps": steps, "n_train": len(data)}
     result = training.train({"model": model}, {"opt": opt}, step_fn, batch_fn, steps=steps, ckpt_dir=ckpt_dir,
                             config=config, batch_size=bs, ckpt_every=int(c["ckpt_every"]), seed=seed,
                             desc="estimator", resume=resume, progress=progress, on_log=on_log)

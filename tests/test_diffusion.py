@@ -146,8 +146,8 @@ def test_tiny_model_learns_and_reloads(tmp_path):
     nose = p[:, 0, :2] * 8
     blob = torch.exp(-((xx - nose[:, 0, None, None]) ** 2 + (yy - nose[:, 1, None, None]) ** 2) / 2)
     lat = torch.stack([blob, -blob, 0.5 * blob], 1) * 3
-    cfg = {"steps": 40, "batch_size": 16, "lr": 3e-3, "warmup": 5, "base": 16, "mults": [1, 2],
-           "num_res_blocks": 1, "attn_ds": [2], "heads": 2, "token_dim": 16, "ckpt_every": 20, "ema_decay": 0.9}
+    cfg = {"steps": 30, "batch_size": 16, "lr": 3e-3, "warmup": 5, "base": 16, "mults": [1, 2],
+           "num_res_blocks": 1, "attn_ds": [2], "heads": 2, "token_dim": 16, "ckpt_every": 15, "ema_decay": 0.9}
     model, res = D.train_ldm(lat, p, cfg, tmp_path / "ldm", "tokens+skeleton", progress=False)
     losses = [r["loss"] for r in res.history]
     assert losses[-1] < 0.6 * losses[0], losses
@@ -157,6 +157,9 @@ def test_tiny_model_learns_and_reloads(tmp_path):
     c = model.cond(p[:2])
     torch.testing.assert_close(again.eps(x, t, again.cond(p[:2])), model.eps(x, t, c))
     assert again.config() == model.config()
+    # a second call resumes from the finished checkpoint (fused AdamW state included) and runs 3 more steps
+    _, res2 = D.train_ldm(lat, p, {**cfg, "steps": 33}, tmp_path / "ldm", "tokens+skeleton", progress=False)
+    assert res2.start_step == 30 and res2.step == 33
 
 
 def test_ddim_update_with_an_oracle():

@@ -94,7 +94,10 @@ def test_estimator_on_a_few_renders(tmp_path):
     assert np.all((pred[..., :2] > 0) & (pred[..., :2] < 1))
     # other image sizes are resized to the network's input
     assert E.predict(model, np.zeros((2, 48, 48, 3), np.uint8)).shape == (2, 17, 3)
+    model2, res2 = E.train_estimator(imgs, poses, {**cfg, "steps": 4}, tmp_path / "est", progress=False)
+    assert res2.start_step == 3 and res2.step == 4  # resumed with more steps
     again = E.load_estimator(tmp_path / "est")
+    pred = E.predict(model2, imgs)  # the same weights as the checkpoint of step 4
     np.testing.assert_allclose(E.predict(again, imgs), pred, atol=1e-5)
     c = E.ceiling(model, imgs, poses)
     assert 0.0 <= c["pck@0.1"] <= 1.0 and c["n_images"] == 6
