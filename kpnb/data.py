@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .keypoints import FLIP_PERM, Pose, PoseError, read_release_json
+from .keypoints import Pose, PoseError, read_release_json
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 
@@ -257,16 +257,6 @@ def load_subset(run_dir: str | Path, split: str = "train") -> dict[str, Any]:
 
 
 # ---- augmentation -------------------------------------------------------------------------------------
-def flip_pose_array(poses: Any) -> Any:
-    """Horizontal flip of pose arrays [..., 17, 3] (numpy or torch): x -> 1 - x for labelled joints and every
-    left/right pair swapped. The array twin of :func:`kpnb.keypoints.flip`."""
-    out = poses.clone() if hasattr(poses, "clone") else poses.copy()
-    labelled = out[..., 2] != 0
-    out[..., 0] = np.where(labelled, 1.0 - out[..., 0], out[..., 0]) if isinstance(out, np.ndarray) else \
-        (1.0 - out[..., 0]) * labelled + out[..., 0] * (~labelled)
-    return out[..., FLIP_PERM, :]
-
-
 def flip_images(images: Any) -> Any:
     """Mirror images: numpy [N, H, W, C] on axis 2, torch [N, C, H, W] on the last axis."""
     if isinstance(images, np.ndarray):

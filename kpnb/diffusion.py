@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conditioning import Cond, PoseConditioner, check_poses, flip_batch, parse_modes
+from .conditioning import Cond, PoseConditioner, check_poses, flip_batch, fourier_features, parse_modes
+from .vq import Upsample  # nearest x2 then a 3x3 conv: the same layer (and state-dict keys) as ldm's
 
 
 # ======================================================================================================
@@ -52,7 +53,10 @@ class UNetConfig:
     with a 16x16 latent, ``(2,)`` is attention at 8x8; the middle block always has attention.
     ``heads``: attention heads per layer (head width = channels / heads). ``context_dim``: width of the
     cross-attention context (None: no cross-attention, the transformer blocks only self-attend).
-    ``self_attn=False`` drops the self-attention of the transformer blocks (cross-attention and MLP stay)."""
+    ``self_attn=False`` drops the self-attention of the transformer blocks (cross-attention and MLP stay).
+    ``pos_freqs`` > 0 adds a learned projection of Fourier features of each position's (x, y) (same basis
+    as the ``tokens`` joint coordinates) to the transformer's input: without it the queries carry no
+    position, and cross-attention cannot match "joint at (x, y)" to the place (0 = none, as ldm)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -66,6 +70,7 @@ class UNetConfig:
     self_attn: bool = True
     dropout: float = 0.0
     groups: int = 32
+    pos_freqs: int = 0
 
     @classmethod
     def original(cls) -> "UNetConfig":
@@ -182,10 +187,13 @@ class SpatialTransformer(nn.Module):
     """GroupNorm, 1x1 conv in, transformer blocks over the h*w positions, 1x1 conv out (zero), + input."""
 
     def __init__(self, ch: int, heads: int, context_dim: int | None, depth: int, self_attn: bool,
-                 dropout: float, groups: int):
+                 dropout: float, groups: int, pos_freqs: int = 0):
         super().__init__()
         self.norm = _norm(ch, groups, eps=1e-6)
         self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.pos_freqs = pos_freqs
+        if pos_freqs:
+            self.pos_proj = nn.Linear(4 * pos_freqs + 2, ch)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(ch, heads, context_dim, self_attn, dropout) for _ in range(depth)])
         self.proj_out = _zero(nn.Conv2d(ch, ch, 1))
@@ -193,6 +201,12 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, C]
+        if self.pos_freqs:
+            c = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / H  # pixel centres, as skeleton maps
+            yx = torch.stack(torch.meshgrid(c, (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) / W,
+                                            indexing="ij"), -1).view(H * W, 2)
+            xy = yx.flip(-1)
+            h = h + self.pos_proj(torch.cat([xy, fourier_features(xy, self.pos_freqs)], -1))
         for blk in self.transformer_blocks:
             h = blk(h, context)
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
@@ -207,19 +221,11 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class Block(nn.Sequential):
     """A sequence of layers where ResBlocks also get the timestep embedding and transformers the context."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, emb: torch.Tensor,  # type: ignore[override]
+                context: torch.Tensor | None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -241,7 +247,8 @@ class UNet(nn.Module):
         emb = 4 * c
 
         def attn(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.heads, cfg.context_dim, cfg.transformer_depth, cfg.self_attn, dr, g)
+            return SpatialTransformer(ch, cfg.heads, cfg.context_dim, cfg.transformer_depth, cfg.self_attn, dr, g,
+                                      cfg.pos_freqs)
 
         self.time_embed = nn.Sequential(nn.Linear(c, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.input_blocks = nn.ModuleList([Block(nn.Conv2d(cfg.in_channels, c, 3, padding=1))])
@@ -286,24 +293,34 @@ class UNet(nn.Module):
 
 
 def unet_state_from_ldm(state: Mapping[str, torch.Tensor], ema: bool = True,
-                        prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
+                        prefix: str = "model.diffusion_model.",
+                        sources: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Map a CompVis latent-diffusion state dict (e.g. the original project's released checkpoint, read with
-    :func:`kpnb.runs.load_tensors`) to :class:`UNet` names. ``ema=True`` takes ldm's EMA copy (stored as
-    ``model_ema.diffusion_model<name without dots>``) when present. ldm's self-attention-only blocks always
-    exist, so load it into a UNet with ``self_attn=True`` and ``context_dim=17``."""
-    plain = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    :func:`kpnb.original.load_lightning_checkpoint`) to :class:`UNet` names. ``ema=True`` takes ldm's EMA
+    copy (stored as ``model_ema.diffusion_model<name without dots>``) when present. ldm's
+    self-attention-only blocks always exist, so load it into a UNet with ``self_attn=True`` and
+    ``context_dim=17``. ``sources``, when given, is filled with {UNet name: the state dict key it came from}."""
+    plain = {k[len(prefix):]: k for k in state if k.startswith(prefix)}
     if ema:
         ema_prefix = "model_ema." + prefix.split(".", 1)[1].rstrip(".")
-        squashed = {k[len(ema_prefix):]: v for k, v in state.items() if k.startswith(ema_prefix)}
+        squashed = {k[len(ema_prefix):]: k for k in state if k.startswith(ema_prefix)}
         if squashed:
-            undot = {k.replace(".", ""): k for k in plain}
+            undot: dict[str, str] = {}
+            for k in plain:
+                if undot.setdefault(k.replace(".", ""), k) != k:
+                    raise KeyError(f"model weights {undot[k.replace('.', '')]!r} and {k!r} have the same EMA name")
             missing = [k for k in squashed if k not in undot]
             if missing:
                 raise KeyError(f"EMA weights without a matching model weight: {missing[:5]}")
-            return {undot[k]: v for k, v in squashed.items()}
+            chosen = {undot[k]: src for k, src in squashed.items()}
+            if sources is not None:
+                sources.update(chosen)
+            return {k: state[src] for k, src in chosen.items()}
     if not plain:
         raise KeyError(f"no weights under {prefix!r} in this state dict")
-    return plain
+    if sources is not None:
+        sources.update(plain)
+    return {k: state[src] for k, src in plain.items()}
 
 
 # ======================================================================================================
@@ -411,8 +428,8 @@ class KeypointLDM(nn.Module):
 def make_ldm(modes: str | Sequence[str], latent_shape: Sequence[int], *, base: int = 64,
              mults: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2, attn_ds: Sequence[int] = (2,),
              heads: int = 4, token_dim: int = 64, self_attn: bool = True, dropout: float = 0.0,
-             sigma: float = 1.0, scale_factor: float = 1.0, T: int = 1000, beta_start: float = 0.0015,
-             beta_end: float = 0.0195) -> KeypointLDM:
+             sigma: float = 1.0, pos_freqs: int = 0, scale_factor: float = 1.0, T: int = 1000,
+             beta_start: float = 0.0015, beta_end: float = 0.0195) -> KeypointLDM:
     """A KeypointLDM for conditioning ``modes`` on latents of ``latent_shape`` = (C, h, w): the UNet's
     input channels and context width follow from the modes."""
     C, h, w = latent_shape
@@ -421,13 +438,13 @@ def make_ldm(modes: str | Sequence[str], latent_shape: Sequence[int], *, base: i
     cond = PoseConditioner(parse_modes(modes), latent_size=h, token_dim=token_dim, sigma=sigma)
     cfg = UNetConfig(in_channels=C + cond.concat_channels, out_channels=C, base=base, mults=tuple(mults),
                      num_res_blocks=num_res_blocks, attn_ds=tuple(attn_ds), heads=heads,
-                     context_dim=cond.context_dim, self_attn=self_attn, dropout=dropout)
+                     context_dim=cond.context_dim, self_attn=self_attn, dropout=dropout, pos_freqs=pos_freqs)
     return KeypointLDM(cfg, cond, latent_shape, scale_factor, Schedule(T, beta_start, beta_end))
 
 
 def original_ldm() -> KeypointLDM:
     """The original project's model, ready for its released weights (:func:`unet_state_from_ldm` into
-    ``.unet``): grid conditioning (context [B, 1, 17]), 64x64x3 f4 latents, ldm's default scale_factor 1.0
+    ``.unet``; :func:`kpnb.original.load_original_ldm` reads the released file whole): grid conditioning (context [B, 1, 17]), 64x64x3 f4 latents, ldm's default scale_factor 1.0
     (the original config sets no ``scale_by_std``), base 160, mults 1,2,3,4, attention at 1/2, 1/4, 1/8,
     8 heads. Its learned null pose is new (the original had no guidance): train it, or sample at guidance 1."""
     m = make_ldm("grid", (3, 64, 64), base=160, mults=(1, 2, 3, 4), num_res_blocks=2, attn_ds=(2, 4, 8), heads=8,
@@ -552,11 +569,12 @@ def decode_latents(vq: nn.Module, z: torch.Tensor, scale_factor: float, quantize
 # ======================================================================================================
 TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 6000, "batch_size": 32, "lr": 3e-4, "warmup": 200, "weight_decay": 0.0, "ema_decay": 0.999,
-    "p_uncond": 0.1, "min_snr": 0.0, "flip": True, "ckpt_every": 500, "seed": 0,
+    "p_uncond": 0.1, "min_snr": 0.0, "flip": True, "ckpt_every": 500, "seed": 0, "lr_schedule": "cosine",
     "base": 64, "mults": [1, 2, 2], "num_res_blocks": 2, "attn_ds": [2], "heads": 4, "token_dim": 64,
-    "self_attn": True, "dropout": 0.0, "sigma": 1.0,
+    "self_attn": True, "dropout": 0.0, "sigma": 1.0, "pos_freqs": 0,
 }
-ARCH_KEYS = ("base", "mults", "num_res_blocks", "attn_ds", "heads", "token_dim", "self_attn", "dropout", "sigma")
+ARCH_KEYS = ("base", "mults", "num_res_blocks", "attn_ds", "heads", "token_dim", "self_attn", "dropout", "sigma",
+             "pos_freqs")
 
 
 def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_dir: str | Path,
@@ -586,6 +604,10 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"], fused=True)
     data = latents * sf
     seed, bs, steps = int(c["seed"]), int(c["batch_size"]), int(c["steps"])
+    if c["lr_schedule"] not in ("cosine", "constant"):
+        raise ValueError(f"diffusion.lr_schedule must be 'cosine' or 'constant', got {c['lr_schedule']!r}")
+    # constant (after warmup): a finished run can be trained further (more steps) without a jump in lr
+    final_frac = 1.0 if c["lr_schedule"] == "constant" else 0.1
 
     def batch_fn(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = training.batch_indices(len(data), bs, step, seed=seed)
@@ -596,7 +618,7 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
         g = training.seeded_generator(seed, step, 1)
         if c["flip"]:
             z, p = flip_batch(z, p, torch.rand(len(z), generator=g) < 0.5)
-        training.set_lr(opt, training.warmup_cosine(step, steps, c["lr"], c["warmup"]))
+        training.set_lr(opt, training.warmup_cosine(step, steps, c["lr"], c["warmup"], final_frac=final_frac))
         loss = model.loss(z, p, p_uncond=c["p_uncond"], min_snr=c["min_snr"], generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -644,17 +666,19 @@ def sample_images(model: KeypointLDM, vq: nn.Module, poses: Any, *, batch_size: 
 
 def pose_fidelity(model: KeypointLDM, vq: nn.Module, estimator: nn.Module, poses: Any, *,
                   ceiling: Mapping[str, float] | None = None, batch_size: int = 50, seed: int = 0,
-                  **kw: Any) -> tuple[np.ndarray, dict[str, float]]:
+                  sampler: Callable[..., np.ndarray] | None = None, **kw: Any) -> tuple[np.ndarray, dict[str, float]]:
     """Generate one image per held-out pose, estimate its pose, and score it against the conditioning pose
     (METRICS.md): returns (images, metrics) with the :func:`kpnb.pose_estimator.pck` keys, ``sample_images_per_s``
-    and, given the estimator's ``ceiling`` (a pck dict), ``<key>.ratio`` = PCK / ceiling for the PCK keys."""
+    and, given the estimator's ``ceiling`` (a pck dict), ``<key>.ratio`` = PCK / ceiling for the PCK keys.
+    ``sampler(model, vq, poses, batch_size=, seed=, **kw) -> uint8 images``: another generator to score
+    (e.g. :func:`kpnb.transformer.sample_images`); None = this module's :func:`sample_images`."""
     import time
 
     from .pose_estimator import pck, predict
 
     poses = check_poses(poses)
     t0 = time.perf_counter()
-    images = sample_images(model, vq, poses, batch_size=batch_size, seed=seed, **kw)
+    images = (sampler or sample_images)(model, vq, poses, batch_size=batch_size, seed=seed, **kw)
     secs = time.perf_counter() - t0
     metrics: dict[str, float] = dict(pck(predict(estimator, images), poses))
     metrics["sample_images_per_s"] = len(images) / secs

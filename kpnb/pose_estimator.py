@@ -21,8 +21,6 @@ ground-truth renders, the number every generated-image PCK is reported against.
 """
 from __future__ import annotations
 
-import copy
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -235,7 +233,8 @@ def estimator_loss(model: PoseNet, x: torch.Tensor, poses: torch.Tensor, heatmap
     coord = ((soft_argmax(hm) - xy).abs().sum(-1) * in_frame).sum() / n
     cx = (torch.arange(w, dtype=x.dtype) + 0.5)
     cy = (torch.arange(h, dtype=x.dtype) + 0.5)
-    d2 = (cx[None, None, None, :] - xy[..., 0, None, None] * w) ** 2 + (cy[None, None, :, None] - xy[..., 1, None, None] * h) ** 2
+    d2 = ((cx[None, None, None, :] - xy[..., 0, None, None] * w) ** 2
+          + (cy[None, None, :, None] - xy[..., 1, None, None] * h) ** 2)
     target = torch.softmax((-d2 / (2 * sigma ** 2)).flatten(2), -1)
     ce_hm = (-(target * hm.flatten(2).log_softmax(-1)).sum(-1) * in_frame).sum() / n
     cls = torch.full_like(code, -100, dtype=torch.long)

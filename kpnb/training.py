@@ -157,6 +157,27 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return None
 
 
+def fork_checkpoint(src_dir: str | Path, dst_dir: str | Path) -> Path:
+    """Start ``dst_dir`` from the latest checkpoint of ``src_dir`` (and its metrics.csv), so that training
+    into ``dst_dir`` goes on from there while ``src_dir`` stays as it is. A ``dst_dir`` that already has a
+    checkpoint is left alone (it is being, or was, trained further). Returns the checkpoint JSON used."""
+    import shutil
+
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    have = latest_checkpoint(dst_dir)
+    if have is not None:
+        return have
+    last = latest_checkpoint(src_dir)
+    if last is None:
+        raise CheckpointError(f"{src_dir}: no checkpoint to start {dst_dir} from")
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    if (src_dir / "metrics.csv").exists():
+        shutil.copyfile(src_dir / "metrics.csv", dst_dir / "metrics.csv")
+    shutil.copyfile(last.with_suffix(".safetensors"), dst_dir / last.with_suffix(".safetensors").name)
+    runs.atomic_write_bytes(dst_dir / last.name, last.read_bytes())  # the JSON last: it marks completeness
+    return dst_dir / last.name
+
+
 def _clean_dir(ckpt_dir: Path, keep_step: int | None) -> None:
     """Remove temporary files left by a killed write, and every checkpoint other than ``keep_step``."""
     for p in ckpt_dir.iterdir():
@@ -304,7 +325,7 @@ class TrainResult:
     step: int                      # steps completed
     start_step: int                # where this call started (0, or the resumed checkpoint's step)
     seconds: float                 # training seconds over all calls (resumes included)
-    images_per_s: float | None     # over this call's steps (None when no step ran)
+    images_per_s: float | None     # over this call's steps; over the whole run when it ran none (None: unknown)
     history: list[dict[str, float]] = field(default_factory=list)  # the metrics.csv rows
     checkpoint: Path | None = None
 
@@ -320,6 +341,7 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
     ``config`` (JSON-able) is saved with each checkpoint; resuming with a different config (other than
     ``steps``) is refused, so a checkpoint is never continued with another model. ``seed`` seeds the global
     RNGs at a fresh start (resume restores them instead). ``batch_size`` only feeds the images/s figure.
+    ``on_log(row)`` is called with each metrics row (e.g. to draw a live loss curve in a notebook).
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -330,9 +352,9 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
     if last is not None:
         info = read_checkpoint_info(last)
         saved = {k: v for k, v in info.get("config", {}).items() if k != "steps"}
-        now = {k: v for k, v in config.items() if k != "steps"}
-        if saved != now:
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        current = {k: v for k, v in config.items() if k != "steps"}
+        if saved != current:
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise CheckpointError(f"{last}: saved with a different config (keys {', '.join(diff)}); "
                                   f"use another checkpoint folder or resume=False")
         info = load_checkpoint(last, modules, optimizers=optimizers)
@@ -393,5 +415,6 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
     total = elapsed + time.perf_counter() - t_call
     call_s = time.perf_counter() - t_call
     return TrainResult(step=max(start, steps), start_step=start, seconds=total,
-                       images_per_s=(ran * batch_size / call_s) if ran else None, history=history,
+                       images_per_s=(ran * batch_size / call_s) if ran else
+                       (start * batch_size / elapsed if start and elapsed > 0 else None), history=history,
                        checkpoint=ckpt_path)

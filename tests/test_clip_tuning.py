@@ -90,3 +90,76 @@ def test_anchor_and_extra_loss(tiny_models):
         ct.tune(model, clip_model, z0, ["a", "b", "c"], steps=1, progress=False)
     with pytest.raises(ValueError, match="uint8"):
         ct.tune(model, clip_model, np.zeros((16, 16, 3), np.float32), "a", steps=1, progress=False)
+
+
+def test_negatives_and_pose_keeping_loss(tiny_models):
+    from kpnb import keypoints as kp, pose_estimator as pe
+
+    model, clip_model = tiny_models
+    ims = _images()
+    plain = ct.tune(model, clip_model, ims, "red hair", steps=0, cutouts=4, progress=False)
+    res = ct.tune(model, clip_model, ims, "red hair", negatives=["blue hair", "green hair"], steps=15, lr=0.1,
+                  cutouts=4, progress=False)
+    losses = [r["clip_loss"] for r in res.history]
+    assert losses[0] > plain.history[0]["clip_loss"] + 0.1  # the zero-shot cross-entropy is part of the loss
+    assert np.mean(losses[-5:]) < losses[0]
+    torch.manual_seed(0)
+    est = pe.PoseNet(image_size=16, width=4).eval()
+    poses = np.zeros((2, 17, 3), np.float32)
+    poses[..., :2] = 0.5
+    poses[..., 2] = kp.VISIBLE
+    poses[1, :, 2] = kp.MISSING  # no counted joint: contributes nothing
+    keep = ct.pose_keeping_loss(est, poses, weight=3.0)
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    v = keep(x)
+    assert v.ndim == 0 and torch.isfinite(v) and v > 0
+    (g,) = torch.autograd.grad(v, [x])
+    assert g[0].abs().sum() > 0 and g[1].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"\[N, 17, 3\]"):
+        ct.pose_keeping_loss(est, np.zeros((2, 17, 2)))
+
+
+def test_pose_region_mask_freezes_the_body_and_tuning_respects_it(tiny_models):
+    from kpnb import keypoints as kp
+
+    pose = np.zeros((1, 17, 3), np.float32)
+    pose[0, :, 2] = kp.MISSING
+    for j, (x, y) in {5: (0.3, 0.3), 7: (0.3, 0.6), 0: (0.5, 0.1)}.items():  # left shoulder-elbow, nose
+        pose[0, j] = (x, y, kp.VISIBLE)
+    m = ct.pose_region_mask(pose, 8)
+    assert m.shape == (1, 1, 8, 8) and set(m.unique().tolist()) == {0.0, 1.0}
+    # the upper arm runs down x = 0.3 (cell 2) from y = 0.3 to 0.6: frozen; far right and the nose are free
+    assert m[0, 0, 3, 2] == 0 and m[0, 0, 4, 2] == 0 and m[0, 0, 4, 7] == 1 and m[0, 0, 0, 4] == 1
+    empty = np.zeros((1, 17, 3), np.float32)  # no joints: nothing frozen
+    assert ct.pose_region_mask(empty, 8).all()
+
+    model, clip_model = tiny_models
+    ims = _images(1)
+    z0 = model.encode(torch.from_numpy(ims).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    mask = torch.ones(1, 1, *z0.shape[2:])
+    mask[..., :, : z0.shape[3] // 2] = 0  # left half frozen
+    res = ct.tune(model, clip_model, z0, "red hair", mask=mask, steps=5, lr=0.3, cutouts=2, progress=False)
+    zq0 = model.quantize(z0.clamp(*ct.codebook_range(model)))[0]
+    left = (res.latent - zq0)[..., : z0.shape[3] // 2].abs().max()
+    right = (res.latent - zq0)[..., z0.shape[3] // 2:].abs().max()
+    assert left == 0 and right > 0
+    with pytest.raises(ValueError, match="mask must be"):
+        ct.tune(model, clip_model, z0, "red hair", mask=torch.ones(1, 1, 3, 3), steps=1, progress=False)
+
+
+def test_saturation_and_measure():
+    from kpnb import attributes, keypoints as kp, pose_estimator as pe
+
+    grey = np.full((1, 4, 4, 3), 128, np.uint8)
+    red = np.zeros((1, 4, 4, 3), np.uint8)
+    red[..., 0] = 200
+    assert ct.saturation(grey)[0] == 0.0 and ct.saturation(red)[0] == pytest.approx(1.0)
+    torch.manual_seed(0)
+    est = pe.PoseNet(image_size=16, width=4).eval()
+    attr = attributes.AttributeNet({"hair_colour": ["red", "blue"]}, width=8, depth=1).eval()
+    poses = np.zeros((2, 17, 3), np.float32)
+    poses[..., :2], poses[..., 2] = 0.5, kp.VISIBLE
+    m = ct.measure(_images(), poses, est, attr, ("hair_colour", "red"))
+    assert 0 <= m["pck@0.1"] <= 1 and 0 <= m["rate"] <= 1 and 0 < m["prob"] < 1 and m["saturation"] > 0
+    with pytest.raises(ValueError, match="not one the classifier knows"):
+        ct.measure(_images(), poses, est, attr, ("hair_colour", "teal"))

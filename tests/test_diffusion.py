@@ -174,7 +174,8 @@ def test_ddim_update_with_an_oracle():
     for st in seen:
         torch.testing.assert_close(st["pred_x0"], x0, atol=1e-4, rtol=1e-4)
     a0 = s.alphas_cumprod[0].item()
-    e = (seen[-2]["x"] - s.alphas_cumprod[seen[-1]["t"]].sqrt().item() * x0) / (1 - s.alphas_cumprod[seen[-1]["t"]].item()) ** 0.5
+    a1 = s.alphas_cumprod[seen[-1]["t"]].item()
+    e = (seen[-2]["x"] - a1 ** 0.5 * x0) / (1 - a1) ** 0.5
     torch.testing.assert_close(out, a0 ** 0.5 * x0 + (1 - a0) ** 0.5 * e, atol=1e-4, rtol=1e-4)
     # x0_fn acts on each step's x0 estimate (here: a clamp)
     seen.clear()
@@ -234,3 +235,30 @@ def test_latents_roundtrip_and_sampling_plumbing():
     assert imgs2.shape == (3, 32, 32, 3) and 0 <= metrics["pck@0.1"] <= 1
     assert metrics["pck@0.1.ratio"] == pytest.approx(metrics["pck@0.1"] / 0.5)
     assert metrics["sample_images_per_s"] > 0
+
+
+def test_positional_embedding_lets_attention_see_position():
+    torch.manual_seed(0)
+    x = torch.ones(1, 16, 4, 4)  # a constant map: without positions every place is treated alike
+    for pos, varies in ((0, False), (3, True)):
+        st = D.SpatialTransformer(16, 2, None, 1, True, 0.0, 8, pos_freqs=pos)
+        with torch.no_grad():
+            torch.nn.init.normal_(st.proj_out.weight, std=0.1)
+        out = st(x, None)
+        assert (out.std((2, 3)).max() > 1e-4) == varies
+
+
+def test_bench_ldm_reports_training_and_sampling_speed():
+    from kpnb import bench
+
+    r = bench.bench_ldm_model(tiny("tokens"), batch_size=2, steps=1, sample_steps=2, device=torch.device("cpu"))
+    assert r["modes"] == "tokens" and r["train.gflop_per_image"] > 0 and r["train.images_per_s"] > 0
+    assert r["ddim2.images_per_s"] > 0 and r["ddim_guided2.images_per_s"] > 0
+
+
+def test_unknown_lr_schedule_is_refused(tmp_path):
+    z, p = torch.randn(8, 3, 8, 8), poses(8)
+    cfg = {"steps": 2, "batch_size": 4, "base": 16, "mults": [1], "attn_ds": [], "heads": 2, "token_dim": 8,
+           "num_res_blocks": 1, "warmup": 0, "ckpt_every": 10, "lr_schedule": "warm"}
+    with pytest.raises(ValueError, match="lr_schedule"):
+        D.train_ldm(z, p, cfg, tmp_path / "a", "grid", progress=False)

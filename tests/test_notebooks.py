@@ -9,7 +9,8 @@ pytestmark = pytest.mark.slow
 
 EXPECTED = {
     "01_dataset_filtering": ["n_candidates", "n_kept", "precision", "recall", "tags.removed_in_chain",
-                             "image.removed_in_chain", "pose.removed_in_chain"],
+                             "image.removed_in_chain", "pose.removed_in_chain", "clip.removed_in_chain",
+                             "without_clip.precision"],
     "02_keypoint_inspection": ["n_poses", "flip_twice_identity"],
     "03_vq_training": ["f4.psnr", "f4.mae", "f4.codebook_perplexity", "f4.codebook_used_fraction",
                        "f4.train_images_per_s", "f4.train_seconds"],
@@ -17,6 +18,11 @@ EXPECTED = {
                         "skeleton.val_loss"],
     "05_sampling": ["grid.pck@0.1", "tokens.pck@0.1", "skeleton.pck@0.05", "pck_ceiling@0.1",
                     "ddim50_images_per_s", "ddim50_images_per_s_guided"],
+    "06_clip_tuning": ["zero_shot.hair_colour", "attributes.hair_colour_accuracy", "f4.red_hair.rate_before",
+                       "f4.red_hair.rate_after", "f4.red_hair.pck@0.1_after", "f4.colorful.clip_score_after",
+                       "f4.red_hair.iterations_per_s"],
+    "07_cond_transformer": ["train_images_per_s", "train_seconds", "final_loss", "val_loss", "pck@0.05", "pck@0.1",
+                            "pck@0.2", "sample_images_per_s", "n_params"],
 }
 
 

@@ -248,3 +248,19 @@ def test_batch_indices_cover_each_epoch_once():
     assert not torch.equal(seq[:10], seq[10:])
     assert torch.equal(training.batch_indices(n, bs, 3, seed=2), training.batch_indices(n, bs, 3, seed=2))
     assert not torch.equal(training.batch_indices(n, bs, 0, seed=2), training.batch_indices(n, bs, 0, seed=3))
+
+
+def test_fork_checkpoint_trains_further_elsewhere(tmp_path):
+    ref: list[float] = []
+    _fit(tmp_path / "ref", 20, ref)
+    _fit(tmp_path / "base", 10, [])
+    before = sorted(p.name for p in (tmp_path / "base").iterdir())
+    used = training.fork_checkpoint(tmp_path / "base", tmp_path / "long")
+    assert used.name == "ckpt-0000010.json"
+    more: list[float] = []
+    _, res = _fit(tmp_path / "long", 20, more)
+    assert res.start_step == 10 and more == ref[10:]  # goes on exactly as an uninterrupted run
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == before  # the source is untouched
+    assert training.fork_checkpoint(tmp_path / "base", tmp_path / "long").name == "ckpt-0000020.json"
+    with pytest.raises(training.CheckpointError, match="no checkpoint"):
+        training.fork_checkpoint(tmp_path / "empty", tmp_path / "x")

@@ -1,0 +1,734 @@
+"""Import the original project's released checkpoints into kpnb's models.
+
+The original project released two PyTorch Lightning checkpoints (``.ckpt``: a pickle plus tensor storages):
+
+* the **VQGAN f4** trained on Danbooru with taming-transformers (``custom_vqgan``: embed_dim 3, n_embed 8192,
+  ch 128, ch_mult 1,2,4, num_res_blocks 2, attn_resolutions [] so attention only in the middle block,
+  resolution 256, z_channels 3, double_z false) -> :func:`load_original_vq` gives a :class:`kpnb.vq.VQModel`;
+* the **keypoint latent-diffusion model** (CompVis latent-diffusion, ``danbooru-keypoints-ldm-vq-4.yaml``:
+  UNet base 160, mults 1,2,3,4, attention at ds 2,4,8, 8 heads, context_dim 17, transformer depth 1; the VQGAN
+  inside as ``first_stage_model``) -> :func:`load_original_ldm` gives ``(KeypointLDM, VQModel)``.
+
+Nothing is downloaded. Put the files where you like - ``data/checkpoints/`` is the suggested place (``*.ckpt``
+is git-ignored) - and pass the path::
+
+    from kpnb import original
+    vq = original.load_original_vq("data/checkpoints/original_vq_f4.ckpt")
+    ldm, vq = original.load_original_ldm("data/checkpoints/original_ldm_keypoints.ckpt")
+    print(ldm.import_report)          # keys mapped / left over / missing, schedule and scale_factor checks
+
+A missing file raises :class:`FileNotFoundError` saying what to download and where to put it.
+
+**Reading the file safely** (:func:`load_lightning_checkpoint`). A ``.ckpt`` is a pickle, and unpickling can
+import and call anything. The file is first disassembled without running it (``pickletools``) to list every
+global it names. Then:
+
+* tensors, storages and torch's rebuild functions, ``collections.OrderedDict``/``Counter``, ``_codecs.encode``
+  and the ``set``/``bytearray``/``complex`` builtins: handed to ``torch.load(weights_only=True)``, which
+  judges the ``torch.*`` names itself;
+* numpy scalars (``numpy._core.multiarray.scalar``, ``numpy.dtype``): allowed (they rebuild a number from
+  bytes and call nothing else);
+* Lightning metadata - anything under ``pytorch_lightning.``, ``lightning.``, ``lightning_fabric.``, and the
+  ``SetupCallback``/``ImageLogger``/``CUDACallback`` classes of taming's and ldm's ``main.py`` (callback
+  classes used as keys of ``callbacks``, hyper-parameter holders): replaced by an inert
+  :class:`LightningPlaceholder` subclass that only stores what it is given. The real class is never imported
+  or called. Lightning's ``AttributeDict`` becomes a plain ``dict``;
+* **anything else** (``os.system``, ``builtins.eval``, ``subprocess``, an unknown class, ...): the file is
+  **refused** with :class:`kpnb.runs.UnsafeFileError` naming the file and the globals, before anything is
+  unpickled. ``torch.load(weights_only=True)`` then remains a second line of defence for the rest.
+
+**Key mapping.** The UNet's module names are ldm's own (``model.diffusion_model.`` stripped, EMA names
+un-squashed by :func:`kpnb.diffusion.unet_state_from_ldm`). The VQ model's names differ from taming's, so
+:func:`vq_key_map` spells out, for every tensor of a kpnb :class:`~kpnb.vq.VQModel`, the original key(s) it
+comes from: renames (``encoder.down.{level}.block.{j}`` -> ``encoder.down.{position}``, ``nin_shortcut`` ->
+``skip``, ``mid.block_1``/``attn_1``/``block_2`` -> ``mid.0``/``1``/``2``, ``proj_out`` -> ``out``,
+``quantize.embedding.weight`` -> ``quantizer.codebook``, the decoder's ``up.{level}`` counted from the top) and
+one concatenation (attention ``q``, ``k``, ``v`` 1x1 convs -> kpnb's fused ``qkv``). :func:`vq_state_to_original`
+is the inverse. taming's ``quant_conv``/``post_quant_conv`` are kept as such (``VQConfig(quant_conv=True)``).
+
+**What cannot be represented** (a clear :class:`CheckpointImportError` instead of a silently different
+model): attention inside the encoder/decoder levels (non-empty ``attn_resolutions``); ``double_z`` or
+``z_channels != embed_dim``; VQ widths where kpnb's GroupNorm would not use taming's 32 groups (below 64
+channels); a noise schedule other than ldm's "linear" (linear in sqrt(beta)); a UNet whose context is not the
+17 keypoint tokens. Not reproduced but harmless for inference: taming's quantiser puts ``beta`` on the
+codebook term (its "legacy" loss), kpnb on the commitment term - only training differs.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import contextlib
+import functools
+import io
+import pickle
+import pickletools
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .conditioning import N_JOINTS, PoseConditioner
+from .diffusion import KeypointLDM, Schedule, UNetConfig, unet_state_from_ldm
+from .runs import UnsafeFileError
+from .vq import VQConfig, VQModel
+
+__all__ = ["CheckpointImportError", "ImportReport", "LightningCheckpoint", "LightningPlaceholder", "UnsafeFileError",
+           "load_lightning_checkpoint", "load_original_ldm", "load_original_vq", "scan_pickle_globals",
+           "unet_config_from_state", "vq_config_from_state", "vq_key_map", "vq_state_to_original"]
+
+SUGGESTED_DIR = Path("data/checkpoints")
+DOWNLOADS = {
+    "vq": ("the original project's VQGAN f4 (taming-transformers 'custom_vqgan' trained on Danbooru: its "
+           "PyTorch Lightning checkpoint, e.g. checkpoints/last.ckpt of that run)",
+           SUGGESTED_DIR / "original_vq_f4.ckpt"),
+    "ldm": ("the original project's keypoint latent-diffusion model (CompVis latent-diffusion, config "
+            "danbooru-keypoints-ldm-vq-4.yaml: its PyTorch Lightning checkpoint, which also holds the VQGAN "
+            "as first_stage_model)",
+            SUGGESTED_DIR / "original_ldm_keypoints.ckpt"),
+}
+
+
+class CheckpointImportError(ValueError):
+    """A checkpoint whose content cannot be represented by (or does not fit) the kpnb model."""
+
+
+# ======================================================================================================
+# Reading a Lightning checkpoint without running code
+# ======================================================================================================
+class LightningPlaceholder:
+    """Inert stand-in for a class named in a checkpoint's Lightning metadata (a callback class used as a dict
+    key, a hyper-parameter holder, ...). It never imports or calls the class it replaces: creating one only
+    stores the arguments (``args``, ``kwargs``) and unpickled state (``state``). ``original`` is the name."""
+
+    original = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "LightningPlaceholder":
+        obj = object.__new__(cls)
+        obj.args, obj.kwargs, obj.state = args, kwargs, None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<inert placeholder for {self.original}>"
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder(name: str) -> type:
+    return type(name.rsplit(".", 1)[-1], (LightningPlaceholder,),
+                {"original": name, "__module__": f"{__name__}.placeholders", "__doc__": f"Placeholder for {name}."})
+
+
+PLACEHOLDER_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
+PLACEHOLDER_NAMES = frozenset({"main.SetupCallback", "main.ImageLogger", "main.CUDACallback"})
+DICT_NAMES = frozenset({"pytorch_lightning.utilities.parsing.AttributeDict",
+                        "lightning.pytorch.utilities.parsing.AttributeDict",
+                        "lightning_fabric.utilities.data.AttributeDict",
+                        "lightning.fabric.utilities.data.AttributeDict"})
+PLAIN_NAMES = frozenset({"collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.set",
+                         "builtins.bytearray", "builtins.complex"})
+NUMPY_NAMES = frozenset({"numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "numpy.dtype"})
+
+
+def _is_placeholder(name: str) -> bool:
+    return name not in DICT_NAMES and (name.startswith(PLACEHOLDER_PREFIXES) or name in PLACEHOLDER_NAMES)
+
+
+def _numpy_globals() -> list[tuple[Any, str]]:
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    out: list[tuple[Any, str]] = [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"),
+                                  (np.dtype, "numpy.dtype")]
+    # a dtype is rebuilt as an instance of its class (np.dtypes.Float64DType ...), which BUILD must accept
+    for n in dir(getattr(np, "dtypes", None) or ()):
+        c = getattr(np.dtypes, n)
+        if isinstance(c, type) and issubclass(c, np.dtype):
+            out.append((c, f"numpy.dtypes.{n}"))
+    return out
+
+
+def _global_name(module: str, name: str) -> str:
+    """``module.name`` as Python 3 resolves it (protocol-2 pickles say ``__builtin__`` for ``builtins``)."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+
+
+def _globals_in(stream: io.BufferedIOBase) -> list[str]:
+    """Globals named by one pickle in ``stream`` (read up to its STOP), found by disassembly only."""
+    found, strings = [], []
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name in ("GLOBAL", "INST"):
+            module, name = str(arg).split(" ", 1)
+            found.append(_global_name(module, name))
+        elif op.name == "STACK_GLOBAL":  # torch.save writes protocol 2 (GLOBAL); this is never accepted
+            guess = _global_name(*strings[-2:]) if len(strings) >= 2 else "?"
+            found.append(f"{guess} (by STACK_GLOBAL)")
+        elif op.name.startswith("EXT"):
+            found.append(f"<copyreg extension {arg}>")
+        elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+            strings.append(arg)
+    return found
+
+
+def scan_pickle_globals(path: str | Path) -> list[str]:
+    """Every global (``module.name``) the pickle(s) of a ``torch.save`` file would import, sorted; nothing is
+    unpickled. Handles the zip format (each ``*.pkl`` record) and the legacy format (its leading pickles)."""
+    path = Path(path)
+    names: set[str] = set()
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                for rec in z.namelist():
+                    if rec.endswith(".pkl"):
+                        names.update(_globals_in(io.BytesIO(z.read(rec))))
+        else:
+            with open(path, "rb") as f:
+                # legacy torch.save: magic number, protocol, sys info, the object, storage keys; raw bytes after
+                for i in range(5):
+                    try:
+                        names.update(_globals_in(f))
+                    except Exception:  # noqa: BLE001 - past the pickles (or not a pickle at all)
+                        if i == 0:
+                            raise
+                        break
+    except Exception as e:  # noqa: BLE001
+        raise UnsafeFileError(f"{path}: refused - not a readable PyTorch checkpoint "
+                              f"({type(e).__name__}: {str(e)[:200]})") from e
+    return sorted(names)
+
+
+@dataclass
+class LightningCheckpoint:
+    """What :func:`load_lightning_checkpoint` read: the ``state_dict`` (name -> tensor), Lightning's
+    bookkeeping (``meta``: epoch, global_step, pytorch-lightning_version, the other top-level keys) and
+    the globals that were replaced by inert placeholders."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    placeholders: list[str]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def _missing_file(path: Path, what: str | None) -> FileNotFoundError:
+    if what in DOWNLOADS:
+        desc, where = DOWNLOADS[what]
+        return FileNotFoundError(
+            f"{path}: no such file. Download {desc} from the original project's release and put it at {where} "
+            f"(relative to the repository root), or pass the path where you saved it. Nothing is downloaded "
+            f"automatically.")
+    return FileNotFoundError(f"{path}: no such checkpoint file")
+
+
+def _weights_only_load(path: Path, allow: list[Any]) -> Any:
+    """torch.load(weights_only=True) with the extra named globals; memory-mapped for zip files (a released
+    .ckpt also holds optimizer state we never touch), read normally if mapping fails."""
+    err: Exception | None = None
+    for mmap in ([True, False] if zipfile.is_zipfile(path) else [False]):
+        try:
+            with torch.serialization.safe_globals(allow) if allow else contextlib.nullcontext():
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:  # the weights-only unpickler said no: no point in retrying
+            err = e
+            break
+        except Exception as e:  # noqa: BLE001 - e.g. a file that cannot be memory-mapped; try reading it
+            err = e
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    hit = re.search(r"WeightsUnpickler error: (.*)", text)
+    msg = (hit.group(1) if hit else text.splitlines()[0] if text else type(err).__name__).split(" Please use")[0]
+    raise UnsafeFileError(f"{path}: refused by torch.load(weights_only=True) - {msg[:300]}") from err
+
+
+def load_lightning_checkpoint(path: str | Path, *, what: str | None = None) -> LightningCheckpoint:
+    """Read a PyTorch Lightning ``.ckpt`` (or any ``torch.save`` dict of tensors) without running code from
+    it: see the module docstring for what is allowed, placeholdered and refused. A file that holds just a
+    state dict (no ``state_dict`` key) is accepted too. ``what`` ("vq"/"ldm") only shapes the message for a
+    missing file. Raises :class:`kpnb.runs.UnsafeFileError` (naming the file and the globals) for a pickle
+    that would import or call anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing_file(path, what)
+    found = scan_pickle_globals(path)
+    bad = [g for g in found if not (g.startswith("torch.") or g in PLAIN_NAMES or g in NUMPY_NAMES
+                                    or g in DICT_NAMES or _is_placeholder(g))]
+    if bad:
+        raise UnsafeFileError(
+            f"{path}: refused - unpickling it would import or call {', '.join(bad)}. kpnb reads only tensors, "
+            f"plain containers, numpy scalars and Lightning metadata from a checkpoint; nothing in the file was "
+            f"run. Use a file from a source you trust, or convert it to safetensors where it is trusted.")
+    placeholders = [g for g in found if _is_placeholder(g)]
+    allow: list[Any] = [(_placeholder(g), g) for g in placeholders]
+    allow += [(dict, g) for g in found if g in DICT_NAMES]
+    if any(g in NUMPY_NAMES for g in found):
+        allow += _numpy_globals()
+    if allow and not torch.__version__ >= (2, 6):  # named safe globals ((object, "module.name")) came in 2.6
+        raise CheckpointImportError(
+            f"{path}: this checkpoint names {', '.join(sorted({n for _, n in allow if n in found}))}; reading those "
+            f"without running them (named safe globals) needs torch >= 2.6 (this is torch {torch.__version__})")
+    obj = _weights_only_load(path, allow)
+    if not isinstance(obj, dict):
+        raise CheckpointImportError(f"{path}: expected a Lightning checkpoint (a dict), got {type(obj).__name__}")
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict):
+        raise CheckpointImportError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a dict of tensors")
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointImportError(f"{path}: state_dict entries that are not tensors: {', '.join(not_tensors[:5])}")
+    meta = {k: obj[k] for k in ("epoch", "global_step", "pytorch-lightning_version") if k in obj}
+    if "state_dict" in obj:
+        meta["other_keys"] = sorted(str(k) for k in obj if k not in ("state_dict", *meta))
+    return LightningCheckpoint(path, dict(sd), meta, placeholders, obj)
+
+
+# ======================================================================================================
+# Reports and the generic copy
+# ======================================================================================================
+@dataclass
+class ImportReport:
+    """The bookkeeping of one import: ``mapped`` {original key: kpnb key}, ``unused`` {original key: why it
+    was left over}, ``missing`` kpnb tensors the file did not fill (kept at their initial values, with the
+    reason), ``notes`` (checks made, choices taken), ``meta`` (epoch, global_step, ...). ``str()`` is a
+    summary."""
+
+    source: str
+    mapped: dict[str, str] = field(default_factory=dict)
+    unused: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"import of {self.source}"]
+        if self.meta:
+            lines.append("  file: " + ", ".join(f"{k} {v}" for k, v in self.meta.items()))
+        lines.append(f"  mapped: {len(self.mapped)} original keys -> {len(set(self.mapped.values()))} kpnb tensors")
+        groups: dict[str, list[str]] = {}
+        for k, why in self.unused.items():
+            groups.setdefault(why, []).append(k)
+        lines.append(f"  left over (unused): {len(self.unused)} keys" + (":" if groups else ""))
+        for why, keys in groups.items():
+            lines.append(f"    {len(keys)} x {why} (e.g. {keys[0]})")
+        lines.append(f"  missing: {len(self.missing)}" + (":" if self.missing else ""))
+        lines += [f"    {k}: {why}" for k, why in self.missing.items()]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _copy_into(model: nn.Module, mapping: Mapping[str, list[str]], state: Mapping[str, torch.Tensor],
+               report: ImportReport, prefix: str = "", kpnb_only: Mapping[str, str] | None = None,
+               where: str = "") -> None:
+    """Fill ``model`` from ``state``: each kpnb tensor k from ``prefix + src`` for src in ``mapping[k]``
+    (several sources are concatenated along dim 0). Shapes must match exactly; tensors are cast to the
+    model's dtype. kpnb tensors without a source go to ``report.missing`` (with the reason from
+    ``kpnb_only`` where given) and keep their current values."""
+    kpnb_only = kpnb_only or {}
+    own = model.state_dict()
+    new = {}
+    for k, cur in own.items():
+        srcs = mapping.get(k)
+        if not srcs:
+            report.missing[k] = kpnb_only.get(k, "no source key for it in the mapping")
+            continue
+        absent = [prefix + s for s in srcs if prefix + s not in state]
+        if absent:
+            report.missing[k] = f"the file has no {', '.join(absent)}"
+            continue
+        parts = [state[prefix + s] for s in srcs]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        if tuple(t.shape) != tuple(cur.shape):
+            raise CheckpointImportError(
+                f"{where}: {' + '.join(prefix + s for s in srcs)} has shape {tuple(t.shape)}, kpnb's {k} needs "
+                f"{tuple(cur.shape)}: the checkpoint's architecture differs from the one inferred")
+        new[k] = t.to(dtype=cur.dtype)
+        for s in srcs:
+            report.mapped[prefix + s] = k
+    model.load_state_dict({**own, **new}, strict=True)
+
+
+def _check_missing(report: ImportReport, allowed: Iterable[str], where: str) -> None:
+    bad = [f"{k} ({why})" for k, why in report.missing.items() if k not in set(allowed)]
+    if bad:
+        raise CheckpointImportError(f"{where}: {len(bad)} kpnb tensors not found in the file: {'; '.join(bad[:8])}")
+
+
+# ======================================================================================================
+# The VQGAN (taming-transformers layout)
+# ======================================================================================================
+_TAMING_RES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "skip": "nin_shortcut"}
+_VQ_OWN = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+_VQ_BOOKKEEPING = {"quantizer.usage": "kpnb's code-usage average (training bookkeeping): uniform",
+                   "quantizer.initialized": "kpnb's 'codebook initialised from data' flag: set to True"}
+
+
+def _vq_module_pairs(cfg: VQConfig) -> list[tuple[str, str, str]]:
+    """(kind, kpnb module, taming module) for every module with weights, in kpnb's construction order."""
+    L = len(cfg.channel_mult)
+    pairs = [("plain", "encoder.conv_in", "encoder.conv_in")]
+    k = 0
+    for i in range(L):
+        for j in range(cfg.res_blocks):
+            pairs.append(("res", f"encoder.down.{k}", f"encoder.down.{i}.block.{j}"))
+            k += 1
+        if i < L - 1:
+            pairs.append(("plain", f"encoder.down.{k}.conv", f"encoder.down.{i}.downsample.conv"))
+            k += 1
+    for side in ("encoder", "decoder"):
+        mid = [("res", "block_1")] + ([("attn", "attn_1")] if cfg.mid_attention else []) + [("res", "block_2")]
+        pairs += [(kind, f"{side}.mid.{n}", f"{side}.mid.{name}") for n, (kind, name) in enumerate(mid)]
+    pairs += [("plain", "encoder.norm_out", "encoder.norm_out"), ("plain", "encoder.conv_out", "encoder.conv_out"),
+              ("plain", "decoder.conv_in", "decoder.conv_in")]
+    k = 0
+    for i in reversed(range(L)):  # kpnb runs the decoder top-down in one Sequential; taming indexes by level
+        for j in range(cfg.dec_res_blocks):
+            pairs.append(("res", f"decoder.up.{k}", f"decoder.up.{i}.block.{j}"))
+            k += 1
+        if i > 0:
+            pairs.append(("plain", f"decoder.up.{k}.conv", f"decoder.up.{i}.upsample.conv"))
+            k += 1
+    pairs += [("plain", "decoder.norm_out", "decoder.norm_out"), ("plain", "decoder.conv_out", "decoder.conv_out")]
+    if cfg.quant_conv:
+        pairs += [("plain", "quant_conv", "quant_conv"), ("plain", "post_quant_conv", "post_quant_conv")]
+    return pairs
+
+
+def vq_key_map(model: VQModel) -> dict[str, list[str]]:
+    """{kpnb VQModel tensor name: [taming key(s)]} for every tensor of ``model`` that comes from the file
+    (several keys = concatenated along dim 0: attention q, k, v -> qkv). kpnb's codebook bookkeeping
+    (``quantizer.usage``, ``quantizer.initialized``) has no source."""
+    if model.cfg.stem != 1:
+        raise CheckpointImportError(f"a VQModel with stem {model.cfg.stem} has no taming counterpart (stem 1 only)")
+    pairs = _vq_module_pairs(model.cfg)
+    out: dict[str, list[str]] = {"quantizer.codebook": ["quantize.embedding.weight"]}
+    for key in model.state_dict():
+        if key in out or key in _VQ_BOOKKEEPING:
+            continue
+        hit = [(kind, kp, orig) for kind, kp, orig in pairs if key.startswith(kp + ".")]
+        if len(hit) != 1:
+            raise CheckpointImportError(f"kpnb VQ tensor {key}: no unique taming counterpart ({len(hit)} matches)")
+        kind, kp, orig = hit[0]
+        sub = key[len(kp) + 1:]
+        if kind == "plain":
+            out[key] = [f"{orig}.{sub}"]
+        elif kind == "res":
+            mod, param = sub.split(".", 1)
+            out[key] = [f"{orig}.{_TAMING_RES[mod]}.{param}"]
+        else:  # attention: norm, fused qkv, out
+            mod, param = sub.split(".", 1)
+            if mod == "qkv":
+                out[key] = [f"{orig}.{p}.{param}" for p in ("q", "k", "v")]
+            else:
+                out[key] = [f"{orig}.{ {'norm': 'norm', 'out': 'proj_out'}[mod]}.{param}"]
+    return out
+
+
+def vq_state_to_original(model: VQModel) -> dict[str, torch.Tensor]:
+    """The inverse of the import: a kpnb VQModel's weights under taming's key names (``qkv`` split back into
+    ``q``/``k``/``v``), e.g. to compare against, or feed, the original code."""
+    sd = model.state_dict()
+    out = {}
+    for k, srcs in vq_key_map(model).items():
+        for name, part in zip(srcs, sd[k].chunk(len(srcs), 0) if len(srcs) > 1 else [sd[k]]):
+            out[name] = part.detach().clone()
+    return out
+
+
+def vq_config_from_state(sd: Mapping[str, torch.Tensor], *, image_size: int = 256) -> VQConfig:
+    """The :class:`kpnb.vq.VQConfig` of a taming VQGAN state dict (keys without a prefix), read from the tensor
+    shapes: base width, channel multipliers, res blocks per level (encoder and decoder), latent channels,
+    codebook size, middle attention, quant convs. Raises :class:`CheckpointImportError` for layouts kpnb
+    cannot represent (see the module docstring). ``image_size`` is not in the weights (the original: 256)."""
+    need = ["encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight",
+            "quantize.embedding.weight"]
+    absent = [k for k in need if k not in sd]
+    if absent:
+        raise CheckpointImportError(f"not a taming VQGAN state dict: no {', '.join(absent)}")
+    base, in_ch = sd["encoder.conv_in.weight"].shape[:2]
+    if in_ch != 3:
+        raise CheckpointImportError(f"encoder.conv_in takes {in_ch} channels; kpnb's VQ model reads RGB (3)")
+    levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
+    if levels != list(range(len(levels))) or not levels:
+        raise CheckpointImportError(f"encoder levels {levels}: expected 0..L-1")
+    attn = sorted({k.rsplit(".attn.", 1)[0] for k in sd if ".attn." in k and k.startswith(("encoder.", "decoder."))})
+    if attn:
+        raise CheckpointImportError(
+            f"attention inside the encoder/decoder levels ({', '.join(attn)}; taming's attn_resolutions is not "
+            f"empty) cannot be represented: kpnb's VQModel has attention only in the middle block")
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
+
+    mult = []
+    for i in levels:
+        w = sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]
+        if w % base:
+            raise CheckpointImportError(f"encoder level {i} has width {w}, not a multiple of the base width {base}")
+        mult.append(w // base)
+    z = sd["encoder.conv_out.weight"].shape[0]
+    n_codes, e_dim = sd["quantize.embedding.weight"].shape
+    quant = "quant_conv.weight" in sd
+    if quant and tuple(sd["quant_conv.weight"].shape[:2]) != (e_dim, z):
+        raise CheckpointImportError(f"quant_conv maps {tuple(sd['quant_conv.weight'].shape[1::-1])}: inconsistent")
+    if z != e_dim:
+        raise CheckpointImportError(
+            f"the encoder gives {z} channels but codes have {e_dim} (double_z, or z_channels != embed_dim): kpnb's "
+            f"VQ model keeps one latent width")
+    if sd["decoder.conv_in.weight"].shape[1] != e_dim:
+        raise CheckpointImportError(f"decoder.conv_in takes {sd['decoder.conv_in.weight'].shape[1]} channels, "
+                                    f"codes have {e_dim}")
+    return VQConfig(factor=2 ** (len(levels) - 1), image_size=image_size, latent_channels=int(e_dim),
+                    n_codes=int(n_codes), base_width=int(base), channel_mult=tuple(mult),
+                    res_blocks=count("encoder.down.0.block."), dec_res_blocks=count("decoder.up.0.block."), stem=1,
+                    mid_attention="encoder.mid.attn_1.q.weight" in sd, quant_conv=quant)
+
+
+def _vq_unused_reason(key: str) -> str:
+    if key.startswith("loss.discriminator."):
+        return "training loss: the PatchGAN discriminator (not part of the autoencoder)"
+    if key.startswith("loss.perceptual_loss."):
+        return "training loss: LPIPS perceptual network (not part of the autoencoder)"
+    if key.startswith("loss."):
+        return "training loss state (not part of the autoencoder)"
+    return "not used by kpnb's VQ model"
+
+
+def _vq_from_state(state: Mapping[str, torch.Tensor], prefix: str, report: ImportReport, *, image_size: int,
+                   where: str) -> VQModel:
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    cfg = vq_config_from_state(sub, image_size=image_size)
+    model = VQModel(cfg)
+    wrong = sorted({m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm) and m.num_groups != 32})
+    if wrong:
+        raise CheckpointImportError(
+            f"{where}: base width {cfg.base_width} makes kpnb's VQ use GroupNorm with {wrong} groups where taming "
+            f"always uses 32 (kpnb needs every normalised width >= 64 and a multiple of 32 to match)")
+    _copy_into(model, vq_key_map(model), state, report, prefix=prefix, kpnb_only=_VQ_BOOKKEEPING, where=where)
+    _check_missing(report, _VQ_BOOKKEEPING, where)
+    with torch.no_grad():
+        model.quantizer.usage.fill_(1.0 / cfg.n_codes)
+        model.quantizer.initialized.fill_(True)
+    for k, why in _VQ_BOOKKEEPING.items():
+        report.missing.pop(k, None)
+        report.notes.append(f"{k}: {why}")
+    leftover = [k for k in sub if prefix + k not in report.mapped]
+    own = [k for k in leftover if k.startswith(_VQ_OWN)]
+    if own:
+        raise CheckpointImportError(
+            f"{where}: VQGAN weights kpnb's model would ignore: {', '.join(prefix + k for k in own[:8])}")
+    for k in leftover:
+        report.unused[prefix + k] = _vq_unused_reason(k)
+    report.notes.append(f"VQ config from the tensor shapes: {cfg.to_dict()}")
+    return model.eval()
+
+
+def load_original_vq(path: str | Path, *, image_size: int = 256, verbose: bool = True) -> VQModel:
+    """The original project's taming-transformers VQGAN (a Lightning ``.ckpt``, read by
+    :func:`load_lightning_checkpoint`) as a :class:`kpnb.vq.VQModel` in eval mode.
+
+    The configuration comes from the tensor shapes (:func:`vq_config_from_state`); every encoder, decoder,
+    codebook and quant-conv tensor is mapped (:func:`vq_key_map`) and shape-checked; ``loss.*``
+    (discriminator, LPIPS) is dropped. A latent-diffusion checkpoint works too (its ``first_stage_model.*``).
+    The :class:`ImportReport` is ``model.import_report`` (printed when ``verbose``).
+
+    Suggested place for the file: ``data/checkpoints/original_vq_f4.ckpt``."""
+    ck = load_lightning_checkpoint(path, what="vq")
+    sd = ck.state_dict
+    prefix = "" if "encoder.conv_in.weight" in sd else "first_stage_model." \
+        if "first_stage_model.encoder.conv_in.weight" in sd else None
+    if prefix is None:
+        raise CheckpointImportError(f"{ck.path}: no taming VQGAN weights (encoder.conv_in.weight) in its state_dict")
+    report = ImportReport(str(ck.path), meta=dict(ck.meta))
+    if ck.placeholders:
+        report.notes.append(f"Lightning metadata replaced by inert placeholders: {', '.join(ck.placeholders)}")
+    if prefix:
+        report.notes.append("read the first stage (first_stage_model.*) of a latent-diffusion checkpoint")
+    model = _vq_from_state(sd, prefix, report, image_size=image_size, where=str(ck.path))
+    for k in sd:
+        if not k.startswith(prefix) and k not in report.mapped:
+            report.unused[k] = "not part of the VQ model"
+    model.import_report = report
+    if verbose:
+        print(report)
+    return model
+
+
+# ======================================================================================================
+# The latent-diffusion keypoint model
+# ======================================================================================================
+SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights")
+
+
+def unet_config_from_state(u: Mapping[str, torch.Tensor], *, heads: int = 8) -> UNetConfig:
+    """The :class:`kpnb.diffusion.UNetConfig` of an ldm ``openaimodel.UNetModel`` state dict (UNet names, no
+    prefix), read from the shapes: base, in/out channels, mults, res blocks per level, attention levels,
+    context width, transformer depth. ``heads`` does not show in the weights (the original: 8)."""
+    if "input_blocks.0.0.weight" not in u or "out.2.weight" not in u:
+        raise CheckpointImportError("not an ldm UNet state dict (no input_blocks.0.0.weight / out.2.weight)")
+    base, in_ch = u["input_blocks.0.0.weight"].shape[:2]
+    n_in = 1 + max(int(k.split(".")[1]) for k in u if k.startswith("input_blocks."))
+    levels: list[list[tuple[int, bool]]] = [[]]
+    for n in range(1, n_in):
+        if f"input_blocks.{n}.0.op.weight" in u:
+            levels.append([])
+        elif f"input_blocks.{n}.0.in_layers.2.weight" in u:
+            levels[-1].append((u[f"input_blocks.{n}.0.in_layers.2.weight"].shape[0],
+                               f"input_blocks.{n}.1.norm.weight" in u))
+        else:
+            raise CheckpointImportError(f"input_blocks.{n}: neither a ResBlock nor a Downsample (resblock_updown?)")
+    nrb = {len(lv) for lv in levels}
+    uneven = len(nrb) != 1 or 0 in nrb or any(len({a for _, a in lv}) != 1 for lv in levels)
+    if uneven:
+        raise CheckpointImportError(f"uneven UNet levels (width, attention) {levels}: kpnb needs the same "
+                                    f"number of blocks at every level and attention on all or none of a level")
+    mults = []
+    for lv in levels:
+        if lv[0][0] % base:
+            raise CheckpointImportError(f"UNet width {lv[0][0]} is not a multiple of the base {base}")
+        mults.append(lv[0][0] // base)
+    attn_ds = tuple(2 ** i for i, lv in enumerate(levels) if lv[0][1])
+    to_k = [k for k in u if k.endswith("transformer_blocks.0.attn2.to_k.weight")]
+    if not to_k:
+        raise CheckpointImportError("the UNet has no cross-attention (attn2): not a conditional model")
+    context = u[to_k[0]].shape[1]
+    depth = 1 + max(int(k.split("transformer_blocks.")[1].split(".")[0]) for k in u if "transformer_blocks." in k)
+    for k in to_k:
+        if u[k].shape[0] % heads:
+            raise CheckpointImportError(f"{k}: width {u[k].shape[0]} is not divisible by heads={heads}")
+    return UNetConfig(in_channels=int(in_ch), out_channels=int(u["out.2.weight"].shape[0]), base=int(base),
+                      mults=tuple(mults), num_res_blocks=nrb.pop(), attn_ds=attn_ds, heads=heads,
+                      context_dim=int(context), transformer_depth=depth, self_attn=True)
+
+
+def _schedule_from_state(sd: Mapping[str, torch.Tensor], report: ImportReport, where: str) -> Schedule:
+    if "betas" not in sd:
+        report.notes.append("no schedule buffers in the file: kpnb's default (ldm 'linear', 0.0015..0.0195, T=1000)")
+        return Schedule()
+    b = sd["betas"].double()
+    s = Schedule(len(b))
+    if not torch.allclose(s.betas, b, rtol=1e-5, atol=1e-9):
+        s = Schedule(len(b), float(b[0]), float(b[-1]))
+    if not torch.allclose(s.betas, b, rtol=1e-5, atol=1e-9):
+        raise CheckpointImportError(
+            f"{where}: betas (T={len(b)}, {float(b[0]):.6g}..{float(b[-1]):.6g}) are not ldm's 'linear' schedule "
+            f"(linear in sqrt(beta)), the only one kpnb's Schedule represents")
+    if "alphas_cumprod" in sd and not torch.allclose(s.alphas_cumprod, sd["alphas_cumprod"].double(), rtol=1e-4):
+        raise CheckpointImportError(f"{where}: alphas_cumprod does not match cumprod(1 - betas)")
+    report.notes.append(f"schedule checked: T={s.T}, betas {s.beta_start:.6g}..{s.beta_end:.6g} (ldm 'linear') match "
+                        f"kpnb's Schedule (max |diff| {float((s.betas - b).abs().max()):.1e})")
+    for k in SCHEDULE_KEYS:
+        if k in sd:
+            report.mapped[k] = "schedule (checked)" if k in ("betas", "alphas_cumprod") else "schedule (derived)"
+    return s
+
+
+def _ldm_unused_reason(key: str, ema_used: bool) -> str:
+    if key.startswith("model.diffusion_model."):
+        return "non-EMA UNet weights (the EMA copy was loaded; ema=False loads these)" if ema_used else \
+            "UNet weight kpnb's model has no place for"
+    if key.startswith("model_ema.diffusion_model"):
+        return "EMA UNet weights (ema=False: the plain weights were loaded)"
+    if key in ("model_ema.decay", "model_ema.num_updates"):
+        return "EMA bookkeeping (decay, number of updates)"
+    if key.startswith("cond_stage_model."):
+        return "conditioning stage (the original's DummyEncoder passes the 17 tokens through)"
+    if key.startswith("first_stage_model.loss."):
+        return "first stage's training loss"
+    if key == "logvar":
+        return "ldm's per-timestep log-variance (not used for epsilon prediction)"
+    return "not used by kpnb"
+
+
+def load_original_ldm(path: str | Path, *, ema: bool = True, heads: int = 8, image_size: int = 256,
+                      scale_factor: float | None = None, verbose: bool = True) -> tuple[KeypointLDM, VQModel]:
+    """The original project's keypoint latent-diffusion checkpoint (a Lightning ``.ckpt``) as
+    ``(KeypointLDM, VQModel)``, both in eval mode.
+
+    * UNet: EMA weights (``model_ema.*``) when the file has them and ``ema`` is True (ldm samples with them),
+      else ``model.diffusion_model.*``; its configuration from the shapes (:func:`unet_config_from_state`,
+      ``heads`` given: 8 in the original). Conditioning: kpnb's ``grid`` mode (the 17 grid tokens as one
+      [1, 17] context, as the original); its learned null pose is new (the original had no guidance): sample
+      at guidance 1, or train it.
+    * VQ: the checkpoint's ``first_stage_model`` (as :func:`load_original_vq`).
+    * Schedule: ``betas``/``alphas_cumprod`` checked against kpnb's :class:`~kpnb.diffusion.Schedule`.
+    * ``scale_factor``: the file's buffer when it has one (ldm stores it only with ``scale_by_std``), else
+      ldm's default 1.0 (the original config sets none); an explicit argument wins.
+
+    Latents are ``image_size / factor`` square (256 / 4 = 64). The :class:`ImportReport` is
+    ``ldm.import_report`` (printed when ``verbose``), the VQ's ``vq.import_report``.
+
+    Suggested place for the file: ``data/checkpoints/original_ldm_keypoints.ckpt``."""
+    ck = load_lightning_checkpoint(path, what="ldm")
+    sd, where = ck.state_dict, str(ck.path)
+    if "first_stage_model.encoder.conv_in.weight" not in sd:
+        raise CheckpointImportError(f"{where}: no first_stage_model.* weights - not a latent-diffusion checkpoint "
+                                    f"(a VQGAN alone goes through load_original_vq)")
+    vq_report = ImportReport(where, meta=dict(ck.meta))
+    vq = _vq_from_state(sd, "first_stage_model.", vq_report, image_size=image_size, where=where)
+    vq.import_report = vq_report
+
+    report = ImportReport(where, meta=dict(ck.meta))
+    if ck.placeholders:
+        report.notes.append(f"Lightning metadata replaced by inert placeholders: {', '.join(ck.placeholders)}")
+    sources: dict[str, str] = {}
+    try:
+        unet_sd = unet_state_from_ldm(sd, ema=ema, sources=sources)
+    except KeyError as e:
+        raise CheckpointImportError(f"{where}: {e.args[0]}") from e
+    ema_used = any(s.startswith("model_ema.") for s in sources.values())
+    report.meta["weights"] = "EMA" if ema_used else "non-EMA"
+    if ema and not ema_used:
+        report.notes.append("the file has no EMA weights: loaded the plain UNet weights")
+    ucfg = unet_config_from_state(unet_sd, heads=heads)
+    if ucfg.context_dim != N_JOINTS:
+        raise CheckpointImportError(f"{where}: the UNet's context is {ucfg.context_dim} wide, not the "
+                                    f"{N_JOINTS} keypoint grid tokens: not the keypoint model")
+    if ucfg.in_channels != vq.cfg.latent_channels:
+        raise CheckpointImportError(f"{where}: UNet takes {ucfg.in_channels} channels, the VQ gives "
+                                    f"{vq.cfg.latent_channels} (concat conditioning is not the original's)")
+    schedule = _schedule_from_state(sd, report, where)
+    if scale_factor is not None:
+        sf = float(scale_factor)
+        in_file = float(sd["scale_factor"]) if "scale_factor" in sd else "none"
+        report.notes.append(f"scale_factor {sf} (given; the file has {in_file})")
+    elif "scale_factor" in sd:
+        sf = float(sd["scale_factor"])
+        report.notes.append(f"scale_factor {sf:.6g} from the file")
+    else:
+        sf = 1.0
+        report.notes.append("scale_factor 1.0: not in the file (ldm keeps it as a buffer only with scale_by_std; "
+                            "the original config sets none, so ldm's default 1.0 applies)")
+    if "scale_factor" in sd:
+        report.mapped["scale_factor"] = "scale_factor"
+    S = image_size // vq.cfg.factor
+    model = KeypointLDM(ucfg, PoseConditioner("grid", latent_size=S), (ucfg.in_channels, S, S), sf, schedule)
+    kpnb_only = {"cond.null_grid": "kpnb's learned null pose for classifier-free guidance (the original had "
+                                   "none): kept at its initial value - sample at guidance 1, or train it"}
+    _copy_into(model, {f"unet.{k}": [src] for k, src in sources.items()}, sd, report, kpnb_only=kpnb_only,
+               where=where)
+    _check_missing(report, kpnb_only, where)
+    for k in sd:
+        if k.startswith("first_stage_model."):
+            if k in vq_report.mapped:
+                report.mapped[k] = "vq." + vq_report.mapped[k]
+            else:
+                report.unused[k] = vq_report.unused.get(k, "first stage")
+        elif k not in report.mapped:
+            report.unused[k] = _ldm_unused_reason(k, ema_used)
+    report.notes.append(f"UNet config from the tensor shapes (heads={heads} given): {ucfg}")
+    model.import_report = report
+    if verbose:
+        print(report)
+    return model.eval(), vq

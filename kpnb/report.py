@@ -1,0 +1,148 @@
+"""``REPORT.md`` of a run folder: every metric of every notebook, the write-up's tables, every figure.
+
+Notebook 08 calls :func:`write_report` at its end; it reads only what the notebooks wrote (``metrics/*.json``,
+``figures/*.png``, ``config.json``), so a report can be rebuilt from any run folder, finished or not - a
+missing notebook shows as "not run", never as an invented number.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+NOTEBOOKS = ["01_dataset_filtering", "02_keypoint_inspection", "03_vq_training", "04_ldm_training",
+             "05_sampling", "06_clip_tuning", "07_cond_transformer", "08_blog_figures"]
+
+
+def collect_metrics(root: str | Path) -> dict[str, dict[str, Any]]:
+    """``{notebook stem: metrics}`` for every metrics file of the run folder (notebooks not run are absent)."""
+    out = {}
+    for stem in NOTEBOOKS:
+        p = Path(root) / "metrics" / f"{stem}.json"
+        if p.exists():
+            out[stem] = json.loads(p.read_text())
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v).replace("|", "\\|")
+
+
+def _minutes(seconds: Any) -> str:
+    return "-" if seconds is None else f"{float(seconds) / 60:.1f} min"
+
+
+def training_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    """The write-up's training table (system, spec, dataset, time) for this run: every model trained."""
+    rows = []
+    n_train = m.get("01_dataset_filtering", {}).get("n_train")
+    vqm, ldm, tr = m.get("03_vq_training", {}), m.get("04_ldm_training", {}), m.get("07_cond_transformer", {})
+    for spec in ("f4", "f8", "f16"):
+        if f"{spec}.train_seconds" in vqm:
+            rows.append({"system": "VQ autoencoder", "spec": f"vq-{spec}", "dataset": _fmt(n_train),
+                         "steps": _fmt(vqm.get(f"{spec}.train_steps")), "time": _minutes(vqm[f"{spec}.train_seconds"])})
+    if "estimator.train_seconds" in ldm:
+        rows.append({"system": "pose estimator (the PCK ruler)", "spec": "-", "dataset": "exact renders",
+                     "steps": _fmt(ldm.get("estimator.steps")), "time": _minutes(ldm["estimator.train_seconds"])})
+    modes = sorted({k.split(".")[0] for k in ldm if k.endswith(".train_seconds")}
+                   - {"f4", "f8", "f16", "long", "estimator"})
+    spec = ldm.get("spec", "f4")
+    for mode in modes + (["long"] if "long.train_seconds" in ldm else []):
+        name = f"diffusion ({ldm.get('best_mode')}, trained further: total time)" if mode == "long" else f"diffusion ({mode})"
+        rows.append({"system": name, "spec": f"vq-{spec}", "dataset": _fmt(n_train),
+                     "steps": _fmt(ldm.get(f"{mode}.train_steps")), "time": _minutes(ldm[f"{mode}.train_seconds"])})
+    for s in ("f8", "f16"):
+        if f"{s}.train_seconds" in ldm:
+            rows.append({"system": f"diffusion ({ldm.get(f'{s}.mode')})", "spec": f"vq-{s}", "dataset": _fmt(n_train),
+                         "steps": _fmt(ldm.get(f"{s}.train_steps")), "time": _minutes(ldm[f"{s}.train_seconds"])})
+    if "train_seconds" in tr:
+        rows.append({"system": "conditional transformer", "spec": "vq-f16", "dataset": _fmt(n_train),
+                     "steps": _fmt(tr.get("train_steps")), "time": _minutes(tr["train_seconds"])})
+    return rows
+
+
+def systems_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    """The original's three-way comparison (f16 transformer, f4 diffusion, f8 diffusion) with PCK and times."""
+    ldm, smp, tr = m.get("04_ldm_training", {}), m.get("05_sampling", {}), m.get("07_cond_transformer", {})
+    ceiling = smp.get("pck_ceiling@0.1")
+    rows = []
+
+    def row(system: str, spec: str, pck: Any, seconds: Any, per_s: Any) -> None:
+        ratio = None if pck is None or not ceiling else float(pck) / float(ceiling)
+        rows.append({"system": system, "spec": spec, "PCK@0.1": _fmt(pck), "of ceiling": _fmt(ratio),
+                     "train time": _minutes(seconds), "images/s (sampling)": _fmt(per_s)})
+
+    if "pck@0.1" in tr:
+        row("conditional transformer", "vq-f16", tr.get("pck@0.1"), tr.get("train_seconds"), tr.get("sample_images_per_s"))
+    best = smp.get("best_mode")
+    if best is not None:
+        mode = ldm.get("best_mode") if best == "long" else best
+        secs = ldm.get(f"{best}.train_seconds")
+        row(f"diffusion ({mode}{', trained further' if best == 'long' else ''})", f"vq-{ldm.get('spec', 'f4')}",
+            smp.get(f"{best}.pck@0.1"), secs, smp.get(f"{best}.sample_images_per_s"))
+    for s in ("f8", "f16"):
+        if f"{s}.pck@0.1" in smp:
+            row(f"diffusion ({ldm.get(f'{s}.mode')})", f"vq-{s}", smp[f"{s}.pck@0.1"], ldm.get(f"{s}.train_seconds"),
+                smp.get(f"{s}.sample_images_per_s"))
+    return rows
+
+
+def markdown_table(rows: list[Mapping[str, str]]) -> str:
+    if not rows:
+        return "(nothing measured yet)\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(root: str | Path, extra_figures: Mapping[str, str] | None = None) -> Path:
+    """Write ``<root>/REPORT.md`` and return its path. ``extra_figures``: figure file name -> caption for
+    figures to list first (the write-up's), the rest are listed by notebook."""
+    from .runs import atomic_write_bytes
+
+    root = Path(root)
+    m = collect_metrics(root)
+    cfg = json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else {}
+    out = [f"# Run report: `{root.name}`", "",
+           f"Preset `{cfg.get('preset', '?')}`, overrides `{json.dumps(cfg.get('overrides', {}))}`. "
+           "Every number below is read from this folder's `metrics/*.json`; every figure is in `figures/`.", ""]
+    out += ["## The three systems (the original's comparison)", "",
+            "PCK@0.1 of the pose estimator on samples for held-out poses, against the conditioning pose; "
+            "'of ceiling' divides by the estimator's PCK on exact renders.", "", markdown_table(systems_table(m))]
+    out += ["## Training table", "", markdown_table(training_table(m))]
+    out += ["## Notebooks", "", "| notebook | seconds | torch threads |", "|---|---|---|"]
+    for stem in NOTEBOOKS:
+        mm = m.get(stem)
+        out.append(f"| {stem} | {_fmt(mm.get('seconds')) if mm else 'not run'} | "
+                   f"{_fmt(mm.get('torch_threads')) if mm else '-'} |")
+    out.append("")
+    figs = sorted(p.name for p in (root / "figures").glob("*.png")) if (root / "figures").is_dir() else []
+    if extra_figures:
+        out += ["## The write-up's figures", ""]
+        for name, caption in extra_figures.items():
+            if name in figs:
+                out += [f"**{caption}**", "", f"![{caption}](figures/{name})", ""]
+    for stem in NOTEBOOKS:
+        mm = m.get(stem)
+        mine = [f for f in figs if f.startswith(stem) and f not in (extra_figures or {})]
+        if not mm and not mine:
+            continue
+        out += [f"## {stem}", ""]
+        if mm:
+            out += ["| metric | value |", "|---|---|"]
+            out += [f"| {k} | {_fmt(v)} |" for k, v in mm.items()]
+            out.append("")
+        out += [f"![{f}](figures/{f})" for f in mine]
+        out.append("")
+    path = root / "REPORT.md"
+    atomic_write_bytes(path, "\n".join(out).encode())
+    return path

@@ -1,0 +1,34 @@
+import json
+
+from kpnb import report, runs
+
+
+def _metrics(root, stem, **m):
+    runs.write_metrics(root, stem, m, preset="smoke", seconds=12.0)
+
+
+def test_report_tables_come_from_the_metrics_files(tmp_path):
+    root = runs.run_dir(tmp_path / "r", "smoke")
+    _metrics(root, "01_dataset_filtering", n_train=300, precision=0.99)
+    _metrics(root, "03_vq_training", **{"f4.train_seconds": 120.0, "f4.train_steps": 100, "f4.psnr": 27.5})
+    _metrics(root, "04_ldm_training", best_mode="skeleton", spec="f4",
+             **{"estimator.train_seconds": 30.0, "grid.train_seconds": 60.0, "skeleton.train_seconds": 60.0, "long.train_seconds": 180.0,
+                "f8.train_seconds": 30.0, "f8.mode": "skeleton"})
+    _metrics(root, "05_sampling", best_mode="long", **{"pck_ceiling@0.1": 0.9, "long.pck@0.1": 0.72,
+                                                       "f8.pck@0.1": 0.45, "grid.pck@0.1": 0.1})
+    (root / "figures" / "03_vq_training_reconstructions.png").write_bytes(b"png")
+    (root / "figures" / "08_blog_figures_systems.png").write_bytes(b"png")
+    systems = report.systems_table(report.collect_metrics(root))
+    assert [r["spec"] for r in systems] == ["vq-f4", "vq-f8"]  # no transformer metrics: no invented row
+    assert systems[0]["PCK@0.1"] == "0.72" and systems[0]["of ceiling"] == "0.8" and systems[0]["train time"] == "3.0 min"
+    train = report.training_table(report.collect_metrics(root))
+    assert ("vq-f4", "2.0 min") in [(r["spec"], r["time"]) for r in train]
+    systems_trained = [r["system"] for r in train]
+    assert "diffusion (grid)" in systems_trained and "pose estimator (the PCK ruler)" in systems_trained
+    assert "diffusion (estimator)" not in systems_trained
+    path = report.write_report(root, {"08_blog_figures_systems.png": "samples per system"})
+    text = path.read_text()
+    assert "| 02_keypoint_inspection | not run | - |" in text
+    assert "![samples per system](figures/08_blog_figures_systems.png)" in text
+    assert "figures/03_vq_training_reconstructions.png" in text and "| f4.psnr | 27.5 |" in text
+    assert json.loads((root / "config.json").read_text())["preset"] == "smoke" and "Preset `smoke`" in text
