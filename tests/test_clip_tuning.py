@@ -163,3 +163,15 @@ def test_saturation_and_measure():
     assert 0 <= m["pck@0.1"] <= 1 and 0 <= m["rate"] <= 1 and 0 < m["prob"] < 1 and m["saturation"] > 0
     with pytest.raises(ValueError, match="not one the classifier knows"):
         ct.measure(_images(), poses, est, attr, ("hair_colour", "teal"))
+
+
+def test_head_region_mask_frees_only_the_head():
+    from kpnb import keypoints as kp
+
+    pose = np.zeros((1, 17, 3), np.float32)
+    pose[0, :, 2] = kp.MISSING
+    pose[0, 0] = (0.5, 0.1, kp.VISIBLE)    # nose at the top centre
+    pose[0, 15] = (0.5, 0.9, kp.VISIBLE)   # an ankle far below: not head, stays frozen
+    m = ct.head_region_mask(pose, 16, radius=2.0)
+    assert m.shape == (1, 1, 16, 16) and m[0, 0, 1, 8] == 1 and m[0, 0, 14, 8] == 0 and m[0, 0, 1, 1] == 0
+    assert 4 < m.sum() < 40
