@@ -12,7 +12,7 @@ One step::
 Only the latent moves; the VQ decoder and CLIP stay fixed (their weights get no gradient). The original
 project found this semantic on f16 latents, weaker on f8 and almost pixel-wise on f4.
 
-What kpnb measured at 64x64 (``cpu`` preset, run ``outputs/cpu_main``, notebook 06): 32 samples of the best
+What kpnb measured at 64x64 (``cpu`` preset, notebook 06 of the 2026-11-25 run): 32 samples of the best
 diffusion model tuned towards "a girl with red hair", 100 steps, lr 0.1, 32 cutouts; rate = the attribute
 classifier (not CLIP) says red; PCK@0.1 of the pose estimator against the conditioning pose:
 

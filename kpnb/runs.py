@@ -178,6 +178,17 @@ def preset_config(preset: str, overrides: Mapping[str, Any] | None = None) -> di
     return cfg
 
 
+def check_fields(cls: type, d: Mapping[str, Any], error: type[Exception] = ValueError) -> None:
+    """Refuse keys of ``d`` that are not fields of the dataclass ``cls`` (a saved config read back), naming
+    them and the valid ones."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise error(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+
+
 def parse_value(text: str) -> Any:
     """A command-line value: JSON when it parses (numbers, lists, true/false), else the plain string."""
     try:

@@ -34,7 +34,7 @@ done: kept small and readable).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -45,6 +45,7 @@ from torch import nn
 
 from .conditioning import check_poses, grid_context
 from .keypoints import GRID, MISSING, N_JOINTS, OUTSIDE
+from .runs import check_fields
 
 N_PREFIX = N_JOINTS                 # pose tokens before the image codes
 MISSING_TOKEN = GRID * GRID         # 1024: a joint without a label
@@ -99,11 +100,7 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TransformerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TransformerConfig: unknown field(s) {', '.join(unknown)}; "
-                             f"valid: {', '.join(sorted(known))}")
+        check_fields(cls, d)
         return cls(**dict(d))
 
 

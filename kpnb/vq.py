@@ -34,7 +34,7 @@ tracked as a moving average, and codes that fall out of use are re-seeded from r
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import training
+from .runs import check_fields
 
 SPECS = ("f4", "f8", "f16")
 
@@ -89,10 +90,7 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "VQConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise VQConfigError(f"VQConfig: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        check_fields(cls, d, VQConfigError)
         return cls(**dict(d))
 
 

@@ -30,6 +30,7 @@ def _images(n: int = 24, size: int = 32, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("spec", vq.SPECS)
 def test_latent_shapes(spec):
+    torch.manual_seed(0)  # straight-through zq vs looked-up codes differ by float rounding; keep it reproducible
     cfg = vq.vq_config_for(spec, TINY_SECTION)
     model = vq.VQModel(cfg).eval()
     f = int(spec[1:])
