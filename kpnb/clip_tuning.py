@@ -309,6 +309,23 @@ def measure(images: np.ndarray, poses: np.ndarray, estimator: torch.nn.Module,
     return out
 
 
+MASK_KINDS = ("head", "body", "none")
+
+
+def region_mask(kind: str, poses: np.ndarray | torch.Tensor, latent_size: int,
+                head_radius: float = 0.125) -> torch.Tensor | None:
+    """The :func:`tune` mask of a kind: ``"head"`` (:func:`head_region_mask`, ``head_radius`` a fraction of
+    the image side, so f4, f8 and f16 free the same area), ``"body"`` (:func:`pose_region_mask`: the body
+    frozen) or ``"none"`` (None: everything may change)."""
+    if kind == "head":
+        return head_region_mask(poses, latent_size, radius=head_radius * latent_size)
+    if kind == "body":
+        return pose_region_mask(poses, latent_size)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown mask kind {kind!r}; valid: {', '.join(MASK_KINDS)}")
+
+
 def head_region_mask(poses: np.ndarray | torch.Tensor, latent_size: int, radius: float = 3.0) -> torch.Tensor:
     """A :func:`tune` ``mask`` that frees only the head: 1 on latent cells within ``radius`` cells of a head
     joint (nose, eyes, ears) of ``poses`` (``[N, 17, 3]``), 0 elsewhere - for prompts about the hair or

@@ -54,7 +54,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "pretrained_arch": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k", "pretrained_path": None,
                  "attr_steps": 6, "attr_width": 8, "attr_depth": 2,
                  "tune_spec": "f4", "tune_steps": 3, "tune_lr": 0.1, "cutouts": 2, "cut_min_frac": 0.75,
-                 "cut_noise": 0.05, "anchor_weight": 1.0, "negative_weight": 0.0, "pose_weight": 0.0, "n_tune": 2},
+                 "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
+                 "negative_weight": 0.0, "pose_weight": 0.0, "n_tune": 2},
         # transformer: smoke's notebook 03 trains only f4, so the smoke baseline runs on f4 codes (8x8 at 32 px)
         "transformer": {"spec": "f16", "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0, "lr": 1e-3,
                         "warmup": 0, "weight_decay": 0.01, "steps": 6, "batch_size": 8, "ckpt_every": 1000,
@@ -68,7 +69,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # VQ: a 4x4 pixel-unshuffle stem instead of full-resolution layers (see kpnb.vq); f8 and f16 ~6 min each
         # on 2 idle cores (f4 was timed on a busy machine: 995 s); PSNR f4 21.7 dB, short of the 26 dB target
         "vq": {"specs": ["f4", "f8", "f16"], "steps": 2000, "batch_size": 16, "image_size": 64, "lr": 1e-3,
-               "warmup": 50, "disc_start": 1600, "disc_weight": 0.1, "disc_width": 16, "disc_layers": 2,
+               "warmup": 50, "disc_start": 1800, "disc_weight": 0.1, "disc_width": 16, "disc_layers": 2,
                "reseed_every": 100, "ckpt_every": 500, "log_every": 10, "perceptual_weights": None,
                "models": {
                    "f4": {"latent_channels": 3, "n_codes": 1024, "base_width": 32, "channel_mult": [1],
@@ -84,14 +85,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # + Min-SNR-5 + codebook snapping at sampling; guidance 5. Measured PCK@0.1 on 200 held-out poses:
         # tokens+skeleton at 2000 steps 0.836 (0.86 of the 0.975 ceiling); at 700: skeleton 0.757,
         # tokens+skeleton 0.752, grid 0.150, tokens 0.113; f8 0.369.
-        "diffusion": {"steps": 700, "batch_size": 32, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
+        "diffusion": {"steps": 500, "batch_size": 32, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
                       "lr": 1e-3, "warmup": 100, "ema_decay": 0.999, "p_uncond": 0.1, "min_snr": 5.0, "flip": True,
-                      "ckpt_every": 500, "seed": 0, "base": 32, "mults": [1, 2, 2], "num_res_blocks": 2,
+                      "ckpt_every": 250, "seed": 0, "base": 32, "mults": [1, 2, 2], "num_res_blocks": 2,
                       "attn_ds": [2], "heads": 4, "token_dim": 64, "self_attn": True, "dropout": 0.0, "sigma": 1.0,
-                      "sample_steps": 50, "eta": 0.0, "guidance": 5.0, "snap": True, "n_eval": 200,
+                      "sample_steps": 50, "eta": 0.0, "guidance": 5.0, "snap": True, "n_eval": 128,
                       "best_steps": 2000, "n_select": 48, "lr_schedule": "constant", "extra_specs": ["f8"]},
         # estimator: ground-truth renders (exact poses); ceiling PCK@0.1 0.975 after 2000 steps (252 s, 2 cores)
-        "estimator": {"steps": 2000, "batch_size": 32, "lr": 2e-3, "width": 16, "image_size": 64, "n_train": 4000,
+        "estimator": {"steps": 1500, "batch_size": 32, "lr": 2e-3, "width": 16, "image_size": 64, "n_train": 4000,
                       "n_val": 500, "train_seed": 1, "val_seed": 2, "ckpt_every": 500, "seed": 0},
         # clip: a 3.4M-parameter domain CLIP (ViT 8x8 patches, 2+2 layers of width 64) trained on a separate
         # pool of 4000: 1600 steps x 64 in 237 s, zero-shot hair colour 0.939 on held-out renders; attribute
@@ -102,8 +103,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "text_width": 64, "text_layers": 2, "context_length": 32, "embed_dim": 64,
                  "pretrained_arch": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k", "pretrained_path": None,
                  "attr_steps": 600, "attr_width": 16, "attr_depth": 3,
-                 "tune_spec": "f4", "tune_steps": 100, "tune_lr": 0.1, "cutouts": 32, "cut_min_frac": 0.75,
-                 "cut_noise": 0.05, "anchor_weight": 1.0, "negative_weight": 0.0, "pose_weight": 0.0, "n_tune": 32},
+                 "tune_spec": "f4", "tune_steps": 100, "tune_lr": 0.1, "cutouts": 16, "cut_min_frac": 0.75,
+                 "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
+                 "negative_weight": 0.0, "pose_weight": 0.0, "n_tune": 32},
         # transformer: f16 codes of 64x64 images are 4x4, so sequences of 17 pose tokens + 16 codes; 4 layers of
         # width 128 (1.2M parameters). A step of batch 32 took 0.23-0.31 s at nice 19 on 1 thread while the 2 cores
         # were busy with other work (load 2-5): an upper bound, so 2000 steps (~10 epochs of the ~6200 sequences,
@@ -143,7 +145,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "pretrained_arch": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k", "pretrained_path": None,
                  "attr_steps": 5000, "attr_width": 32, "attr_depth": 4,
                  "tune_spec": "f16", "tune_steps": 300, "tune_lr": 0.1, "cutouts": 32, "cut_min_frac": 0.5,
-                 "cut_noise": 0.1, "anchor_weight": 1.0, "negative_weight": 0.0, "pose_weight": 0.0, "n_tune": 64},
+                 "cut_noise": 0.1, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
+                 "negative_weight": 0.0, "pose_weight": 0.0, "n_tune": 64},
         # transformer: taming-transformers' conditional GPT (24 layers, 16 heads, width 1024, no dropout; lr
         # 4.5e-6 x batch 16) over 16x16 f16 codes; taming's sampling default top_k 100
         "transformer": {"spec": "f16", "n_layer": 24, "n_head": 16, "n_embd": 1024, "dropout": 0.0, "lr": 7.2e-5,

@@ -175,3 +175,20 @@ def test_head_region_mask_frees_only_the_head():
     m = ct.head_region_mask(pose, 16, radius=2.0)
     assert m.shape == (1, 1, 16, 16) and m[0, 0, 1, 8] == 1 and m[0, 0, 14, 8] == 0 and m[0, 0, 1, 1] == 0
     assert 4 < m.sum() < 40
+
+
+def test_region_mask_kinds_scale_with_the_latent():
+    from kpnb import keypoints as kp
+
+    pose = np.zeros((1, 17, 3), np.float32)
+    pose[0, :, 2] = kp.MISSING
+    pose[0, 0] = (0.5, 0.1, kp.VISIBLE)
+    pose[0, 11] = (0.5, 0.6, kp.VISIBLE)   # a hip, so the body mask has something to freeze
+    head16, head8 = (ct.region_mask("head", pose, n, head_radius=0.125) for n in (16, 8))
+    assert torch.equal(head16, ct.head_region_mask(pose, 16, radius=2.0))
+    # the same share of the image is freed at f4 and f8 sizes (within the coarser grid's rounding)
+    assert abs(head16.mean() - head8.mean()) < 0.05
+    assert torch.equal(ct.region_mask("body", pose, 8), ct.pose_region_mask(pose, 8))
+    assert ct.region_mask("none", pose, 8) is None
+    with pytest.raises(ValueError, match="unknown mask kind 'face'"):
+        ct.region_mask("face", pose, 8)
