@@ -7,6 +7,11 @@ achieved GFLOP/s, and the torch thread count. Compare numbers only within one ru
 
     kpnb bench vq [--preset cpu] [--steps 5] [--gpu-steps 1] [--specs f4,f8] [--threads 2] [--no-gpu-config]
     kpnb bench ldm [--preset cpu] [--modes grid,skeleton] [--sample-steps 50] [--diffusers] ...
+    kpnb bench transformer | clip | all [--preset cpu] [--steps 5] [--gpu-steps 1] ...
+
+Each also times the original study's configuration (the ``gpu`` preset's models: taming's f4 VQGAN, the
+latent-diffusion keypoint UNet, taming's 24-layer transformer, tuning with a ViT-B-32-sized CLIP) for
+``--gpu-steps`` steps at batch 1.
 """
 from __future__ import annotations
 
@@ -221,12 +226,154 @@ def bench_ldm(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs:
     return res
 
 
-BENCHES: dict[str, Callable[..., dict[str, Any]]] = {"vq": bench_vq, "ldm": bench_ldm}
+# ---- conditional transformer -------------------------------------------------------------------------
+def bench_transformer_model(tcfg: dict[str, Any], vq_cfg: Any, *, batch_size: int, steps: int, sample: int,
+                            device: torch.device) -> dict[str, Any]:
+    """Training step (teacher forcing, AdamW, clipping as :func:`kpnb.transformer.train_transformer`) and,
+    with ``sample`` > 0, sampling ``sample`` images (codes one at a time, then the VQ decoder)."""
+    from . import transformer, vq
+
+    side = vq_cfg.image_size // vq_cfg.factor
+    torch.manual_seed(0)
+    model = transformer.make_transformer(tcfg, n_codes=vq_cfg.n_codes, latent_size=(side, side)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=True)
+    gen = torch.Generator().manual_seed(0)
+    poses = torch.rand(batch_size, 17, 3, generator=gen)
+    poses[..., 2] = 2.0
+    ptok = transformer.pose_tokens(poses).to(device)
+    codes = torch.randint(0, vq_cfg.n_codes, (batch_size, side, side), generator=gen).to(device)
+
+    def step(i: int) -> None:
+        loss = model.loss(ptok, codes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    gflop = count_flops(lambda: step(0)) / batch_size / 1e9
+    out: dict[str, Any] = {"latent": [side, side], "n_codes": vq_cfg.n_codes, "batch_size": batch_size,
+                           "params_M": round(model.n_params() / 1e6, 3), "train.gflop_per_image": _sig(gflop)}
+    if steps > 0:
+        sec = time_steps(step, steps, device)
+        out["train.images_per_s"] = _sig(batch_size / sec)
+        out["train.gflop_per_s"] = _sig(gflop * batch_size / sec)
+    if sample > 0:
+        ae = vq.VQModel(vq_cfg).to(device).eval()
+        model.eval()
+        t0 = time.perf_counter()
+        transformer.sample_images(model, ae, poses[:sample].numpy(), seed=0, top_k=100)
+        _sync(device)
+        out["sample.images_per_s"] = _sig(sample / (time.perf_counter() - t0))
+    return out
+
+
+def bench_transformer(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs: list[str] | None = None,
+                      gpu_config: bool = True, sample: int = 16) -> dict[str, Any]:
+    """The preset's transformer over the codes of its VQ spec, and taming's configuration (the ``gpu``
+    preset: 24 layers of width 1024 over 16x16 f16 codes; batch 1, training step only: sampling it one code
+    at a time without a cache takes minutes per image on a CPU)."""
+    from . import vq
+
+    device = _device()
+    cfg = runs.preset_config(preset)
+    t = cfg["transformer"]
+    spec = (specs or [t["spec"]])[0]
+    res: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": preset,
+                           "spec": spec, "load_avg_1min": round(os.getloadavg()[0], 2)}
+    res["model"] = bench_transformer_model(t, vq.vq_config_for(spec, cfg["vq"]), batch_size=int(t["batch_size"]),
+                                           steps=steps, sample=sample, device=device)
+    if gpu_config and preset != "gpu":
+        g = runs.preset_config("gpu")
+        res["original"] = bench_transformer_model(g["transformer"], vq.vq_config_for(g["transformer"]["spec"], g["vq"]),
+                                                  batch_size=1, steps=gpu_steps, sample=0, device=device)
+    return res
+
+
+# ---- CLIP ---------------------------------------------------------------------------------------------
+def bench_clip_tuning(clip_model: torch.nn.Module, vq_cfg: Any, *, n_images: int, cutouts: int, steps: int,
+                      device: torch.device) -> dict[str, Any]:
+    """Iterations/s of :func:`kpnb.clip_tuning.tune` (``n_images`` latents, ``cutouts`` crops each) with a
+    randomly initialised VQ decoder of ``vq_cfg`` (the speed does not depend on the weights)."""
+    from . import clip_tuning, vq
+
+    torch.manual_seed(0)
+    ae = vq.VQModel(vq_cfg).to(device).eval()
+    images = torch.randint(0, 256, (n_images, vq_cfg.image_size, vq_cfg.image_size, 3), dtype=torch.uint8).numpy()
+    clip_tuning.tune(ae, clip_model, images, "a girl with red hair", steps=1, cutouts=cutouts, progress=False)  # warm-up
+    r = clip_tuning.tune(ae, clip_model, images, "a girl with red hair", steps=steps, cutouts=cutouts, progress=False,
+                         record_every=10 ** 9)
+    return {"spec": f"f{vq_cfg.factor}", "n_images": n_images, "cutouts": cutouts,
+            "tune.iterations_per_s": _sig(r.iterations_per_s)}
+
+
+def bench_clip(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs: list[str] | None = None,
+               gpu_config: bool = True) -> dict[str, Any]:
+    """The preset's domain CLIP (contrastive training images/s) and CLIP tuning iterations/s on its
+    ``tune_spec`` latents (``n_tune`` images x ``cutouts``, or each of ``specs``); with ``gpu_config``
+    also tuning one 256x256 image on the gpu preset's VQ with an untrained open_clip ViT-B-32 (the size of
+    the pretrained CLIP a person points at; nothing is downloaded)."""
+    import tempfile
+
+    import open_clip
+
+    from . import clip as kclip, vq
+
+    device = _device()
+    cfg = runs.preset_config(preset)
+    c = cfg["clip"]
+    res: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": preset,
+                           "load_avg_1min": round(os.getloadavg()[0], 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = kclip.create_domain_clip(kclip.model_config_from_preset(c), tmp).to(device)
+    bs, size = int(c["batch_size"]), int(c["image_size"])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(bs, 3, size, size, generator=gen).to(device)
+    tokens = kclip.tokenizer_for(model)(["a girl with red hair"] * bs).to(device)
+    loss_fn = open_clip.ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step(i: int) -> None:
+        img = model.encode_image(kclip.clip_input(model, x), normalize=True)
+        txt = model.encode_text(tokens, normalize=True)
+        loss = loss_fn(img, txt, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    gflop = count_flops(lambda: step(0)) / bs / 1e9
+    out: dict[str, Any] = {"params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+                           "train.gflop_per_image": _sig(gflop)}
+    if steps > 0:
+        sec = time_steps(step, steps, device)
+        out["train.images_per_s"] = _sig(bs / sec)
+        out["train.gflop_per_s"] = _sig(gflop * bs / sec)
+        model.eval()
+        out["tuning"] = [bench_clip_tuning(model, vq.vq_config_for(s, cfg["vq"]), n_images=int(c["n_tune"]),
+                                           cutouts=int(c["cutouts"]), steps=steps, device=device)
+                         for s in (specs or [c["tune_spec"]])]
+    res["domain_clip"] = out
+    if gpu_config and preset != "gpu" and gpu_steps > 0:
+        g = runs.preset_config("gpu")
+        with kclip._quiet_open_clip():
+            big = open_clip.create_model(c["pretrained_arch"], pretrained=None).to(device).eval()
+        res["original"] = {"clip": c["pretrained_arch"], **bench_clip_tuning(
+            big, vq.vq_config_for(g["clip"]["tune_spec"], g["vq"]), n_images=1, cutouts=int(g["clip"]["cutouts"]),
+            steps=gpu_steps, device=device)}
+    return res
+
+
+BENCHES: dict[str, Callable[..., dict[str, Any]]] = {"vq": bench_vq, "ldm": bench_ldm,
+                                                     "transformer": bench_transformer, "clip": bench_clip}
+
+
+def bench_all(preset: str = "cpu", **kw: Any) -> dict[str, Any]:
+    """Every bench above, one after the other (``kpnb bench all``)."""
+    return {name: fn(preset, **kw) for name, fn in BENCHES.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kpnb bench", description="measure training speed (JSON on stdout)")
-    p.add_argument("what", nargs="?", default="vq", choices=sorted(BENCHES), help="which model family")
+    p.add_argument("what", nargs="?", default="vq", choices=sorted(BENCHES) + ["all"], help="which model family")
     p.add_argument("--preset", default="cpu", help=f"one of {', '.join(runs.PRESETS)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
     p.add_argument("--gpu-steps", type=int, default=1, help="timed steps of the gpu-preset models (0: FLOPs only)")
@@ -249,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {} if args.what != "ldm" else {
         "modes": [m.strip() for m in args.modes.split(",")] if args.modes else None,
         "sample_steps": args.sample_steps, "diffusers": args.diffusers}
-    res = BENCHES[args.what](args.preset, steps=args.steps, gpu_steps=args.gpu_steps, specs=specs,
+    res = (bench_all if args.what == "all" else BENCHES[args.what])(args.preset, steps=args.steps, gpu_steps=args.gpu_steps, specs=specs,
                              gpu_config=args.gpu_config, **extra)
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(res, indent=2))

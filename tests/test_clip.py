@@ -173,3 +173,13 @@ def test_smoke_preset_trains(tmp_path):
     ims, lab, names = _squares(16, size=sec["image_size"])
     model, res = kc.train_from_preset(sec, ims, [f"a {names[l]} square" for l in lab], tmp_path, progress=False)
     assert res.step == sec["steps"] and kc.preprocess_cfg(model)["size"] == (32, 32)
+
+
+def test_bench_clip_reports_training_and_tuning_speed():
+    from kpnb import bench
+
+    r = bench.bench_clip("smoke", steps=1, gpu_config=False)
+    d = r["domain_clip"]
+    assert d["params_M"] > 0 and d["train.gflop_per_image"] > 0 and d["train.images_per_s"] > 0
+    (t,) = d["tuning"]
+    assert t["spec"] == "f4" and t["n_images"] == 2 and t["tune.iterations_per_s"] > 0

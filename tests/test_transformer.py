@@ -171,3 +171,13 @@ def test_presets_build():
     with torch.device("meta"):  # shapes only
         g = T.make_transformer(runs.PRESETS["gpu"]["transformer"], n_codes=16384, latent_size=(16, 16))
     assert (g.cfg.n_layer, g.cfg.n_head, g.cfg.n_embd, g.cfg.block_size) == (24, 16, 1024, 17 + 256 - 1)
+
+
+def test_bench_transformer_reports_training_and_sampling_speed():
+    from kpnb import bench
+
+    r = bench.bench_transformer("smoke", steps=1, gpu_config=False, sample=2)
+    m = r["model"]
+    assert m["latent"] == [2, 2] and m["params_M"] > 0  # f16 codes of 32 px smoke images
+    assert m["train.gflop_per_image"] > 0 and m["train.images_per_s"] > 0 and m["sample.images_per_s"] > 0
+    assert "original" not in r
