@@ -66,8 +66,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # clip_min_score: the CLIP stage keeps P(positive vs 5 negatives) >= 0.1. On the seed-0 pool suitable
         # images score ~0.91 (median), distractors ~0.0; at 0.5 the stage cost 9.5 points of recall
         "filter": {"use_clip": True, "clip_min_score": 0.1},
-        # VQ: a 4x4 pixel-unshuffle stem instead of full-resolution layers (see kpnb.vq); f8 and f16 ~6 min each
-        # on 2 idle cores (f4 was timed on a busy machine: 995 s); PSNR f4 21.7 dB, short of the 26 dB target
+        # VQ: a 4x4 pixel-unshuffle stem instead of full-resolution layers (see kpnb.vq); 317, 315 and 366 s for
+        # f4, f8, f16 on 2 idle cores; PSNR f4 21.8 dB, short of the 26 dB target (width 64: +0.9 dB at 800
+        # steps for 2.2x the time per step)
         "vq": {"specs": ["f4", "f8", "f16"], "steps": 2000, "batch_size": 16, "image_size": 64, "lr": 1e-3,
                "warmup": 50, "disc_start": 1800, "disc_weight": 0.1, "disc_width": 16, "disc_layers": 2,
                "reseed_every": 100, "ckpt_every": 500, "log_every": 10, "perceptual_weights": None,
@@ -80,30 +81,33 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                            "res_blocks": 1, "dec_res_blocks": 2, "stem": 4}}},
         # diffusion: f4 latents of 64x64 images are 16x16x3; UNet sized for 2 cores (0.70 GFLOP per training
         # image; 64-83 images/s on 2 idle cores, as fast as diffusers' UNet2DConditionModel at the same config).
-        # 4 modes x 700 steps at one budget, then the best one on to 2000 steps, then it on f8 latents (700):
-        # 1952 s of training in all (measured). lr 1e-3 (constant after warm-up, so training on continues it)
-        # + Min-SNR-5 + codebook snapping at sampling; guidance 5. Measured PCK@0.1 on 200 held-out poses:
-        # tokens+skeleton at 2000 steps 0.836 (0.86 of the 0.975 ceiling); at 700: skeleton 0.757,
-        # tokens+skeleton 0.752, grid 0.150, tokens 0.113; f8 0.369.
+        # 4 modes x 500 steps at one budget, then the best one on to 2000 steps, then it on f8 latents (500):
+        # 1748 s of training in all (measured). lr 1e-3 (constant after warm-up, so training on continues it)
+        # + Min-SNR-5 + codebook snapping at sampling; guidance 5. Measured PCK@0.1 on 128 held-out poses:
+        # tokens+skeleton at 2000 steps 0.830 (0.85 of the 0.973 ceiling); at 500: tokens+skeleton 0.684,
+        # skeleton 0.682, grid 0.093, tokens 0.087; f8 0.419. (At 700 steps and 200 poses, an earlier run:
+        # 0.836 at 2000; skeleton 0.757, grid 0.150.) The budget cuts keep the one command under 90 min.
         "diffusion": {"steps": 500, "batch_size": 32, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
                       "lr": 1e-3, "warmup": 100, "ema_decay": 0.999, "p_uncond": 0.1, "min_snr": 5.0, "flip": True,
                       "ckpt_every": 250, "seed": 0, "base": 32, "mults": [1, 2, 2], "num_res_blocks": 2,
                       "attn_ds": [2], "heads": 4, "token_dim": 64, "self_attn": True, "dropout": 0.0, "sigma": 1.0,
                       "sample_steps": 50, "eta": 0.0, "guidance": 5.0, "snap": True, "n_eval": 128,
                       "best_steps": 2000, "n_select": 48, "lr_schedule": "constant", "extra_specs": ["f8"]},
-        # estimator: ground-truth renders (exact poses); ceiling PCK@0.1 0.975 after 2000 steps (252 s, 2 cores)
+        # estimator: ground-truth renders (exact poses); ceiling PCK@0.1 0.973 after 1500 steps (144 s, 2 cores;
+        # 0.975 after 2000)
         "estimator": {"steps": 1500, "batch_size": 32, "lr": 2e-3, "width": 16, "image_size": 64, "n_train": 4000,
                       "n_val": 500, "train_seed": 1, "val_seed": 2, "ckpt_every": 500, "seed": 0},
         # clip: a 3.4M-parameter domain CLIP (ViT 8x8 patches, 2+2 layers of width 64) trained on a separate
-        # pool of 4000: 1600 steps x 64 in 237 s, zero-shot hair colour 0.939 on held-out renders; attribute
-        # CNN width 16 x 600 steps: hair 0.997. Tuning: 100 steps at ~0.5-0.65 it/s (32 images x 32 cutouts);
-        # the measured trade-off of rate against PCK per spec is in kpnb.clip_tuning's docstring
+        # pool of 4000: 1600 steps x 64 in 237 s, zero-shot hair colour 0.94 on held-out renders; attribute
+        # CNN width 16 x 600 steps: hair 0.997. Tuning: 100 steps at 1.2-1.4 it/s (32 images x 16 cutouts; 32
+        # cutouts halve it); tune_lr 0.05 chosen on samples 32-63 (notebook 06 tunes 0-31); the measured
+        # trade-off of rate against PCK per spec is in kpnb.clip_tuning's docstring
         "clip": {"steps": 1600, "batch_size": 64, "n_images": 4000, "lr": 2e-3, "warmup": 50, "weight_decay": 0.1, "min_frac": 0.8,
                  "seed": 0, "ckpt_every": 500, "image_size": 64, "patch_size": 8, "width": 64, "layers": 2,
                  "text_width": 64, "text_layers": 2, "context_length": 32, "embed_dim": 64,
                  "pretrained_arch": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k", "pretrained_path": None,
                  "attr_steps": 600, "attr_width": 16, "attr_depth": 3,
-                 "tune_spec": "f4", "tune_steps": 100, "tune_lr": 0.1, "cutouts": 16, "cut_min_frac": 0.75,
+                 "tune_spec": "f4", "tune_steps": 100, "tune_lr": 0.05, "cutouts": 16, "cut_min_frac": 0.75,
                  "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
                  "negative_weight": 0.0, "pose_weight": 0.0, "n_tune": 32},
         # transformer: f16 codes of 64x64 images are 4x4, so sequences of 17 pose tokens + 16 codes; 4 layers of
