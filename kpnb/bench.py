@@ -62,6 +62,25 @@ def time_steps(fn: Callable[[int], Any], steps: int, device: torch.device, warmu
     return (time.perf_counter() - t0) / max(1, steps)
 
 
+def _header(device: torch.device, preset: str, **extra: Any) -> dict[str, Any]:
+    """What every bench result starts with. The load average says whether other work shared the cores (with
+    2 threads on 2 busy cores, torch can be 10x slower than with 1: OpenMP threads wait for each other)."""
+    return {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": preset, **extra,
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def train_speed(step: Callable[[int], Any], batch_size: int, steps: int, device: torch.device) -> dict[str, float]:
+    """GFLOP per image of one training ``step(i)`` (counted; it doubles as the warm-up), and with ``steps``
+    > 0 its images/s and achieved GFLOP/s over ``steps`` timed calls."""
+    gflop = count_flops(lambda: step(0)) / batch_size / 1e9
+    out = {"train.gflop_per_image": _sig(gflop)}
+    if steps > 0:
+        sec = time_steps(step, steps, device)
+        out["train.images_per_s"] = _sig(batch_size / sec)
+        out["train.gflop_per_s"] = _sig(gflop * batch_size / sec)
+    return out
+
+
 # ---- VQ -----------------------------------------------------------------------------------------------
 def bench_vq_model(spec: str, vq_section: dict[str, Any], *, batch_size: int, steps: int,
                    device: torch.device) -> dict[str, Any]:
@@ -104,10 +123,7 @@ def bench_vq(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs: 
     device = _device()
     section = runs.preset_config(preset)["vq"]
     specs = specs or list(section["specs"])
-    # the load average says whether other work shared the cores (with 2 threads on 2 busy cores, torch can be
-    # 10x slower than with 1: OpenMP threads wait for each other)
-    res: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": preset,
-                           "load_avg_1min": round(os.getloadavg()[0], 2), "models": []}
+    res = {**_header(device, preset), "models": []}
     for spec in specs:
         res["models"].append(bench_vq_model(spec, section, batch_size=int(section["batch_size"]), steps=steps,
                                             device=device))
@@ -155,14 +171,9 @@ def bench_ldm_model(model: Any, *, batch_size: int, steps: int, sample_steps: in
         loss.backward()
         opt.step()
 
-    gflop = count_flops(lambda: step(0)) / batch_size / 1e9
     out: dict[str, Any] = {"modes": "+".join(model.cond.modes), "latent": [C, h, w], "batch_size": batch_size,
                            "params_M": round(sum(p.numel() for p in model.unet.parameters()) / 1e6, 3),
-                           "train.gflop_per_image": _sig(gflop)}
-    if steps > 0:
-        sec = time_steps(step, steps, device)
-        out["train.images_per_s"] = _sig(batch_size / sec)
-        out["train.gflop_per_s"] = _sig(gflop * batch_size / sec)
+                           **train_speed(step, batch_size, steps, device)}
     if sample_steps > 0:
         model.eval()
         n = min(batch_size, 16)
@@ -213,8 +224,7 @@ def bench_ldm(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs:
     spec = (specs or ["f4"])[0]
     vcfg = vq.vq_config_for(spec, cfg["vq"])
     shape = (vcfg.latent_channels, vcfg.image_size // vcfg.factor, vcfg.image_size // vcfg.factor)
-    res: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": preset,
-                           "spec": spec, "load_avg_1min": round(os.getloadavg()[0], 2), "models": []}
+    res = {**_header(device, preset, spec=spec), "models": []}
     for mode in modes or d["modes"]:
         torch.manual_seed(0)
         model = diffusion.make_ldm(mode, shape, **{k: d[k] for k in diffusion.ARCH_KEYS})
@@ -250,13 +260,8 @@ def bench_transformer_model(tcfg: dict[str, Any], vq_cfg: Any, *, batch_size: in
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    gflop = count_flops(lambda: step(0)) / batch_size / 1e9
     out: dict[str, Any] = {"latent": [side, side], "n_codes": vq_cfg.n_codes, "batch_size": batch_size,
-                           "params_M": round(model.n_params() / 1e6, 3), "train.gflop_per_image": _sig(gflop)}
-    if steps > 0:
-        sec = time_steps(step, steps, device)
-        out["train.images_per_s"] = _sig(batch_size / sec)
-        out["train.gflop_per_s"] = _sig(gflop * batch_size / sec)
+                           "params_M": round(model.n_params() / 1e6, 3), **train_speed(step, batch_size, steps, device)}
     if sample > 0:
         ae = vq.VQModel(vq_cfg).to(device).eval()
         model.eval()
@@ -278,8 +283,7 @@ def bench_transformer(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1
     cfg = runs.preset_config(preset)
     t = cfg["transformer"]
     spec = (specs or [t["spec"]])[0]
-    res: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": preset,
-                           "spec": spec, "load_avg_1min": round(os.getloadavg()[0], 2)}
+    res = _header(device, preset, spec=spec)
     res["model"] = bench_transformer_model(t, vq.vq_config_for(spec, cfg["vq"]), batch_size=int(t["batch_size"]),
                                            steps=steps, sample=sample, device=device)
     if gpu_config and preset != "gpu":
@@ -321,8 +325,7 @@ def bench_clip(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs
     device = _device()
     cfg = runs.preset_config(preset)
     c = cfg["clip"]
-    res: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": preset,
-                           "load_avg_1min": round(os.getloadavg()[0], 2)}
+    res = _header(device, preset)
     with tempfile.TemporaryDirectory() as tmp:
         model = kclip.create_domain_clip(kclip.model_config_from_preset(c), tmp).to(device)
     bs, size = int(c["batch_size"]), int(c["image_size"])
@@ -340,13 +343,9 @@ def bench_clip(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs
         loss.backward()
         opt.step()
 
-    gflop = count_flops(lambda: step(0)) / bs / 1e9
     out: dict[str, Any] = {"params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-                           "train.gflop_per_image": _sig(gflop)}
+                           **train_speed(step, bs, steps, device)}
     if steps > 0:
-        sec = time_steps(step, steps, device)
-        out["train.images_per_s"] = _sig(bs / sec)
-        out["train.gflop_per_s"] = _sig(gflop * bs / sec)
         model.eval()
         out["tuning"] = [bench_clip_tuning(model, vq.vq_config_for(s, cfg["vq"]), n_images=int(c["n_tune"]),
                                            cutouts=int(c["cutouts"]), steps=steps, device=device)
