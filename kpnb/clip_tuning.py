@@ -92,8 +92,8 @@ def clamp_with_grad(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def codebook_range(vq: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel min and max of the codebook, ``[1, C, 1, 1]`` each: the box the latent is kept in, so
     that it never drifts where no code lives (there the straight-through gradient means nothing)."""
-    codes = vq.quantizer.codes().detach()  # [n_codes, C]
-    return codes.min(0).values.view(1, -1, 1, 1), codes.max(0).values.view(1, -1, 1, 1)
+    lo, hi = vq.quantizer.channel_range()
+    return lo.view(1, -1, 1, 1), hi.view(1, -1, 1, 1)
 
 
 @dataclass
@@ -134,6 +134,7 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
          prompt: str | Sequence[str], *, steps: int = 100, lr: float = 0.1, cutouts: int = 32,
          cut_min_frac: float = 0.75, cut_noise: float = 0.05, anchor_weight: float = 0.0,
          negatives: Sequence[str] = (), negative_weight: float = 1.0, mask: torch.Tensor | None = None,
+         keep: torch.Tensor | None = None, keep_weight: float = 0.0,
          extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
          record_every: int = 10, callback: Callable[[int, np.ndarray, dict[str, Any]], None] | None = None,
          progress: bool = True) -> TuneResult:
@@ -149,6 +150,11 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
     tells these descriptions apart rather than towards everything the prompt's embedding holds. ``mask``:
     ``[N or 1, 1, h, w]`` at latent resolution, 1 where the latent may change and 0 where it stays (e.g.
     :func:`pose_region_mask`); binary, since Adam's per-element scaling would undo a soft weight.
+    ``keep``: ``[N or 1, 1, H, W]`` at image resolution, 1 on pixels that should stay as they started (e.g.
+    ``1 - hair_pixel_mask(...)``); adds ``keep_weight`` x the mean squared change of those pixels. A latent
+    cell moves a decoded patch wider than itself (the decoder's receptive field), so freeing the head's cells
+    also repaints the shoulders and a raised hand next to it; this term holds them, in pixels, with no model
+    judging the pose.
     ``extra_loss``: called with the decoded images ``[N, 3, H, W]`` in [0, 1] (differentiable), returns a scalar to add (its weight
     included), e.g. a pose-keeping term. ``callback(step, images_uint8, row)`` runs every ``record_every``
     steps and at the end. Both models are put in eval mode; their weights are not changed.
@@ -176,6 +182,10 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
             raise ValueError(f"mask must be [N or 1, 1, {z0.shape[2]}, {z0.shape[3]}] for these latents, "
                              f"got {tuple(mask.shape)}")
         mask = (mask > 0.5).float()
+    if keep is not None:
+        keep = torch.as_tensor(keep, dtype=torch.float32)
+        if keep.ndim != 4 or keep.shape[1] != 1 or keep.shape[0] not in (1, n):
+            raise ValueError(f"keep must be [N or 1, 1, H, W] (image resolution), got {tuple(keep.shape)}")
     lo, hi = codebook_range(vq)
     size = preprocess_cfg(clip_model)["size"]
     gen = torch.Generator().manual_seed(seed)
@@ -191,6 +201,8 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
     with torch.no_grad():
         _, x_start = decode_latent(vq, z)
     before = full_scores(x_start)
+    if keep is not None and keep.shape[2:] != x_start.shape[2:]:
+        raise ValueError(f"keep is {tuple(keep.shape[2:])} but the decoded images are {tuple(x_start.shape[2:])}")
     t0 = time.perf_counter()
     bar = tqdm(range(steps + 1), desc=f"CLIP tuning: {prompts[0][:40]}", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -205,6 +217,10 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
             clip_loss = clip_loss + negative_weight * ce.view(cutouts, n).mean(0).sum()
         anchor = (z - z0).pow(2).flatten(1).mean(1).sum()
         loss = clip_loss + anchor_weight * anchor
+        kept = None
+        if keep is not None and keep_weight:
+            kept = ((x - x_start).pow(2) * keep).flatten(1).sum(1) / (3 * keep.flatten(1).sum(1)).clamp_min(1)
+            loss = loss + keep_weight * kept.sum()
         extra = extra_loss(x) if extra_loss is not None else None
         if extra is not None:
             loss = loss + extra
@@ -214,6 +230,8 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
                                "clip_scores": scores.tolist()}
         if extra is not None:
             row["extra"] = extra.item()
+        if kept is not None:
+            row["keep"] = kept.mean().item()  # mean squared change of the kept pixels, in [0, 1] units
         if step % record_every == 0 or step == steps:
             row["images"] = tensor_to_images(x)
             if callback is not None:
@@ -335,6 +353,28 @@ def region_mask(kind: str, poses: np.ndarray | torch.Tensor, latent_size: int,
     if kind == "none":
         return None
     raise ValueError(f"unknown mask kind {kind!r}; valid: {', '.join(MASK_KINDS)}")
+
+
+def hair_pixel_mask(poses: np.ndarray | torch.Tensor, image_size: int, head_radius: float = 0.125,
+                    body_radius: float = 0.06) -> torch.Tensor:
+    """Where a hair prompt may repaint, at image resolution ``[N, 1, S, S]``: 1 on pixels within
+    ``head_radius`` (a fraction of the side) of a head joint of ``poses`` and farther than ``body_radius``
+    from every arm, leg and torso joint and limb (so a raised hand beside the head is held too), 0 elsewhere.
+    ``1 - mask`` is :func:`tune`'s ``keep``. Hidden parts count with ~0.8 of the radius."""
+    from .conditioning import check_poses, skeleton_maps
+    from .keypoints import JOINT_GROUPS, LIMBS, N_JOINTS
+
+    p = check_poses(poses)
+    head = set(JOINT_GROUPS["head"])
+    body = [j for j in range(N_JOINTS) if j not in head]
+    body += [N_JOINTS + k for k, (a, b) in enumerate(LIMBS) if a not in head and b not in head]
+
+    def near(radius: float, channels: list[int]) -> torch.Tensor:
+        # exp(-d^2 / 2 sigma^2) >= exp(-2) with sigma = r/2 is d <= r for a visible part (amplitude 1)
+        maps = skeleton_maps(p, image_size, sigma=max(radius * image_size, 1e-3) / 2)[:, channels]
+        return maps.amax(1, keepdim=True) >= math.exp(-2.0)
+
+    return (near(head_radius, sorted(head)) & ~near(body_radius, body)).float()
 
 
 def head_region_mask(poses: np.ndarray | torch.Tensor, latent_size: int, radius: float = 3.0) -> torch.Tensor:

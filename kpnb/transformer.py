@@ -218,6 +218,9 @@ def encode_codes(vq: nn.Module, images: Any, batch_size: int = 64) -> torch.Tens
     """uint8 images [N, H, W, 3] -> the VQ model's code indices, long [N, h, w]."""
     from .diffusion import encode_latents
 
+    if getattr(vq.cfg, "code_groups", 1) != 1:
+        raise ValueError(f"the transformer needs one code per latent cell; this VQ model has code_groups "
+                         f"{vq.cfg.code_groups} (product quantisation): train its spec with code_groups 1")
     vq.eval()
     dev = next(vq.parameters()).device
     h = encode_latents(vq, images, batch_size)
