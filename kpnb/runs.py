@@ -55,7 +55,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "attr_steps": 6, "attr_width": 8, "attr_depth": 2,
                  "tune_spec": "f4", "tune_steps": 3, "tune_lr": 0.1, "cutouts": 2, "cut_min_frac": 0.75,
                  "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
-                 "negative_weight": 0.0, "pose_weight": 0.0, "n_tune": 2},
+                 "negative_weight": 0.0, "pose_weight": 0.0,
+                 "keep_weight": 10.0, "body_radius": 0.06, "n_tune": 2},
         # transformer: smoke's notebook 03 trains only f4, so the smoke baseline runs on f4 codes (8x8 at 32 px)
         "transformer": {"spec": "f16", "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0, "lr": 1e-3,
                         "warmup": 0, "weight_decay": 0.01, "steps": 6, "batch_size": 8, "ckpt_every": 1000,
@@ -115,7 +116,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "attr_steps": 600, "attr_width": 16, "attr_depth": 3,
                  "tune_spec": "f4", "tune_steps": 100, "tune_lr": 0.05, "cutouts": 16, "cut_min_frac": 0.75,
                  "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
-                 "negative_weight": 0.0, "pose_weight": 0.0, "n_tune": 32},
+                 "negative_weight": 0.0, "pose_weight": 0.0,
+                 "keep_weight": 0.0, "body_radius": 0.06, "n_tune": 32},
         # transformer: f16 codes of 64x64 images are 4x4, so sequences of 17 pose tokens + 16 codes; 4 layers of
         # width 128 (1.2M parameters). A step of batch 32 took 0.23-0.31 s at nice 19 on 1 thread while the 2 cores
         # were busy with other work (load 2-5): an upper bound, so 2000 steps (~10 epochs of the ~6200 sequences,
@@ -156,7 +158,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "attr_steps": 5000, "attr_width": 32, "attr_depth": 4,
                  "tune_spec": "f16", "tune_steps": 300, "tune_lr": 0.1, "cutouts": 32, "cut_min_frac": 0.5,
                  "cut_noise": 0.1, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
-                 "negative_weight": 0.0, "pose_weight": 0.0, "n_tune": 64},
+                 "negative_weight": 0.0, "pose_weight": 0.0,
+                 "keep_weight": 0.0, "body_radius": 0.06, "n_tune": 64},
         # transformer: taming-transformers' conditional GPT (24 layers, 16 heads, width 1024, no dropout; lr
         # 4.5e-6 x batch 16) over 16x16 f16 codes; taming's sampling default top_k 100
         "transformer": {"spec": "f16", "n_layer": 24, "n_head": 16, "n_embd": 1024, "dropout": 0.0, "lr": 7.2e-5,

@@ -15,12 +15,26 @@ learning rate 1e-3 beat 2e-3 and 4e-3), so within a fixed time the cheapest mode
 diffusers' VQModel at the same layout as ours had the same FLOPs and speed (1.9 vs 2.0 images/s, one
 thread, measured side by side), so kpnb does not depend on it.
 
-What the ``cpu`` preset reaches (2000 steps x 16 images, 2 idle cores except where noted): held-out PSNR
-f4 21.7 dB, f8 19.9, f16 18.1; codebook use 100% / 99.9% / 87% of 1024 codes; f8 and f16 train in ~345 s
-each (~93 images/s, GAN phase included). The issue's target of 26 dB for f4 is NOT reached: quantisation
-costs only 0.1 dB (decoding the unquantised latent gives 21.1 vs 21.0 on the same images), so the
-autoencoder itself is what is short - the models are still improving when their 32k training images are
-up. More steps or a wider decoder are the levers; neither fits the cpu budget yet.
+Why the 3-channel f4 latent fell short of 26 dB at 64 px, and what changed (2026-12-02): the best *linear*
+code of 4x4x3 patches (PCA, held-out, the synthetic subset) gives 20.8 dB with 3 components, 25.2 with 8,
+29.8 with 16, and bicubic upsampling of a 16x16 thumbnail 21.4; the old f4 (3 channels, 1024 codes) reached
+21.8 dB after 2000 steps, i.e. barely above a linear 3-component code and far below what more channels allow.
+Two additions, both off by default (so ``gpu`` and imported checkpoints keep the original layout):
+
+* ``linear_path``: a 1x1 conv from each factor x factor patch to its latent cell beside the encoder's deep
+  path, and its mirror beside the decoder's, set to the patches' PCA on the first training batch
+  (:meth:`VQModel.init_linear_path`) with the deep paths' last convs at zero. Training starts at the best
+  linear autoencoder instead of noise, and the deep paths learn the rest.
+* ``code_groups``: product quantisation. C channels in G groups, each snapped to its own codebook, so a
+  cell carries G x log2(n_codes) bits. 8 channels with 8192 codes in one codebook halved the speed (the
+  N x 8192 distance matrix) and 1024 codes for 8 channels kept the 10 bits a cell of the old model had.
+
+Equal-time runs (120 s of f4 training on 2 idle cores, cosine schedule over the steps that fit, no GAN; held-out
+PSNR): old model 20.2 dB; 8 channels / 1024 codes 19.9; 8 channels in 4 groups of 256 20.6; the old model with
+the linear path 22.1; 8 channels in 4 groups with the path 25.5; 12 in 6 groups with the path 26.9 (the ``cpu``
+preset). f8 with 8 channels in 4 groups and the path: 21.6 dB after 90 s (the old f8: 20.0 after 2000 steps).
+f16 with the path used 15% of its codes after 90 s (a PCA of 16x16 patches from 16 images is a poor start), so
+f16 keeps the old layout, and one codebook, for the transformer.
 
 Downsampling factor = ``stem * 2 ** (len(channel_mult) - 1)``.
 

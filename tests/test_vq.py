@@ -159,3 +159,41 @@ def test_bench_vq_reports_speed_and_flops():
     r = bench.bench_vq_model("f4", section, batch_size=2, steps=1, device=torch.device("cpu"))
     assert r["gan.gflop_per_image"] > r["ae.gflop_per_image"] > 0  # the GAN phase adds the discriminator
     assert r["ae.images_per_s"] > 0 and r["gan.images_per_s"] > 0 and r["run.estimated_seconds"] > 0
+
+
+def test_product_quantiser_snaps_each_group_to_its_own_codebook():
+    torch.manual_seed(0)
+    cfg = vq.VQConfig(factor=4, image_size=16, latent_channels=6, n_codes=8, base_width=8, channel_mult=(1,),
+                      stem=4, code_groups=3)
+    q = vq.VQModel(cfg).quantizer.train()
+    h = torch.randn(2, 6, 4, 4)
+    zq, idx, _ = q(h)                          # the first call initialises the codebooks from h
+    assert q.codebook.shape == (24, 2) and idx.shape == (2, 4, 4, 3)
+    for g in range(3):                         # group g's indices are rows g*8 .. g*8+7, nearest by brute force
+        assert idx[..., g].min() >= 8 * g and idx[..., g].max() < 8 * (g + 1)
+        zg = h[:, 2 * g:2 * g + 2].permute(0, 2, 3, 1).reshape(-1, 2)
+        book = q.codebook[8 * g:8 * (g + 1)]
+        assert torch.equal(torch.cdist(zg, book).argmin(1) + 8 * g, idx[..., g].flatten())
+    assert torch.allclose(zq, q.codebook[idx].reshape(2, 4, 4, 6).permute(0, 3, 1, 2), atol=1e-6)
+    lo, hi = q.channel_range()
+    assert lo.shape == (6,) and torch.equal(hi[2:4], q.codebook[8:16].amax(0))
+    with pytest.raises(vq.VQConfigError, match="code_groups 4 must divide latent_channels 6"):
+        vq.VQConfig(factor=4, image_size=16, latent_channels=6, channel_mult=(1,), stem=4, code_groups=4)
+
+
+def test_linear_path_starts_at_the_patch_pca(tmp_path):
+    images = _images(16, 16)
+    x = vq.to_model_range(torch.from_numpy(images))
+    cfg = vq.VQConfig(factor=4, image_size=16, latent_channels=12, n_codes=16, base_width=8, channel_mult=(1,),
+                      stem=4, linear_path=True)
+    model = vq.VQModel(cfg)
+    model.init_linear_path(x)
+    # blocky images: every 4x4 patch is one colour, so 3 principal components rebuild them exactly, and the
+    # zero-initialised deep paths add nothing at the start
+    with torch.no_grad():
+        rec = model.decode(model.encode(x))
+    assert (rec - x).abs().max() < 1e-4
+    assert bool(model.linear_initialized)
+    # the flag is part of the checkpoint, so a resumed run does not redo the PCA over its training
+    sd = model.state_dict()
+    assert "linear_initialized" in sd and "encoder.linear.weight" in sd
