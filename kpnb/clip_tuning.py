@@ -287,19 +287,26 @@ def pose_keeping_loss(estimator: torch.nn.Module, poses: np.ndarray | torch.Tens
     return loss
 
 
+def _head_and_body_channels() -> tuple[set[int], list[int]]:
+    """Channels of :func:`kpnb.conditioning.skeleton_maps`: the head joints, and the body's joints and limbs."""
+    from .keypoints import JOINT_GROUPS, LIMBS, N_JOINTS
+
+    head = set(JOINT_GROUPS["head"])
+    body = [j for j in range(N_JOINTS) if j not in head]
+    body += [N_JOINTS + k for k, (a, b) in enumerate(LIMBS) if a not in head and b not in head]
+    return head, body
+
+
 def pose_region_mask(poses: np.ndarray | torch.Tensor, latent_size: int, radius: float = 1.5) -> torch.Tensor:
     """A :func:`tune` ``mask`` that freezes the body: 0 on latent cells within ``radius`` cells of an arm,
     leg or torso segment or joint of ``poses`` (``[N, 17, 3]``; missing joints draw nothing), 1 elsewhere
     (head, hair, background may change). The pose is then kept by construction, not by a loss that the
     same estimator which measures PCK would judge."""
     from .conditioning import SKELETON_CHANNELS, check_poses, skeleton_maps
-    from .keypoints import JOINT_GROUPS, LIMBS, N_JOINTS
 
     p = check_poses(poses)
     maps = skeleton_maps(p, latent_size, sigma=1.0)  # [N, 17 + 16, s, s], 1 on a visible joint or limb
-    head = set(JOINT_GROUPS["head"])
-    body = [j for j in range(N_JOINTS) if j not in head]
-    body += [N_JOINTS + k for k, (a, b) in enumerate(LIMBS) if a not in head and b not in head]
+    head, body = _head_and_body_channels()
     assert maps.shape[1] == SKELETON_CHANNELS
     # exp(-d^2/2) >= 0.5 * exp(-radius^2/2): within radius of a hidden part (amplitude 0.5), radius + ~0.4 of a visible one
     near = maps[:, body].amax(1, keepdim=True) >= 0.5 * math.exp(-radius ** 2 / 2)
@@ -362,12 +369,9 @@ def hair_pixel_mask(poses: np.ndarray | torch.Tensor, image_size: int, head_radi
     from every arm, leg and torso joint and limb (so a raised hand beside the head is held too), 0 elsewhere.
     ``1 - mask`` is :func:`tune`'s ``keep``. Hidden parts count with ~0.8 of the radius."""
     from .conditioning import check_poses, skeleton_maps
-    from .keypoints import JOINT_GROUPS, LIMBS, N_JOINTS
 
     p = check_poses(poses)
-    head = set(JOINT_GROUPS["head"])
-    body = [j for j in range(N_JOINTS) if j not in head]
-    body += [N_JOINTS + k for k, (a, b) in enumerate(LIMBS) if a not in head and b not in head]
+    head, body = _head_and_body_channels()
 
     def near(radius: float, channels: list[int]) -> torch.Tensor:
         # exp(-d^2 / 2 sigma^2) >= exp(-2) with sigma = r/2 is d <= r for a visible part (amplitude 1)
