@@ -231,3 +231,24 @@ def test_keep_term_holds_the_kept_pixels(tiny_models):
     with pytest.raises(ValueError, match="keep is"):
         ct.tune(model, clip_model, _images(), "red", keep=torch.ones(1, 1, 8, 8), keep_weight=1.0, steps=1,
                 progress=False)
+
+
+def test_stop_at_freezes_each_image_once_clip_calls_it_done(tiny_models):
+    model, clip_model = tiny_models
+    prompt, negs = "a girl with red hair", ["a girl with blue hair"]
+    kw = dict(steps=8, lr=0.3, cutouts=4, progress=False, seed=1, negatives=negs, negative_weight=0.0)
+    free = ct.tune(model, clip_model, _images(3), prompt, **kw)
+    probs, _ = kc.zero_shot(clip_model, free.start_image, [prompt, *negs])
+    p = np.sort(probs[:, 0])
+    assert p[-1] - p[-2] > 1e-4  # the tiny CLIP's start probabilities differ enough to split them
+    first = int(np.argmax(probs[:, 0]))
+    res = ct.tune(model, clip_model, _images(3), prompt, stop_at=float(p[-2] + p[-1]) / 2, **kw)
+    # the most probable image stopped at step 0 and kept its start; the others went on and changed
+    assert res.stopped_at[first] == 0 and (np.delete(res.stopped_at, first) != 0).all()
+    assert np.array_equal(res.image[first], res.start_image[first])
+    going = res.stopped_at < 0  # never stopped: the same path as without stop_at (images tune independently)
+    assert going.any() and np.array_equal(res.image[going], free.image[going])
+    assert not np.array_equal(res.image[going], res.start_image[going])
+    assert free.stopped_at is None and res.history[0]["stopped"] >= 1
+    with pytest.raises(ValueError, match="stop_at"):
+        ct.tune(model, clip_model, _images(), prompt, stop_at=0.5, steps=1, progress=False)
