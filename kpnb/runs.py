@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "tune_spec": "f4", "tune_steps": 3, "tune_lr": 0.1, "cutouts": 2, "cut_min_frac": 0.75,
                  "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
                  "negative_weight": 0.0, "pose_weight": 0.0,
-                 "keep_weight": 10.0, "body_radius": 0.06, "n_tune": 2},
+                 "keep_weight": 10.0, "body_radius": 0.06, "stop_at": 0.5, "n_tune": 2},
         # transformer: smoke's notebook 03 trains only f4, so the smoke baseline runs on f4 codes (8x8 at 32 px)
         "transformer": {"spec": "f16", "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0, "lr": 1e-3,
                         "warmup": 0, "weight_decay": 0.01, "steps": 6, "batch_size": 8, "ckpt_every": 1000,
@@ -90,11 +90,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # diffusion: f4 latents of 64x64 images are 16x16x3; UNet sized for 2 cores (0.70 GFLOP per training
         # image; 64-83 images/s on 2 idle cores, as fast as diffusers' UNet2DConditionModel at the same config).
         # 4 modes x 500 steps at one budget, then the best one on to 2000 steps, then it on f8 latents (500):
-        # 1748 s of training in all (measured). lr 1e-3 (constant after warm-up, so training on continues it)
-        # + Min-SNR-5 + codebook snapping at sampling; guidance 5. Measured PCK@0.1 on 128 held-out poses:
-        # tokens+skeleton at 2000 steps 0.830 (0.85 of the 0.973 ceiling); at 500: tokens+skeleton 0.684,
-        # skeleton 0.682, grid 0.093, tokens 0.087; f8 0.419. (At 700 steps and 200 poses, an earlier run:
-        # 0.836 at 2000; skeleton 0.757, grid 0.150.) The budget cuts keep the one command under 90 min.
+        # 1334 s of training in all (run full2, 2026-12-03; 1748 s on a slower day). lr 1e-3 (constant after
+        # warm-up, so training on continues it) + Min-SNR-5 + codebook snapping at sampling; guidance 5.
+        # Measured PCK@0.1 on 128 held-out poses: tokens+skeleton at 2000 steps 0.838 (0.87 of the 0.968
+        # ceiling); at 500: tokens+skeleton 0.709, skeleton 0.703, tokens 0.115, grid 0.108; f8 0.444 (run
+        # cpu_final: 0.830; 0.684, 0.682, 0.087, 0.093; f8 0.419). The budget cuts keep the one command under 90 min.
         "diffusion": {"steps": 500, "batch_size": 32, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
                       "lr": 1e-3, "warmup": 100, "ema_decay": 0.999, "p_uncond": 0.1, "min_snr": 5.0, "flip": True,
                       "ckpt_every": 250, "seed": 0, "base": 32, "mults": [1, 2, 2], "num_res_blocks": 2,
@@ -118,7 +118,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "tune_spec": "f4", "tune_steps": 100, "tune_lr": 0.05, "cutouts": 16, "cut_min_frac": 0.75,
                  "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
                  "negative_weight": 0.0, "pose_weight": 0.0,
-                 "keep_weight": 0.0, "body_radius": 0.06, "n_tune": 32},
+                 "keep_weight": 0.0, "body_radius": 0.06, "stop_at": None, "n_tune": 32},
         # transformer: f16 codes of 64x64 images are 4x4, so sequences of 17 pose tokens + 16 codes; 4 layers of
         # width 128 (1.2M parameters). A step of batch 32 took 0.23-0.31 s at nice 19 on 1 thread while the 2 cores
         # were busy with other work (load 2-5): an upper bound, so 2000 steps (~10 epochs of the ~6200 sequences,
@@ -160,7 +160,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "tune_spec": "f16", "tune_steps": 300, "tune_lr": 0.1, "cutouts": 32, "cut_min_frac": 0.5,
                  "cut_noise": 0.1, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
                  "negative_weight": 0.0, "pose_weight": 0.0,
-                 "keep_weight": 0.0, "body_radius": 0.06, "n_tune": 64},
+                 "keep_weight": 0.0, "body_radius": 0.06, "stop_at": None, "n_tune": 64},
         # transformer: taming-transformers' conditional GPT (24 layers, 16 heads, width 1024, no dropout; lr
         # 4.5e-6 x batch 16) over 16x16 f16 codes; taming's sampling default top_k 100
         "transformer": {"spec": "f16", "n_layer": 24, "n_head": 16, "n_embd": 1024, "dropout": 0.0, "lr": 7.2e-5,
