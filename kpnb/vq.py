@@ -41,7 +41,8 @@ model trained on the 16x16x12 latents reached PCK@0.1 0.448, against 0.830 on th
 channels) 0.272 against 0.419 (notebook 05, 2026-12-02). Between the two, f4 with 6 channels in 3 groups of 256
 codes and the path (2000 steps; 2026-12-03, run ``vq6``, one torch thread): 25.7 dB, 100% of the codes, and
 PCK@0.1 0.571 after the same 2000 diffusion steps (0.427 at 500, against 0.724 on 3 channels). So at this
-budget PSNR and the pose trade along one line: 3 channels 21.8 dB / 0.838, 6 25.7 / 0.571, 12 28.1 / 0.448. The
+budget PSNR and the pose trade along one line: 3 channels 21.8 dB / 0.838, 6 25.7 / 0.571, 8 in 4 groups
+26.7 / 0.457 (run ``vq8``, 207 s of VQ training), 12 28.1 / 0.448. The
 wider latent carries more of the image, and the diffusion model must learn all of it; at this budget that
 costs the pose, which is what the workbook is about.
 
