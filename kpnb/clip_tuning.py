@@ -219,10 +219,7 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
     opt = torch.optim.Adam([z], lr=lr)
     history: list[dict[str, Any]] = []
 
-    def full_scores(x: torch.Tensor) -> np.ndarray:
-        return full_scores_and_prob(x)[0]
-
-    def full_scores_and_prob(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    def full_scores(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """CLIP score of each whole image, and (with negatives) its zero-shot probability of the prompt."""
         with torch.no_grad():
             emb = encode_image_tensor(clip_model, x)
@@ -234,7 +231,7 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
 
     with torch.no_grad():
         _, x_start = decode_latent(vq, z)
-    before = full_scores(x_start)
+    before = full_scores(x_start)[0]
     if keep is not None and keep.shape[2:] != x_start.shape[2:]:
         raise ValueError(f"keep is {tuple(keep.shape[2:])} but the decoded images are {tuple(x_start.shape[2:])}")
     stopped = np.full(n, -1)
@@ -259,7 +256,7 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
         extra = extra_loss(x) if extra_loss is not None else None
         if extra is not None:
             loss = loss + extra
-        scores, prob = full_scores_and_prob(x.detach())
+        scores, prob = full_scores(x.detach())
         row: dict[str, Any] = {"step": step, "loss": loss.item() / n, "clip_loss": clip_loss.item() / n,
                                "anchor": anchor.item() / n, "clip_score": float(scores.mean()),
                                "clip_scores": scores.tolist()}
@@ -295,7 +292,7 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
     with torch.no_grad():
         zq, x = decode_latent(vq, z)
     return TuneResult(image=tensor_to_images(x), latent=zq.detach(), start_image=tensor_to_images(x_start),
-                      clip_score_before=before, clip_score_after=full_scores(x),
+                      clip_score_before=before, clip_score_after=full_scores(x)[0],
                       history=history, seconds=seconds, iterations_per_s=steps / max(seconds, 1e-9),
                       stopped_at=stopped if stop_at is not None else None)
 

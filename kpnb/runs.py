@@ -67,13 +67,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # clip_min_score: the CLIP stage keeps P(positive vs 5 negatives) >= 0.1. On the seed-0 pool suitable
         # images score ~0.91 (median), distractors ~0.0; at 0.5 the stage cost 9.5 points of recall
         "filter": {"use_clip": True, "clip_min_score": 0.1},
-        # VQ: a 4x4 pixel-unshuffle stem instead of full-resolution layers (0.3 GFLOP per f4 training image).
-        # At 64 px a 3-channel f4 latent is the limit: the best linear 3-channel code of 4x4 patches gives
-        # 20.8 dB and this model 21.8 (run cpu_final, 2000 steps each, 317 + 315 + 366 s). kpnb.vq's linear
-        # patch path (PCA) and product quantisation reach f4 28.1 dB in 12 channels (6 groups of 256 codes;
-        # 243 s), but the diffusion model on those 16x16x12 latents reached PCK@0.1 0.448 against 0.830 on
-        # these 3-channel ones (2026-12-02, same budget), so this preset keeps the layout diffusion draws
-        # best from; preset cpu-vq12 (below) is this one with the 12-channel layout.
+        # VQ: a 4x4 pixel-unshuffle stem instead of full-resolution layers (f4 0.30, f8 0.41, f16 0.56 GFLOP
+        # per training image, kpnb bench vq). At 64 px a 3-channel f4 latent is the limit: the best linear
+        # 3-channel code of 4x4 patches gives 20.8 dB and this model 21.8 (run full2, 2026-12-03: 2000 steps
+        # each, 242 + 233 + 282 s). kpnb.vq's linear patch path (PCA) and product quantisation reach 25.7 /
+        # 26.7 / 28.1 dB with 6 / 8 / 12 channels, but the diffusion model's PCK@0.1 on those latents falls to
+        # 0.571 / 0.457 / 0.448 against 0.838 on 3 (same budget; kpnb.vq docstring), so this preset keeps the
+        # layout diffusion draws best from; preset cpu-vq12 (below) is this one with the 12-channel layout.
         "vq": {"specs": ["f4", "f8", "f16"], "steps": 2000, "batch_size": 16, "image_size": 64, "lr": 1e-3,
                "warmup": 50, "disc_start": 1800, "disc_weight": 0.1, "disc_width": 16, "disc_layers": 2,
                "reseed_every": 100, "ckpt_every": 500, "log_every": 10, "perceptual_weights": None,
@@ -184,6 +184,7 @@ def _cpu_vq12() -> dict[str, dict[str, Any]]:
 
 
 PRESETS["cpu-vq12"] = _cpu_vq12()
+
 
 class ConfigError(ValueError):
     """An unknown preset or parameter: says which, and lists the valid ones."""

@@ -32,18 +32,24 @@ Two additions, both off by default (so ``gpu`` and imported checkpoints keep the
 Equal-time runs (120 s of f4 training on 2 idle cores, cosine schedule over the steps that fit, no GAN; held-out
 PSNR): old model 20.2 dB; 8 channels / 1024 codes 19.9; 8 channels in 4 groups of 256 20.6; the old model with
 the linear path 22.1; 8 channels in 4 groups with the path 25.5; 12 in 6 groups with the path 26.9 (preset
-``cpu-vq12``: 28.1 dB after 1500 steps). f8 with 8 channels in 4 groups and the path: 21.6 dB after 90 s (the old f8: 20.0 after 2000 steps).
-f16 with the path used 15% of its codes after 90 s (a PCA of 16x16 patches from 16 images is a poor start), so
-f16 keeps the old layout, and one codebook, for the transformer.
+``cpu-vq12``: 28.1 dB after 1500 steps). f8 with 8 channels in 4 groups and the path: 21.6 dB after 90 s (the
+old f8: 20.0 after 2000 steps). f16 with the path used 15% of its codes after 90 s (a PCA of 16x16 patches from
+16 images is a poor start), so f16 keeps the old layout, and one codebook, for the transformer.
 
-Why ``cpu`` still ships the 3-channel f4: at ``cpu``'s diffusion budget (2000 steps of the 0.7 GFLOP UNet) the
-model trained on the 16x16x12 latents reached PCK@0.1 0.448, against 0.830 on the 16x16x3 ones, and f8 (8
-channels) 0.272 against 0.419 (notebook 05, 2026-12-02). Between the two, f4 with 6 channels in 3 groups of 256
-codes and the path (2000 steps; 2026-12-03, run ``vq6``, one torch thread): 25.7 dB, 100% of the codes, and
-PCK@0.1 0.571 after the same 2000 diffusion steps (0.427 at 500, against 0.724 on 3 channels). So at this
-budget PSNR and the pose trade along one line: 3 channels 21.8 dB / 0.838, 6 25.7 / 0.571, 8 in 4 groups
-26.7 / 0.457 (run ``vq8``, 207 s of VQ training), 12 28.1 / 0.448. The
-wider latent carries more of the image, and the diffusion model must learn all of it; at this budget that
+Why ``cpu`` still ships the 3-channel f4: at ``cpu``'s diffusion budget (tokens+skeleton, 2000 steps of the
+0.7 GFLOP UNet, PCK@0.1 on 128 held-out poses) PSNR and the pose trade along one line. f4 with the path and
+groups of 2 channels x 256 codes, 2000 VQ steps unless said:
+
+====================  ========  =======  ===================================================
+f4 latent             PSNR      PCK@0.1  run
+====================  ========  =======  ===================================================
+3 channels, 1024      21.8 dB   0.838    ``full2`` (2026-12-03; the ``cpu`` preset, no path)
+6 in 3 groups         25.7 dB   0.571    ``vq6`` (2026-12-03; 0.427 at 500 diffusion steps)
+8 in 4 groups         26.7 dB   0.457    ``vq8`` (2026-12-03; 207 s of VQ training)
+12 in 6 groups        28.1 dB   0.448    2026-12-02, 1500 VQ steps (``cpu-vq12``; f8 8 ch 0.272)
+====================  ========  =======  ===================================================
+
+The wider latent carries more of the image, and the diffusion model must learn all of it; at this budget that
 costs the pose, which is what the workbook is about.
 
 Downsampling factor = ``stem * 2 ** (len(channel_mult) - 1)``.
