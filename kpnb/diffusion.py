@@ -19,7 +19,8 @@ Three separate parts, diffusers-style:
 both) and the latent ``scale_factor``. Diffusion runs on the VQ model's *pre-quantisation* latents
 (``vq.encode``) times ``scale_factor`` (1/std of the training latents, ldm's ``scale_by_std``; the original
 project ran with ldm's default 1.0); a sample is divided by it, quantised and decoded
-(:func:`decode_latents`). Prediction target: epsilon. Training (:func:`train_ldm`) goes through
+(:func:`decode_latents`). Prediction target: epsilon (ldm, the original) or v (``prediction="v"``, the
+``cpu`` preset's; see :data:`PREDICTIONS`). Training (:func:`train_ldm`) goes through
 :func:`kpnb.training.train` with horizontal flip augmentation (latent and pose flipped together),
 conditioning dropout for guidance, EMA weights, and optionally Min-SNR loss weighting (``min_snr``).
 
@@ -360,15 +361,29 @@ class Schedule:
 # ======================================================================================================
 # UNet + pose conditioning + latent scale
 # ======================================================================================================
+#: What the UNet predicts. "eps" (the noise; ldm and the original project) is ill-conditioned at high noise:
+#: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies an eps error by up to 1 / sqrt(abar_981) = 70 at
+#: DDIM's first step. "v" = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022) keeps both ends scaled.
+#: Measured (2026-12-03, cpu preset's UNet, tokens+skeleton, PCK@0.1 on 128 held-out poses, guidance 5): the
+#: eps model of run full2 (2000 steps, 3-channel f4) had an eps error of 0.085 at t = 981, so its first x0
+#: estimate had 6x the data's std, and DDIM never pulled it back: unsnapped samples ended at 4.6x the data's
+#: std (snapping to the codebook hid most of it in 3 channels; in 8 it could not, hence the grid artefacts).
+#: Trained 500 steps as v instead: 3-channel f4 PCK 0.774 (eps: 0.709), without snapping 0.769; 8-channel f4
+#: (4 groups, linear path, run vq8) 0.685 (eps: 0.284), sample std within 1.0-1.5x of the data's per channel.
+PREDICTIONS = ("eps", "v")
 class KeypointLDM(nn.Module):
     """The trainable whole: ``unet`` + ``cond`` (a PoseConditioner), plus ``scale_factor`` and the schedule.
 
     ``eps(x_t, t, cond)`` predicts the noise; ``guided_eps`` adds classifier-free guidance;
-    ``loss(z0, poses, ...)`` is the epsilon-prediction MSE. Latents here are already scaled."""
+    ``loss(z0, poses, ...)`` is the MSE of the UNet's target (epsilon or v, ``prediction``); ``eps`` always
+    gives the noise, so the sampler does not care which. Latents here are already scaled."""
 
     def __init__(self, unet_cfg: UNetConfig, cond: PoseConditioner, latent_shape: Sequence[int],
-                 scale_factor: float = 1.0, schedule: Schedule | None = None):
+                 scale_factor: float = 1.0, schedule: Schedule | None = None, prediction: str = "eps"):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         self.cond = cond
         want_in = latent_shape[0] + cond.concat_channels
         if unet_cfg.in_channels != want_in or unet_cfg.context_dim != cond.context_dim:
@@ -382,16 +397,25 @@ class KeypointLDM(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"unet": asdict(self.unet.cfg), "cond": self.cond.config(), "latent_shape": list(self.latent_shape),
-                "scale_factor": self.scale_factor, "schedule": self.schedule.config()}
+                "scale_factor": self.scale_factor, "schedule": self.schedule.config(), "prediction": self.prediction}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "KeypointLDM":
         return cls(UNetConfig(**cfg["unet"]), PoseConditioner(**cfg["cond"]), cfg["latent_shape"],
-                   cfg["scale_factor"], Schedule(**cfg["schedule"]))
+                   cfg["scale_factor"], Schedule(**cfg["schedule"]), cfg.get("prediction", "eps"))
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def net(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The UNet's raw output: epsilon or v, as ``prediction`` says."""
         inp = x if cond.concat is None else torch.cat([x, cond.concat.to(x.dtype)], 1)
         return self.unet(inp, t, cond.context)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The predicted noise (a v model's output converted: eps = sqrt(abar) v + sqrt(1 - abar) x_t)."""
+        out = self.net(x, t, cond)
+        if self.prediction == "eps":
+            return out
+        a = self.schedule.abar(t, x)
+        return a.sqrt() * out + (1 - a).sqrt() * x
 
     def guided_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None,
                    guidance: float) -> torch.Tensor:
@@ -406,22 +430,25 @@ class KeypointLDM(nn.Module):
 
     def loss(self, z0: torch.Tensor, poses: torch.Tensor, *, p_uncond: float = 0.1, min_snr: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """MSE between true and predicted noise at uniform random timesteps; each sample's pose is dropped
-        (replaced by the learned nulls) with probability ``p_uncond``. ``min_snr`` > 0 weights each sample
-        by min(SNR, gamma) / SNR (Min-SNR-gamma, Hang et al. 2023): the many nearly noise-free timesteps,
-        which teach fine texture, stop dominating the loss, and the pose-bearing noisy ones train faster.
-        0 = ldm's plain mean (the original)."""
+        """MSE between the target (the noise, or v for a v model) and the UNet's output at uniform random
+        timesteps; each sample's pose is dropped (replaced by the learned nulls) with probability ``p_uncond``.
+        ``min_snr`` > 0 weights each sample by min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1)
+        for v (Min-SNR-gamma, Hang et al. 2023; the same weight in x0 terms for both): the many nearly
+        noise-free timesteps, which teach fine texture, stop dominating the loss, and the pose-bearing noisy
+        ones train faster. 0 = ldm's plain mean (the original)."""
         B = z0.shape[0]
         dev = z0.device
         t = torch.randint(0, self.schedule.T, (B,), generator=generator).to(dev)
         noise = torch.randn(z0.shape, generator=generator).to(dev)
         drop = (torch.rand(B, generator=generator) < p_uncond).to(dev)
         cond = self.cond(poses, drop)
-        err = (self.eps(self.schedule.add_noise(z0, noise, t), t, cond) - noise).square().mean((1, 2, 3))
+        a = self.schedule.abar(t, z0)
+        target = noise if self.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z0
+        err = (self.net(self.schedule.add_noise(z0, noise, t), t, cond) - target).square().mean((1, 2, 3))
         if min_snr > 0:
-            a = self.schedule.abar(t, z0).flatten()
+            a = a.flatten()
             snr = a / (1 - a)
-            err = err * snr.clamp(max=min_snr) / snr
+            err = err * snr.clamp(max=min_snr) / (snr if self.prediction == "eps" else snr + 1)
         return err.mean()
 
 
@@ -429,9 +456,10 @@ def make_ldm(modes: str | Sequence[str], latent_shape: Sequence[int], *, base: i
              mults: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2, attn_ds: Sequence[int] = (2,),
              heads: int = 4, token_dim: int = 64, self_attn: bool = True, dropout: float = 0.0,
              sigma: float = 1.0, pos_freqs: int = 0, scale_factor: float = 1.0, T: int = 1000,
-             beta_start: float = 0.0015, beta_end: float = 0.0195) -> KeypointLDM:
+             beta_start: float = 0.0015, beta_end: float = 0.0195, prediction: str = "eps") -> KeypointLDM:
     """A KeypointLDM for conditioning ``modes`` on latents of ``latent_shape`` = (C, h, w): the UNet's
-    input channels and context width follow from the modes."""
+    input channels and context width follow from the modes. ``prediction``: the UNet's target, "eps"
+    (ldm, the original) or "v" (see :data:`PREDICTIONS`)."""
     C, h, w = latent_shape
     if h != w:
         raise ValueError(f"square latents expected, got {tuple(latent_shape)}")
@@ -439,7 +467,7 @@ def make_ldm(modes: str | Sequence[str], latent_shape: Sequence[int], *, base: i
     cfg = UNetConfig(in_channels=C + cond.concat_channels, out_channels=C, base=base, mults=tuple(mults),
                      num_res_blocks=num_res_blocks, attn_ds=tuple(attn_ds), heads=heads,
                      context_dim=cond.context_dim, self_attn=self_attn, dropout=dropout, pos_freqs=pos_freqs)
-    return KeypointLDM(cfg, cond, latent_shape, scale_factor, Schedule(T, beta_start, beta_end))
+    return KeypointLDM(cfg, cond, latent_shape, scale_factor, Schedule(T, beta_start, beta_end), prediction)
 
 
 def original_ldm() -> KeypointLDM:
@@ -571,10 +599,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 6000, "batch_size": 32, "lr": 3e-4, "warmup": 200, "weight_decay": 0.0, "ema_decay": 0.999,
     "p_uncond": 0.1, "min_snr": 0.0, "flip": True, "ckpt_every": 500, "seed": 0, "lr_schedule": "cosine",
     "base": 64, "mults": [1, 2, 2], "num_res_blocks": 2, "attn_ds": [2], "heads": 4, "token_dim": 64,
-    "self_attn": True, "dropout": 0.0, "sigma": 1.0, "pos_freqs": 0,
+    "self_attn": True, "dropout": 0.0, "sigma": 1.0, "pos_freqs": 0, "prediction": "eps",
 }
 ARCH_KEYS = ("base", "mults", "num_res_blocks", "attn_ds", "heads", "token_dim", "self_attn", "dropout", "sigma",
-             "pos_freqs")
+             "pos_freqs", "prediction")
 
 
 def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_dir: str | Path,
