@@ -36,21 +36,23 @@ the linear path 22.1; 8 channels in 4 groups with the path 25.5; 12 in 6 groups 
 old f8: 20.0 after 2000 steps). f16 with the path used 15% of its codes after 90 s (a PCA of 16x16 patches from
 16 images is a poor start), so f16 keeps the old layout, and one codebook, for the transformer.
 
-Why ``cpu`` still ships the 3-channel f4: at ``cpu``'s diffusion budget (tokens+skeleton, 2000 steps of the
-0.7 GFLOP UNet, PCK@0.1 on 128 held-out poses) PSNR and the pose trade along one line. f4 with the path and
-groups of 2 channels x 256 codes, 2000 VQ steps unless said:
+How the f4 layout was chosen for ``cpu``: at ``cpu``'s diffusion budget (tokens+skeleton, 2000 steps of the
+0.7 GFLOP UNet, PCK@0.1 on 128 held-out poses) with *epsilon* prediction, PSNR and the pose traded along one
+line. f4 with the path and groups of 2 channels x 256 codes, 2000 VQ steps unless said:
 
-====================  ========  =======  ===================================================
-f4 latent             PSNR      PCK@0.1  run
-====================  ========  =======  ===================================================
-3 channels, 1024      21.8 dB   0.838    ``full2`` (2026-12-03; the ``cpu`` preset, no path)
-6 in 3 groups         25.7 dB   0.571    ``vq6`` (2026-12-03; 0.427 at 500 diffusion steps)
-8 in 4 groups         26.7 dB   0.457    ``vq8`` (2026-12-03; 207 s of VQ training)
-12 in 6 groups        28.1 dB   0.448    2026-12-02, 1500 VQ steps (``cpu-vq12``; f8 8 ch 0.272)
-====================  ========  =======  ===================================================
+====================  ========  ===========  ===========  ===========================================
+f4 latent             PSNR      PCK eps      PCK v, 500   run
+====================  ========  ===========  ===========  ===========================================
+3 channels, 1024      21.8 dB   0.838        0.774        ``full2`` (2026-12-03; no path; eps 500: 0.709)
+6 in 3 groups         25.7 dB   0.571                     ``vq6`` (2026-12-03; eps 500: 0.427)
+8 in 4 groups         26.7 dB   0.457        0.685        ``vq8`` (2026-12-03; 207 s; eps 500: 0.284)
+12 in 6 groups        28.1 dB   0.448                     2026-12-02, 1500 VQ steps (``cpu-vq12``)
+====================  ========  ===========  ===========  ===========================================
 
-The wider latent carries more of the image, and the diffusion model must learn all of it; at this budget that
-costs the pose, which is what the workbook is about.
+The cause was the diffusion model's target, not the latent: an epsilon model's first DDIM estimate of x0
+had 6x the data's spread, which snapping to a 3-channel codebook mostly hid and an 8-channel product code
+could not (grid artefacts). With v prediction (:data:`kpnb.diffusion.PREDICTIONS`) the 8-channel latent is
+drawn nearly as well as the 3-channel one, so ``cpu`` ships f4 with 8 channels in 4 groups and the path.
 
 Downsampling factor = ``stem * 2 ** (len(channel_mult) - 1)``.
 
