@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "attr_steps": 6, "attr_width": 8, "attr_depth": 2,
                  "tune_spec": "f4", "tune_steps": 3, "tune_lr": 0.1, "cutouts": 2, "cut_min_frac": 0.75,
                  "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
-                 "negative_weight": 0.0, "pose_weight": 0.0,
+                 "negative_weight": 0.0, "pose_weight": 1.0, "keeper_seed": 11,
                  "keep_weight": 10.0, "body_radius": 0.06, "stop_at": 0.5, "n_tune": 2},
         # transformer: smoke's notebook 03 trains only f4, so the smoke baseline runs on f4 codes (8x8 at 32 px)
         "transformer": {"spec": "f16", "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0, "lr": 1e-3,
@@ -68,18 +68,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # images score ~0.91 (median), distractors ~0.0; at 0.5 the stage cost 9.5 points of recall
         "filter": {"use_clip": True, "clip_min_score": 0.1},
         # VQ: a 4x4 pixel-unshuffle stem instead of full-resolution layers (f4 0.30, f8 0.41, f16 0.56 GFLOP
-        # per training image, kpnb bench vq). At 64 px a 3-channel f4 latent is the limit: the best linear
-        # 3-channel code of 4x4 patches gives 20.8 dB and this model 21.8 (run full2, 2026-12-03: 2000 steps
-        # each, 242 + 233 + 282 s). kpnb.vq's linear patch path (PCA) and product quantisation reach 25.7 /
-        # 26.7 / 28.1 dB with 6 / 8 / 12 channels, but the diffusion model's PCK@0.1 on those latents falls to
-        # 0.571 / 0.457 / 0.448 against 0.838 on 3 (same budget; kpnb.vq docstring), so this preset keeps the
-        # layout diffusion draws best from; preset cpu-vq12 (below) is this one with the 12-channel layout.
+        # per training image for the 3-channel layouts, kpnb bench vq). At 64 px a 3-channel f4 latent is the
+        # limit (21.8 dB, run full2; the best linear 3-channel code of 4x4 patches: 20.8), so f4 has 8 channels
+        # in 4 product-quantised groups of 256 codes with kpnb.vq's PCA linear patch path: 26.7 dB after 2000
+        # steps (run vq8, 207 s). With epsilon prediction the diffusion model drew those latents badly (PCK@0.1
+        # 0.457 against 0.838 on 3 channels); with v prediction (diffusion.prediction) 0.685 at 500 steps
+        # (3 channels: 0.774). f8 keeps 4 channels, f16 8 in one codebook (the transformer's). Preset cpu-vq12
+        # (below) widens f4 to 12 channels and f8 to 8.
         "vq": {"specs": ["f4", "f8", "f16"], "steps": 2000, "batch_size": 16, "image_size": 64, "lr": 1e-3,
                "warmup": 50, "disc_start": 1800, "disc_weight": 0.1, "disc_width": 16, "disc_layers": 2,
                "reseed_every": 100, "ckpt_every": 500, "log_every": 10, "perceptual_weights": None,
                "models": {
-                   "f4": {"latent_channels": 3, "n_codes": 1024, "base_width": 32, "channel_mult": [1],
-                          "res_blocks": 2, "dec_res_blocks": 2, "stem": 4},
+                   "f4": {"latent_channels": 8, "n_codes": 256, "code_groups": 4, "linear_path": True,
+                          "base_width": 32, "channel_mult": [1], "res_blocks": 2, "dec_res_blocks": 2, "stem": 4},
                    "f8": {"latent_channels": 4, "n_codes": 1024, "base_width": 32, "channel_mult": [1, 2],
                           "res_blocks": 1, "dec_res_blocks": 2, "stem": 4},
                    # f16: one codebook (notebook 07's transformer predicts one code per cell) and no linear
@@ -109,7 +110,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # pool of 4000: 1600 steps x 64 in 237 s, zero-shot hair colour 0.94 on held-out renders; attribute
         # CNN width 16 x 600 steps: hair 0.997. Tuning: 100 steps at 1.2-1.4 it/s (32 images x 16 cutouts; 32
         # cutouts halve it); tune_lr 0.05 chosen on samples 32-63 (notebook 06 tunes 0-31); the measured
-        # trade-off of rate against PCK per spec is in kpnb.clip_tuning's docstring
+        # trade-off of rate against PCK per spec is in kpnb.clip_tuning's docstring. pose_weight 3: a second
+        # pose estimator (the keeper, keeper_seed) holds the pose; on samples 32-95 of run full2 (f4) it took
+        # the drop from 0.089 to 0.068 at rate 0.81 (weight 10: 0.040 at 0.78)
         "clip": {"steps": 1600, "batch_size": 64, "n_images": 4000, "lr": 2e-3, "warmup": 50, "weight_decay": 0.1, "min_frac": 0.8,
                  "seed": 0, "ckpt_every": 500, "image_size": 64, "patch_size": 8, "width": 64, "layers": 2,
                  "text_width": 64, "text_layers": 2, "context_length": 32, "embed_dim": 64,
@@ -117,7 +120,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "attr_steps": 600, "attr_width": 16, "attr_depth": 3,
                  "tune_spec": "f4", "tune_steps": 100, "tune_lr": 0.05, "cutouts": 16, "cut_min_frac": 0.75,
                  "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
-                 "negative_weight": 0.0, "pose_weight": 0.0,
+                 "negative_weight": 0.0, "pose_weight": 3.0, "keeper_seed": 11,
                  "keep_weight": 0.0, "body_radius": 0.06, "stop_at": None, "n_tune": 32},
         # transformer: f16 codes of 64x64 images are 4x4, so sequences of 17 pose tokens + 16 codes; 4 layers of
         # width 128 (1.2M parameters). A step of batch 32 took 0.23-0.31 s at nice 19 on 1 thread while the 2 cores
@@ -160,7 +163,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "attr_steps": 5000, "attr_width": 32, "attr_depth": 4,
                  "tune_spec": "f16", "tune_steps": 300, "tune_lr": 0.1, "cutouts": 32, "cut_min_frac": 0.5,
                  "cut_noise": 0.1, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
-                 "negative_weight": 0.0, "pose_weight": 0.0,
+                 "negative_weight": 0.0, "pose_weight": 0.0, "keeper_seed": 11,
                  "keep_weight": 0.0, "body_radius": 0.06, "stop_at": None, "n_tune": 64},
         # transformer: taming-transformers' conditional GPT (24 layers, 16 heads, width 1024, no dropout; lr
         # 4.5e-6 x batch 16) over 16x16 f16 codes; taming's sampling default top_k 100
@@ -175,7 +178,8 @@ def _cpu_vq12() -> dict[str, dict[str, Any]]:
     """``cpu`` with the wide VQ layout: f4 12 latent channels in 6 product-quantised groups of 256 codes, f8 8
     in 4, both with the PCA linear patch path; 1500 steps each. Measured 2026-12-02 (2 idle cores): f4 28.1 dB,
     f8 22.3, f16 17.7; codes used 100% / 100% / 85%; 243 + 227 + 270 s of training (99, 106, 89 images/s).
-    The cost downstream, at cpu's diffusion budget: PCK@0.1 0.448 (f4, skeleton, 2000 steps) and f8 0.272."""
+    The cost downstream, at cpu's diffusion budget with epsilon prediction (before v): PCK@0.1 0.448 (f4,
+    skeleton, 2000 steps) and f8 0.272; not yet measured with v."""
     cfg = copy.deepcopy(PRESETS["cpu"])
     vq = cfg["vq"]
     vq.update(steps=1500, disc_start=1350)
