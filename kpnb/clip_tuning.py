@@ -327,6 +327,19 @@ def pose_keeping_loss(estimator: torch.nn.Module, poses: np.ndarray | torch.Tens
     return loss
 
 
+def keeper_loss(keeper: torch.nn.Module, images: np.ndarray, poses: np.ndarray | torch.Tensor,
+                weight: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`pose_keeping_loss` through a *second* pose estimator (the "keeper", trained apart from the one
+    that judges PCK: other renders, other seed), towards the joints the keeper finds on the starting
+    ``images`` (uint8 ``[N, H, W, 3]``), on the joints VISIBLE in the conditioning ``poses``. Holding what the
+    keeper saw, rather than the conditioning pose, asks tuning to keep the pose, not to redraw it."""
+    from .pose_estimator import predict
+
+    target = predict(keeper, images)
+    target[..., 2] = np.asarray(poses)[..., 2]
+    return pose_keeping_loss(keeper, target, weight)
+
+
 def _head_and_body_channels() -> tuple[set[int], list[int]]:
     """Channels of :func:`kpnb.conditioning.skeleton_maps`: the head joints, and the body's joints and limbs."""
     from .keypoints import JOINT_GROUPS, LIMBS, N_JOINTS

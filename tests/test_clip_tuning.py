@@ -119,6 +119,25 @@ def test_negatives_and_pose_keeping_loss(tiny_models):
         ct.pose_keeping_loss(est, np.zeros((2, 17, 2)))
 
 
+def test_keeper_loss_holds_what_the_keeper_saw():
+    """keeper_loss targets the keeper's own joints on the starting images: 0 there, > 0 once they change,
+    and a conditioning pose with no visible joint counts nothing."""
+    from kpnb import keypoints as kp, pose_estimator as pe
+
+    torch.manual_seed(1)
+    keeper = pe.PoseNet(image_size=16, width=4).eval()
+    ims = _images(3)
+    poses = np.zeros((3, 17, 3), np.float32)
+    poses[..., 2] = kp.VISIBLE
+    poses[2, :, 2] = kp.MISSING
+    loss = ct.keeper_loss(keeper, ims, poses, weight=2.0)
+    x0 = torch.from_numpy(ims).permute(0, 3, 1, 2).float() / 255.0
+    # (an untrained net's joints barely move, so the scale is small; what counts is 0 against > 0)
+    assert float(loss(x0)) < 1e-6 < 1e-4 < float(loss(1 - x0))
+    poses[:, :, 2] = kp.MISSING
+    assert float(ct.keeper_loss(keeper, ims, poses)(1 - x0)) == 0.0
+
+
 def test_pose_region_mask_freezes_the_body_and_tuning_respects_it(tiny_models):
     from kpnb import keypoints as kp
 
