@@ -62,6 +62,15 @@ Two further levers, measured on samples 32-63 of that run (f4, lr 0.05, 100 step
 
 Across all of these the drop is about 0.11-0.12 x the rate: at this size, with this estimator, rate 0.8 costs
 about 0.09-0.13 of PCK@0.1, and 32 images do not tell 0.09 from 0.11. Both levers stay off at ``cpu``.
+
+What breaks that line (2026-12-03, samples 32-95 of ``full2``, 64 images, f4, 100 steps): :func:`keeper_loss`,
+the pose-keeping term through a *second* pose estimator trained on other renders with another seed (the
+"keeper", ceiling PCK@0.1 0.971; the judge's is 0.968), holding the joints it found on the starting image.
+Rate / judge's PCK@0.1 drop (keeper's own drop): no term 0.80 / 0.089 (0.120); lr 0.05 with weight 3
+0.81 / 0.068 (0.061), 10 0.78 / 0.040 (0.030), 30 0.77 / 0.014 (0.009); lr 0.1 with 10 0.81 / 0.063 (0.028),
+30 0.80 / 0.019 (0.010). The judge's drop falls with the keeper's, so the pose is kept, not just one
+estimator pleased; the two estimators share architecture and recipe, so part of what they miss they miss
+together. ``cpu`` tunes with lr 0.1 and ``clip.pose_weight`` 10.
 """
 from __future__ import annotations
 
