@@ -71,6 +71,18 @@ Rate / judge's PCK@0.1 drop (keeper's own drop): no term 0.80 / 0.089 (0.120); l
 30 0.80 / 0.019 (0.010). The judge's drop falls with the keeper's, so the pose is kept, not just one
 estimator pleased; the two estimators share architecture and recipe, so part of what they miss they miss
 together. ``cpu`` tunes with lr 0.1 and ``clip.pose_weight`` 10.
+
+The one-command run ``full3`` (2026-12-03; 8-channel f4, v-prediction samples, 32 samples 0-31): f4 rate 0.25 ->
+0.84 with PCK@0.1 0.825 -> 0.777 (drop 0.048, the target met); f8 0.28 -> 0.94, 0.759 -> 0.680 (0.079);
+f16 0.19 -> 0.75, 0.409 -> 0.425. The keeper can be gamed where much is free: "colorful" with the body mask
+(background free) held the keeper's PCK (0.828 -> 0.827) while the judge's fell 0.825 -> 0.584 (0.837 ->
+0.380 without the keeper in ``full2``): new content around the figure draws the judge, not the keeper. So
+the judge stays a different network, and its drop, not the keeper's, is what is reported.
+
+Set against the original's finding, at 64 px with these settings: "colorful" acts pixel-wise on f4 (a
+high-frequency texture over the background, saturation up), paints new blobs on f8, and barely changes f16;
+"red hair" recolours the hair on f4 and f8 and the whole head region on f16, whose 4x4 latent keeps only
+the figure's outline.
 """
 from __future__ import annotations
 

@@ -88,14 +88,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                    # batch of 16 images is a poor start)
                    "f16": {"latent_channels": 8, "n_codes": 1024, "base_width": 32, "channel_mult": [1, 2, 4],
                            "res_blocks": 1, "dec_res_blocks": 2, "stem": 4}}},
-        # diffusion: f4 latents of 64x64 images are 16x16x3; UNet sized for 2 cores (0.70 GFLOP per training
+        # diffusion: f4 latents of 64x64 images are 16x16x8; UNet sized for 2 cores (0.70 GFLOP per training
         # image; 64-83 images/s on 2 idle cores, as fast as diffusers' UNet2DConditionModel at the same config).
         # 4 modes x 500 steps at one budget, then the best one on to 2000 steps, then it on f8 latents (500):
-        # 1334 s of training in all (run full2, 2026-12-03; 1748 s on a slower day). lr 1e-3 (constant after
-        # warm-up, so training on continues it) + Min-SNR-5 + codebook snapping at sampling; guidance 5.
-        # Measured PCK@0.1 on 128 held-out poses: tokens+skeleton at 2000 steps 0.838 (0.87 of the 0.968
-        # ceiling); at 500: tokens+skeleton 0.709, skeleton 0.703, tokens 0.115, grid 0.108; f8 0.444 (run
-        # cpu_final: 0.830; 0.684, 0.682, 0.087, 0.093; f8 0.419). The budget cuts keep the one command under 90 min.
+        # 1556 s of training in all (run full3, 2026-12-03). v prediction, lr 1e-3 (constant after warm-up, so
+        # training on continues it) + Min-SNR-5 + codebook snapping at sampling; guidance 5.
+        # Measured PCK@0.1 on 128 held-out poses (full3): tokens+skeleton at 2000 steps 0.844 (0.87 of the 0.967
+        # ceiling); at 500: tokens+skeleton 0.679, skeleton 0.618, tokens 0.091, grid 0.086; f8 0.572 (run full2,
+        # epsilon, 3-channel f4: 0.838; 0.709, 0.703, 0.115, 0.108; f8 0.444). The budget cuts keep the one
+        # command under 90 min.
         "diffusion": {"steps": 500, "batch_size": 32, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
                       "lr": 1e-3, "warmup": 100, "ema_decay": 0.999, "p_uncond": 0.1, "min_snr": 5.0, "flip": True,
                       "ckpt_every": 250, "seed": 0, "base": 32, "mults": [1, 2, 2], "num_res_blocks": 2,
