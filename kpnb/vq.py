@@ -53,6 +53,8 @@ The cause was the diffusion model's target, not the latent: an epsilon model's f
 had 6x the data's spread, which snapping to a 3-channel codebook mostly hid and an 8-channel product code
 could not (grid artefacts). With v prediction (:data:`kpnb.diffusion.PREDICTIONS`) the 8-channel latent is
 drawn nearly as well as the 3-channel one, so ``cpu`` ships f4 with 8 channels in 4 groups and the path.
+In the one-command run ``full3`` (2026-12-03) that f4 reached 26.7 dB and, with v, PCK@0.1 0.844 at 2000
+diffusion steps (3 channels with eps: 0.838).
 
 Downsampling factor = ``stem * 2 ** (len(channel_mult) - 1)``.
 
