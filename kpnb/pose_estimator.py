@@ -322,6 +322,19 @@ def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: 
     return model, info
 
 
+def fit_keeper(cfg: Mapping[str, Any], keeper_seed: int, ckpt_dir: str | Path, *, progress: bool = True
+               ) -> tuple[PoseNet, dict[str, Any]]:
+    """A second estimator, trained apart from the judge (the estimator of ``cfg``): :func:`fit_estimator` with
+    ``keeper_seed`` for both its training renders and its initialisation; the ceiling is measured on the
+    judge's held-out renders. A seed equal to the judge's ``train_seed`` or ``val_seed`` is refused: the
+    keeper would see the judge's renders."""
+    if keeper_seed in (cfg.get("train_seed", 1), cfg.get("val_seed", 2)):
+        raise ValueError(f"clip.keeper_seed {keeper_seed} must differ from estimator.train_seed and val_seed "
+                         f"({cfg.get('train_seed', 1)}, {cfg.get('val_seed', 2)}): the keeper has to be trained "
+                         "apart from the judge")
+    return fit_estimator({**cfg, "train_seed": keeper_seed, "seed": keeper_seed}, ckpt_dir, progress=progress)
+
+
 def ceiling(model: PoseNet, images: Any = None, poses: Any = None, *, n: int = 500, seed: int = 12345,
             render_size: int = 256, alphas: Sequence[float] = (0.05, 0.1, 0.2)) -> dict[str, float]:
     """The estimator's PCK on held-out ground-truth renders: on ``images``/``poses`` when given, else on

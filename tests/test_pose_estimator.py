@@ -101,3 +101,15 @@ def test_estimator_on_a_few_renders(tmp_path):
     np.testing.assert_allclose(E.predict(again, imgs), pred, atol=1e-5)
     c = E.ceiling(model, imgs, poses)
     assert 0.0 <= c["pck@0.1"] <= 1.0 and c["n_images"] == 6
+
+
+def test_keeper_is_trained_apart_from_the_judge(tmp_path):
+    """fit_keeper refuses the judge's render seeds, and otherwise trains on renders of its own seed."""
+    cfg = {"steps": 2, "batch_size": 4, "width": 8, "image_size": 32, "n_train": 4, "n_val": 4, "train_seed": 1,
+           "val_seed": 2, "ckpt_every": 2}
+    for seed in (1, 2):
+        with pytest.raises(ValueError, match="keeper_seed"):
+            E.fit_keeper(cfg, seed, tmp_path / f"k{seed}", progress=False)
+    keeper, info = E.fit_keeper(cfg, 11, tmp_path / "k", progress=False)
+    assert info["steps"] == 2 and 0.0 <= info["ceiling.pck@0.1"] <= 1.0
+    assert keeper.image_size == 32
