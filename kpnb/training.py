@@ -270,6 +270,19 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{js}: unreadable checkpoint JSON ({e})") from e
 
 
+def load_trained(ckpt_dir: str | Path, key: str, build: Callable[[Any], nn.Module], *, module: str = "model",
+                 what: str | None = None) -> nn.Module:
+    """The model of a checkpoint folder (its latest checkpoint) or file, in eval mode: ``build`` makes it from
+    the saved ``config[key]``, then the weights of ``module`` are loaded. A checkpoint without ``config[key]``
+    is refused as not being a ``what`` checkpoint."""
+    cfg = read_checkpoint_info(ckpt_dir).get("config", {})
+    if key not in cfg:
+        raise CheckpointError(f"{ckpt_dir}: not a {what or key} checkpoint (no {key!r} config in its JSON)")
+    model = build(cfg[key])
+    load_checkpoint(ckpt_dir, {module: model})
+    return model.eval()
+
+
 def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, strict: bool = True,
                     optimizers: Mapping[str, torch.optim.Optimizer] | None = None) -> dict[str, Any]:
     """Load weights (and optimiser state when given) into ``modules`` from a checkpoint folder (its latest
