@@ -24,173 +24,143 @@ from pathlib import Path
 from typing import Any, Mapping
 
 # ---- presets ------------------------------------------------------------------------------------------
-# One dict per preset, one section per stage. Notebooks take ``preset`` plus overrides ("vq.steps=100").
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+# BASE is the one complete configuration (the embedded default, ``cpu``); every other preset is a delta on
+# it, so no preset can miss a key. One section per stage. Why each value is what it is, with the runs that
+# measured it: docs/experiments.md.
+BASE: dict[str, dict[str, Any]] = {
+    "data": {"image_size": 64, "n_candidates": 6000, "render_size": 256, "seed": 0, "val_frac": 0.1},
+    # the CLIP stage keeps images whose P(positive prompt vs the negatives) >= clip_min_score
+    "filter": {"use_clip": True, "clip_min_score": 0.1},
+    # VQ: a pixel-unshuffle stem instead of full-resolution layers (fewer FLOPs per image on a CPU); f4 in
+    # product-quantised groups with the PCA linear patch path (kpnb.vq); f16 one codebook, since notebook
+    # 07's transformer predicts one code per cell
+    "vq": {"specs": ["f4", "f8", "f16"], "steps": 2000, "batch_size": 16, "image_size": 64, "lr": 1e-3,
+           "warmup": 50, "disc_start": 1800, "disc_weight": 0.1, "disc_width": 16, "disc_layers": 2,
+           "reseed_every": 100, "ckpt_every": 500, "log_every": 10, "perceptual_weights": None,
+           "models": {
+               "f4": {"latent_channels": 8, "n_codes": 256, "code_groups": 4, "linear_path": True,
+                      "base_width": 32, "channel_mult": [1], "res_blocks": 2, "dec_res_blocks": 2, "stem": 4},
+               "f8": {"latent_channels": 4, "n_codes": 1024, "code_groups": 1, "linear_path": False,
+                      "base_width": 32, "channel_mult": [1, 2], "res_blocks": 1, "dec_res_blocks": 2, "stem": 4},
+               "f16": {"latent_channels": 8, "n_codes": 1024, "code_groups": 1, "linear_path": False,
+                       "base_width": 32, "channel_mult": [1, 2, 4], "res_blocks": 1, "dec_res_blocks": 2,
+                       "stem": 4}}},
+    # diffusion: every mode trains `steps` (one equal budget), the best of them (chosen on the last n_select
+    # held-out poses) goes on to best_steps, then trains on each of extra_specs' latents; v prediction and a
+    # constant lr after warm-up, so training on continues the same schedule
+    "diffusion": {"steps": 500, "batch_size": 32, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
+                  "lr": 1e-3, "warmup": 100, "ema_decay": 0.999, "p_uncond": 0.1, "min_snr": 5.0, "flip": True,
+                  "ckpt_every": 250, "seed": 0, "base": 32, "mults": [1, 2, 2], "num_res_blocks": 2,
+                  "attn_ds": [2], "heads": 4, "token_dim": 64, "self_attn": True, "dropout": 0.0, "sigma": 1.0,
+                  "sample_steps": 50, "eta": 0.0, "guidance": 5.0, "n_eval": 128,
+                  "prediction": "v", "best_steps": 2000, "n_select": 48, "lr_schedule": "constant",
+                  "extra_specs": ["f8"]},
+    # estimator: trained on exact renders (ground-truth poses): the PCK ruler
+    "estimator": {"steps": 1500, "batch_size": 32, "lr": 2e-3, "width": 16, "image_size": 64, "n_train": 4000,
+                  "n_val": 500, "train_seed": 1, "val_seed": 2, "ckpt_every": 500, "seed": 0},
+    # clip: a small domain CLIP trained on a separate synthetic pool (unless pretrained_path names a local
+    # open_clip file), the attribute classifier (attr_*), and the tuning (tune_*, cutouts, the head mask's
+    # anchor, the keeper pose term: pose_weight, keeper_seed)
+    "clip": {"steps": 1600, "batch_size": 64, "n_images": 4000, "lr": 2e-3, "warmup": 50, "weight_decay": 0.1,
+             "min_frac": 0.8, "seed": 0, "ckpt_every": 500, "image_size": 64, "patch_size": 8, "width": 64,
+             "layers": 2, "text_width": 64, "text_layers": 2, "context_length": 32, "embed_dim": 64,
+             "pretrained_arch": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k", "pretrained_path": None,
+             "attr_steps": 600, "attr_width": 16, "attr_depth": 3,
+             "tune_steps": 100, "tune_lr": 0.1, "cutouts": 16, "cut_min_frac": 0.75, "cut_noise": 0.05,
+             "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5, "pose_weight": 10.0,
+             "keeper_seed": 11, "n_tune": 32},
+    # transformer: a GPT over f16 codes with the 17 grid tokens as its prefix
+    "transformer": {"spec": "f16", "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.1, "lr": 5e-4,
+                    "warmup": 100, "weight_decay": 0.01, "steps": 2000, "batch_size": 32, "ckpt_every": 500,
+                    "seed": 0, "flip": True, "top_k": 100, "top_p": 1.0, "temperature": 1.0, "n_eval": 200},
+}
+
+# Each delta names only what differs from BASE (nested sections merge key by key).
+DELTAS: dict[str, dict[str, Any]] = {
+    # the tests: tiny models and a handful of steps, so each notebook runs in seconds
     "smoke": {
-        "data": {"image_size": 32, "n_candidates": 240, "render_size": 64, "seed": 0, "val_frac": 0.15},
-        # smoke: a 6-step CLIP scores near chance, so its stage runs (tested) but keeps everything
-        "filter": {"use_clip": True, "clip_min_score": 0.0},
-        "vq": {"specs": ["f4", "f8", "f16"], "steps": 6, "batch_size": 8, "image_size": 32, "lr": 1e-3, "warmup": 0,
-               "disc_start": 3, "disc_weight": 0.5, "disc_width": 8, "disc_layers": 2, "reseed_every": 2,
-               "ckpt_every": 1000, "log_every": 1, "perceptual_weights": None,
-               "models": {  # tiny: each model trains in seconds
-                   "f4": {"latent_channels": 4, "n_codes": 64, "base_width": 8, "channel_mult": [1, 2],
-                          "res_blocks": 1, "dec_res_blocks": 1, "stem": 2, "linear_path": True, "code_groups": 2},
-                   "f8": {"latent_channels": 4, "n_codes": 64, "base_width": 8, "channel_mult": [1, 2, 2],
-                          "res_blocks": 1, "dec_res_blocks": 1, "stem": 2},
-                   "f16": {"latent_channels": 8, "n_codes": 64, "base_width": 8, "channel_mult": [1, 2, 2, 2],
-                           "res_blocks": 1, "dec_res_blocks": 1, "stem": 2}}},
-        "diffusion": {"steps": 6, "batch_size": 8, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
-                      "lr": 1e-3, "warmup": 0, "ema_decay": 0.9, "p_uncond": 0.1, "min_snr": 5.0, "flip": True,
-                      "ckpt_every": 1000, "seed": 0, "base": 16, "mults": [1, 2], "num_res_blocks": 1, "attn_ds": [2],
-                      "heads": 2, "token_dim": 16, "self_attn": True, "dropout": 0.0, "sigma": 1.0,
-                      "sample_steps": 5, "eta": 0.0, "guidance": 5.0, "snap": True, "n_eval": 8, "prediction": "v",
-                      "best_steps": 8, "n_select": 4, "lr_schedule": "constant", "extra_specs": ["f8"]},
-        "estimator": {"steps": 6, "batch_size": 8, "lr": 2e-3, "width": 8, "image_size": 32, "n_train": 32,
-                      "n_val": 16, "train_seed": 1, "val_seed": 2, "ckpt_every": 1000, "seed": 0},
-        "clip": {"steps": 6, "batch_size": 8, "n_images": 48, "lr": 2e-3, "warmup": 2, "weight_decay": 0.1, "min_frac": 0.8,
-                 "seed": 0, "ckpt_every": 1000, "image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
-                 "text_width": 32, "text_layers": 1, "context_length": 16, "embed_dim": 32,
-                 "pretrained_arch": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k", "pretrained_path": None,
-                 "attr_steps": 6, "attr_width": 8, "attr_depth": 2,
-                 "tune_spec": "f4", "tune_steps": 3, "tune_lr": 0.1, "cutouts": 2, "cut_min_frac": 0.75,
-                 "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
-                 "negative_weight": 0.0, "pose_weight": 1.0, "keeper_seed": 11,
-                 "keep_weight": 10.0, "body_radius": 0.06, "stop_at": 0.5, "n_tune": 2},
-        # transformer: smoke's notebook 03 trains only f4, so the smoke baseline runs on f4 codes (8x8 at 32 px)
-        "transformer": {"spec": "f16", "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0, "lr": 1e-3,
-                        "warmup": 0, "weight_decay": 0.01, "steps": 6, "batch_size": 8, "ckpt_every": 1000,
-                        "seed": 0, "flip": True, "top_k": 100, "top_p": 1.0, "temperature": 1.0, "n_eval": 8},
-    },
-    "cpu": {
-        "data": {"image_size": 64, "n_candidates": 6000, "render_size": 256, "seed": 0, "val_frac": 0.1},
-        # clip_min_score: the CLIP stage keeps P(positive vs 5 negatives) >= 0.1. On the seed-0 pool suitable
-        # images score ~0.91 (median), distractors ~0.0; at 0.5 the stage cost 9.5 points of recall
-        "filter": {"use_clip": True, "clip_min_score": 0.1},
-        # VQ: a 4x4 pixel-unshuffle stem instead of full-resolution layers (f4 0.30, f8 0.41, f16 0.56 GFLOP
-        # per training image for the 3-channel layouts, kpnb bench vq). At 64 px a 3-channel f4 latent is the
-        # limit (21.8 dB, run full2; the best linear 3-channel code of 4x4 patches: 20.8), so f4 has 8 channels
-        # in 4 product-quantised groups of 256 codes with kpnb.vq's PCA linear patch path: 26.7 dB after 2000
-        # steps (run vq8, 207 s). With epsilon prediction the diffusion model drew those latents badly (PCK@0.1
-        # 0.457 against 0.838 on 3 channels); with v prediction (diffusion.prediction) 0.685 at 500 steps
-        # (3 channels: 0.774). f8 keeps 4 channels, f16 8 in one codebook (the transformer's). Preset cpu-vq12
-        # (below) widens f4 to 12 channels and f8 to 8.
-        "vq": {"specs": ["f4", "f8", "f16"], "steps": 2000, "batch_size": 16, "image_size": 64, "lr": 1e-3,
-               "warmup": 50, "disc_start": 1800, "disc_weight": 0.1, "disc_width": 16, "disc_layers": 2,
-               "reseed_every": 100, "ckpt_every": 500, "log_every": 10, "perceptual_weights": None,
+        "data": {"image_size": 32, "n_candidates": 240, "render_size": 64, "val_frac": 0.15},
+        "filter": {"clip_min_score": 0.0},  # a 6-step CLIP scores near chance: its stage runs but keeps all
+        "vq": {"steps": 6, "batch_size": 8, "image_size": 32, "warmup": 0, "disc_start": 3, "disc_weight": 0.5,
+               "disc_width": 8, "reseed_every": 2, "ckpt_every": 1000, "log_every": 1,
                "models": {
-                   "f4": {"latent_channels": 8, "n_codes": 256, "code_groups": 4, "linear_path": True,
-                          "base_width": 32, "channel_mult": [1], "res_blocks": 2, "dec_res_blocks": 2, "stem": 4},
-                   "f8": {"latent_channels": 4, "n_codes": 1024, "base_width": 32, "channel_mult": [1, 2],
-                          "res_blocks": 1, "dec_res_blocks": 2, "stem": 4},
-                   # f16: one codebook (notebook 07's transformer predicts one code per cell) and no linear
-                   # path (with it, 90 s: 17.3 dB and 15% of the codes used; a 16x16 patch PCA from one
-                   # batch of 16 images is a poor start)
-                   "f16": {"latent_channels": 8, "n_codes": 1024, "base_width": 32, "channel_mult": [1, 2, 4],
-                           "res_blocks": 1, "dec_res_blocks": 2, "stem": 4}}},
-        # diffusion: f4 latents of 64x64 images are 16x16x8; UNet sized for 2 cores (0.70 GFLOP per training
-        # image; 64-83 images/s on 2 idle cores, as fast as diffusers' UNet2DConditionModel at the same config).
-        # 4 modes x 500 steps at one budget, then the best one on to 2000 steps, then it on f8 latents (500):
-        # 1556 s of training in all (run full3, 2026-12-03). v prediction, lr 1e-3 (constant after warm-up, so
-        # training on continues it) + Min-SNR-5 + codebook snapping at sampling; guidance 5.
-        # Measured PCK@0.1 on 128 held-out poses (full3): tokens+skeleton at 2000 steps 0.844 (0.87 of the 0.967
-        # ceiling); at 500: tokens+skeleton 0.679, skeleton 0.618, tokens 0.091, grid 0.086; f8 0.572 (run full2,
-        # epsilon, 3-channel f4: 0.838; 0.709, 0.703, 0.115, 0.108; f8 0.444). The budget cuts keep the one
-        # command under 90 min.
-        "diffusion": {"steps": 500, "batch_size": 32, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
-                      "lr": 1e-3, "warmup": 100, "ema_decay": 0.999, "p_uncond": 0.1, "min_snr": 5.0, "flip": True,
-                      "ckpt_every": 250, "seed": 0, "base": 32, "mults": [1, 2, 2], "num_res_blocks": 2,
-                      "attn_ds": [2], "heads": 4, "token_dim": 64, "self_attn": True, "dropout": 0.0, "sigma": 1.0,
-                      "sample_steps": 50, "eta": 0.0, "guidance": 5.0, "snap": True, "n_eval": 128, "prediction": "v",
-                      "best_steps": 2000, "n_select": 48, "lr_schedule": "constant", "extra_specs": ["f8"]},
-        # estimator: ground-truth renders (exact poses); ceiling PCK@0.1 0.973 after 1500 steps (144 s, 2 cores;
-        # 0.975 after 2000)
-        "estimator": {"steps": 1500, "batch_size": 32, "lr": 2e-3, "width": 16, "image_size": 64, "n_train": 4000,
-                      "n_val": 500, "train_seed": 1, "val_seed": 2, "ckpt_every": 500, "seed": 0},
-        # clip: a 3.4M-parameter domain CLIP (ViT 8x8 patches, 2+2 layers of width 64) trained on a separate
-        # pool of 4000: 1600 steps x 64 in 237 s, zero-shot hair colour 0.94 on held-out renders; attribute
-        # CNN width 16 x 600 steps: hair 0.997. Tuning: 100 steps at 1.2-1.4 it/s (32 images x 16 cutouts; 32
-        # cutouts halve it); tuning settings chosen on samples 32-95 (notebook 06 tunes 0-31); the measured
-        # trade-off of rate against PCK per spec is in kpnb.clip_tuning's docstring. pose_weight: a second
-        # pose estimator (the keeper, keeper_seed) holds the pose. On samples 32-95 of run full2 (3-channel f4,
-        # 100 steps; rate / PCK@0.1 drop): none 0.80 / 0.089; lr 0.05 with weight 3 0.81 / 0.068, 10 0.78 /
-        # 0.040, 30 0.77 / 0.014; lr 0.1 with 10 0.81 / 0.063, 30 0.80 / 0.019. Hence lr 0.1, weight 10
-        "clip": {"steps": 1600, "batch_size": 64, "n_images": 4000, "lr": 2e-3, "warmup": 50, "weight_decay": 0.1, "min_frac": 0.8,
-                 "seed": 0, "ckpt_every": 500, "image_size": 64, "patch_size": 8, "width": 64, "layers": 2,
-                 "text_width": 64, "text_layers": 2, "context_length": 32, "embed_dim": 64,
-                 "pretrained_arch": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k", "pretrained_path": None,
-                 "attr_steps": 600, "attr_width": 16, "attr_depth": 3,
-                 "tune_spec": "f4", "tune_steps": 100, "tune_lr": 0.1, "cutouts": 16, "cut_min_frac": 0.75,
-                 "cut_noise": 0.05, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
-                 "negative_weight": 0.0, "pose_weight": 10.0, "keeper_seed": 11,
-                 "keep_weight": 0.0, "body_radius": 0.06, "stop_at": None, "n_tune": 32},
-        # transformer: f16 codes of 64x64 images are 4x4, so sequences of 17 pose tokens + 16 codes; 4 layers of
-        # width 128 (1.2M parameters). A step of batch 32 took 0.23-0.31 s at nice 19 on 1 thread while the 2 cores
-        # were busy with other work (load 2-5): an upper bound, so 2000 steps (~10 epochs of the ~6200 sequences,
-        # the training set doubled by mirrored copies: flip) take <= ~10 min.
-        "transformer": {"spec": "f16", "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.1, "lr": 5e-4,
-                        "warmup": 100, "weight_decay": 0.01, "steps": 2000, "batch_size": 32, "ckpt_every": 500,
-                        "seed": 0, "flip": True, "top_k": 100, "top_p": 1.0, "temperature": 1.0, "n_eval": 200},
+                   "f4": {"latent_channels": 4, "n_codes": 64, "code_groups": 2, "base_width": 8,
+                          "channel_mult": [1, 2], "res_blocks": 1, "dec_res_blocks": 1, "stem": 2},
+                   "f8": {"n_codes": 64, "base_width": 8, "channel_mult": [1, 2, 2], "dec_res_blocks": 1,
+                          "stem": 2},
+                   "f16": {"n_codes": 64, "base_width": 8, "channel_mult": [1, 2, 2, 2], "dec_res_blocks": 1,
+                           "stem": 2}}},
+        "diffusion": {"steps": 6, "batch_size": 8, "warmup": 0, "ema_decay": 0.9, "ckpt_every": 1000, "base": 16,
+                      "mults": [1, 2], "num_res_blocks": 1, "heads": 2, "token_dim": 16, "sample_steps": 5,
+                      "n_eval": 8, "best_steps": 8, "n_select": 4},
+        "estimator": {"steps": 6, "batch_size": 8, "width": 8, "image_size": 32, "n_train": 32, "n_val": 16,
+                      "ckpt_every": 1000},
+        "clip": {"steps": 6, "batch_size": 8, "n_images": 48, "warmup": 2, "ckpt_every": 1000, "image_size": 32,
+                 "width": 32, "layers": 1, "text_width": 32, "text_layers": 1, "context_length": 16,
+                 "embed_dim": 32, "attr_steps": 6, "attr_width": 8, "attr_depth": 2, "tune_steps": 3,
+                 "cutouts": 2, "pose_weight": 1.0, "n_tune": 2},
+        "transformer": {"n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0, "lr": 1e-3, "warmup": 0,
+                        "steps": 6, "batch_size": 8, "ckpt_every": 1000, "n_eval": 8},
     },
+    "cpu": {},
+    # the original study's scale for a real GPU and the real dataset
     "gpu": {
-        "data": {"image_size": 256, "n_candidates": 60000, "render_size": 512, "seed": 0, "val_frac": 0.02},
-        "filter": {"use_clip": True, "clip_min_score": 0.1},
+        "data": {"image_size": 256, "n_candidates": 60000, "render_size": 512, "val_frac": 0.02},
         # VQ: the latent-diffusion first stages (f4 exactly: 3 channels, 8192 codes, width 128, mult 1,2,4)
-        "vq": {"specs": ["f4", "f8", "f16"], "steps": 200000, "batch_size": 16, "image_size": 256,
-               "lr": 7.2e-5, "warmup": 0, "disc_start": 50001, "disc_weight": 0.75, "disc_width": 64, "disc_layers": 3,
-               "reseed_every": 1000, "ckpt_every": 5000, "log_every": 50, "perceptual_weights": None,
+        "vq": {"steps": 200000, "image_size": 256, "lr": 7.2e-5, "warmup": 0, "disc_start": 50001,
+               "disc_weight": 0.75, "disc_width": 64, "disc_layers": 3, "reseed_every": 1000, "ckpt_every": 5000,
+               "log_every": 50,
                "models": {
-                   "f4": {"latent_channels": 3, "n_codes": 8192, "base_width": 128, "channel_mult": [1, 2, 4],
-                          "res_blocks": 2, "dec_res_blocks": 3, "stem": 1},
+                   "f4": {"latent_channels": 3, "n_codes": 8192, "code_groups": 1, "linear_path": False,
+                          "base_width": 128, "channel_mult": [1, 2, 4], "res_blocks": 2, "dec_res_blocks": 3,
+                          "stem": 1},
                    "f8": {"latent_channels": 4, "n_codes": 16384, "base_width": 128, "channel_mult": [1, 2, 2, 4],
                           "res_blocks": 2, "dec_res_blocks": 3, "stem": 1},
                    "f16": {"latent_channels": 8, "n_codes": 16384, "base_width": 128,
                            "channel_mult": [1, 1, 2, 2, 4], "res_blocks": 2, "dec_res_blocks": 3, "stem": 1}}},
-        # diffusion: the original UNet (base 160, mults 1,2,3,4, attention at 1/2, 1/4, 1/8, 8 heads)
-        "diffusion": {"steps": 400000, "batch_size": 32, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
-                      "lr": 1e-4, "warmup": 1000, "ema_decay": 0.9999, "p_uncond": 0.1, "min_snr": 0.0,
-                      "flip": True, "ckpt_every": 5000, "seed": 0, "base": 160, "mults": [1, 2, 3, 4],
-                      "num_res_blocks": 2, "attn_ds": [2, 4, 8], "heads": 8, "token_dim": 128, "self_attn": True,
-                      "dropout": 0.0, "sigma": 1.5, "sample_steps": 50, "eta": 0.0, "guidance": 3.0, "snap": True,
-                      "prediction": "eps",  # the original's target; v is measured better only at cpu
-                      "n_eval": 1000},
-        "estimator": {"steps": 30000, "batch_size": 64, "lr": 2e-3, "width": 32, "image_size": 128,
-                      "n_train": 40000, "n_val": 2000, "train_seed": 1, "val_seed": 2, "ckpt_every": 2000,
-                      "seed": 0},
-        # clip: with a local open_clip file (pretrained_path) that is used; else a larger domain CLIP is trained
-        "clip": {"steps": 30000, "batch_size": 256, "n_images": 40000, "lr": 5e-4, "warmup": 2000, "weight_decay": 0.1,
-                 "min_frac": 0.8, "seed": 0, "ckpt_every": 2000, "image_size": 224, "patch_size": 16, "width": 384,
-                 "layers": 6, "text_width": 256, "text_layers": 4, "context_length": 77, "embed_dim": 256,
-                 "pretrained_arch": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k", "pretrained_path": None,
-                 "attr_steps": 5000, "attr_width": 32, "attr_depth": 4,
-                 "tune_spec": "f16", "tune_steps": 300, "tune_lr": 0.1, "cutouts": 32, "cut_min_frac": 0.5,
-                 "cut_noise": 0.1, "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5,
-                 "negative_weight": 0.0, "pose_weight": 0.0, "keeper_seed": 11,
-                 "keep_weight": 0.0, "body_radius": 0.06, "stop_at": None, "n_tune": 64},
+        # diffusion: the original UNet (base 160, mults 1,2,3,4, attention at 1/2, 1/4, 1/8, 8 heads) and its
+        # epsilon target; best_steps = steps: the best mode is not trained on
+        "diffusion": {"steps": 400000, "lr": 1e-4, "warmup": 1000, "ema_decay": 0.9999, "min_snr": 0.0,
+                      "ckpt_every": 5000, "base": 160, "mults": [1, 2, 3, 4], "attn_ds": [2, 4, 8], "heads": 8,
+                      "token_dim": 128, "sigma": 1.5, "guidance": 3.0, "prediction": "eps", "n_eval": 1000,
+                      "best_steps": 400000, "n_select": 200, "lr_schedule": "cosine"},
+        "estimator": {"steps": 30000, "batch_size": 64, "width": 32, "image_size": 128, "n_train": 40000,
+                      "n_val": 2000, "ckpt_every": 2000},
+        "clip": {"steps": 30000, "batch_size": 256, "n_images": 40000, "lr": 5e-4, "warmup": 2000, "ckpt_every": 2000,
+                 "image_size": 224, "patch_size": 16, "width": 384, "layers": 6, "text_width": 256,
+                 "text_layers": 4, "context_length": 77, "embed_dim": 256, "attr_steps": 5000, "attr_width": 32,
+                 "attr_depth": 4, "tune_steps": 300, "cutouts": 32, "cut_min_frac": 0.5, "cut_noise": 0.1,
+                 "pose_weight": 0.0, "n_tune": 64},
         # transformer: taming-transformers' conditional GPT (24 layers, 16 heads, width 1024, no dropout; lr
-        # 4.5e-6 x batch 16) over 16x16 f16 codes; taming's sampling default top_k 100
-        "transformer": {"spec": "f16", "n_layer": 24, "n_head": 16, "n_embd": 1024, "dropout": 0.0, "lr": 7.2e-5,
-                        "warmup": 1000, "weight_decay": 0.01, "steps": 400000, "batch_size": 16, "ckpt_every": 5000,
-                        "seed": 0, "flip": True, "top_k": 100, "top_p": 1.0, "temperature": 1.0, "n_eval": 1000},
+        # 4.5e-6 x batch 16) over 16x16 f16 codes
+        "transformer": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "dropout": 0.0, "lr": 7.2e-5, "warmup": 1000,
+                        "steps": 400000, "batch_size": 16, "ckpt_every": 5000, "n_eval": 1000},
+    },
+    # cpu with a wider VQ: f4 12 latent channels in 6 product-quantised groups, f8 8 in 4, both with the
+    # PCA linear patch path
+    "cpu-vq12": {
+        "vq": {"steps": 1500, "disc_start": 1350,
+               "models": {"f4": {"latent_channels": 12, "code_groups": 6},
+                          "f8": {"latent_channels": 8, "n_codes": 256, "code_groups": 4, "linear_path": True}}},
     },
 }
 
 
-def _cpu_vq12() -> dict[str, dict[str, Any]]:
-    """``cpu`` with the wide VQ layout: f4 12 latent channels in 6 product-quantised groups of 256 codes, f8 8
-    in 4, both with the PCA linear patch path; 1500 steps each. Measured 2026-12-02 (2 idle cores): f4 28.1 dB,
-    f8 22.3, f16 17.7; codes used 100% / 100% / 85%; 243 + 227 + 270 s of training (99, 106, 89 images/s).
-    The cost downstream, at cpu's diffusion budget with epsilon prediction (before v): PCK@0.1 0.448 (f4,
-    skeleton, 2000 steps) and f8 0.272; not yet measured with v."""
-    cfg = copy.deepcopy(PRESETS["cpu"])
-    vq = cfg["vq"]
-    vq.update(steps=1500, disc_start=1350)
-    vq["models"]["f4"].update(latent_channels=12, n_codes=256, code_groups=6, linear_path=True)
-    vq["models"]["f8"].update(latent_channels=8, n_codes=256, code_groups=4, linear_path=True)
-    return cfg
+def _merged(base: Mapping[str, Any], delta: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``base`` with ``delta`` applied key by key; a delta key that BASE lacks is a typo, refused."""
+    out = copy.deepcopy(dict(base))
+    for key, value in delta.items():
+        if key not in out:
+            raise KeyError(f"preset delta {where}{key}: no such key in BASE")
+        if isinstance(value, Mapping) and isinstance(out[key], Mapping):
+            out[key] = _merged(out[key], value, f"{where}{key}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
-PRESETS["cpu-vq12"] = _cpu_vq12()
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {name: _merged(BASE, delta, f"{name}: ")
+                                                 for name, delta in DELTAS.items()}
 
 
 class ConfigError(ValueError):
@@ -373,6 +343,27 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return obj, {}
 
 
+# ---- which settings a notebook read -------------------------------------------------------------------
+SETTINGS_LOG_ENV = "KPNB_SETTINGS_LOG"  # a file: each notebook appends the settings it read (the tests use it)
+
+
+class _ReadLog(dict):
+    """A preset section that remembers which keys were read by name (``cfg["steps"]``, ``cfg.get``), so a
+    test can show that every preset key is used. Copies (``{**cfg}``) are plain dicts and log nothing."""
+
+    def __init__(self, section: str = "", data: Mapping[str, Any] | None = None):
+        super().__init__(data or {})
+        self.section, self.read = section, set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(f"{self.section}.{key}")
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(f"{self.section}.{key}")
+        return super().get(key, default)
+
+
 # ---- the notebook side ---------------------------------------------------------------------------------
 class NotebookRun:
     """What every notebook does first: resolve its preset and run folder, time itself, write its metrics.
@@ -386,6 +377,9 @@ class NotebookRun:
         self.stem = stem
         self.preset = preset
         self.cfg = preset_config(preset, overrides)
+        self._read_log = os.environ.get(SETTINGS_LOG_ENV)
+        if self._read_log:
+            self.cfg = {name: _ReadLog(name, section) for name, section in self.cfg.items()}
         self.root = run_dir(run_dir_ or repo_root() / "outputs" / f"notebooks_{preset}", preset, overrides)
         self.t0 = time.time()
 
@@ -397,10 +391,12 @@ class NotebookRun:
     def figure(self, name: str) -> Path:
         return self.path("figures", f"{self.stem}_{name}.png")
 
-    def checkpoints(self, stage: str) -> Path:
-        p = self.root / "checkpoints" / stage
-        p.mkdir(parents=True, exist_ok=True)
-        return p
+    @property
+    def files(self) -> "RunFiles":
+        """The run folder's names (checkpoint folders, sample files, cross-notebook metrics)."""
+        from .layout import RunFiles  # imported here: layout -> training -> runs
+
+        return RunFiles(self.root)
 
     @property
     def seconds(self) -> float:
@@ -409,4 +405,8 @@ class NotebookRun:
     def finish(self, metrics: Mapping[str, Any]) -> Path:
         path = write_metrics(self.root, self.stem, metrics, preset=self.preset, seconds=self.seconds)
         print(f"metrics written to {path}")
+        if self._read_log:
+            read = sorted(set().union(*(section.read for section in self.cfg.values())))
+            with open(self._read_log, "a") as f:
+                f.write(json.dumps({"notebook": self.stem, "read": read}) + "\n")
         return path

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from kpnb import cli
+from kpnb import cli, runs
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +23,29 @@ EXPECTED = {
                        "f4.red_hair.iterations_per_s"],
     "07_cond_transformer": ["train_images_per_s", "train_seconds", "final_loss", "val_loss", "pck@0.05", "pck@0.1",
                             "pck@0.2", "sample_images_per_s", "n_params"],
+    "08_blog_figures": ["n_figures", "systems"],
 }
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "smoke"
-    rc = cli.main(["run", "--preset", "smoke", "--out", str(out), "--no-progress",
-                   "--only", ",".join(k[:2] for k in EXPECTED)])
+    log = out.parent / "settings_read.jsonl"
+    with pytest.MonkeyPatch.context() as mp:  # each notebook logs the settings it read (runs.NotebookRun)
+        mp.setenv(runs.SETTINGS_LOG_ENV, str(log))
+        rc = cli.main(["run", "--preset", "smoke", "--out", str(out), "--no-progress",
+                       "--only", ",".join(k[:2] for k in EXPECTED)])
     assert rc == 0
     return out
+
+
+def test_every_setting_is_read(smoke_run):
+    # a preset key no notebook reads is a dead setting: remove it or wire it up
+    lines = (smoke_run.parent / "settings_read.jsonl").read_text().splitlines()
+    read = set().union(*(json.loads(line)["read"] for line in lines))
+    assert {json.loads(line)["notebook"] for line in lines} == set(EXPECTED)
+    unread = sorted(f"{s}.{k}" for s, section in runs.BASE.items() for k in section if f"{s}.{k}" not in read)
+    assert not unread, f"settings no notebook reads: {unread}"
 
 
 @pytest.mark.parametrize("stem", list(EXPECTED))
@@ -42,6 +55,7 @@ def test_notebook_smoke(smoke_run, stem):
         assert key in m, f"{stem}: metric {key} missing"
     assert m["preset"] == "smoke" and m["seconds"] > 0 and m["torch_threads"] >= 1
     assert (smoke_run / "notebooks" / f"{stem}.ipynb").exists()
+    assert (smoke_run / "REPORT.md").exists() or stem != "08_blog_figures"
     assert any(p.name.startswith(stem) for p in (smoke_run / "figures").iterdir())
 
 

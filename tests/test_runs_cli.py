@@ -21,6 +21,41 @@ def test_preset_config_overrides_and_refusals():
         runs.preset_config("smoke", {"data.n_candidates": "many"})
 
 
+def _leaves(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("preset", list(runs.PRESETS))
+def test_every_preset_has_every_base_key(preset):
+    # presets are BASE plus a delta: a key the code reads under one preset exists under all of them
+    assert set(_leaves(runs.PRESETS[preset])) == set(_leaves(runs.BASE))
+    assert runs.preset_config(preset) == runs.PRESETS[preset]
+
+
+def test_preset_delta_with_unknown_key_is_refused():
+    with pytest.raises(KeyError, match="smoke: diffusion.stepz"):
+        runs._merged(runs.BASE, {"diffusion": {"stepz": 1}}, "smoke: ")
+    merged = runs._merged(runs.BASE, {"vq": {"models": {"f8": {"n_codes": 7}}}}, "x: ")
+    assert merged["vq"]["models"]["f8"]["n_codes"] == 7
+    assert merged["vq"]["models"]["f8"]["base_width"] == runs.BASE["vq"]["models"]["f8"]["base_width"]
+    assert runs.BASE["vq"]["models"]["f8"]["n_codes"] != 7  # BASE is not mutated
+
+
+def test_settings_read_log(tmp_path, monkeypatch):
+    log = tmp_path / "read.jsonl"
+    monkeypatch.setenv(runs.SETTINGS_LOG_ENV, str(log))
+    nb = runs.NotebookRun("01_x", "smoke", str(tmp_path / "run"))
+    assert nb.cfg["data"]["seed"] == 0 and nb.cfg["vq"].get("steps") == 6
+    nb.finish({})
+    assert json.loads(log.read_text()) == {"notebook": "01_x", "read": ["data.seed", "vq.steps"]}
+
+
 def test_run_dir_refuses_mixed_presets(tmp_path):
     runs.run_dir(tmp_path / "r", "smoke")
     assert json.loads((tmp_path / "r" / "config.json").read_text())["preset"] == "smoke"
