@@ -1,4 +1,5 @@
-"""The ``kpnb`` command: ``kpnb run`` (notebooks headless with papermill), ``kpnb synth``, ``kpnb bench``.
+"""The ``kpnb`` command: ``kpnb run`` (notebooks headless with papermill), ``kpnb synth``, ``kpnb bench``,
+``kpnb status`` (the README's status table from a run folder's metrics).
 
 ``kpnb run [--preset P] [--out DIR | --resume DIR] [--only 01,02] [-p name=value ...]``
 
@@ -11,8 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,8 +36,6 @@ def list_notebooks() -> list[Path]:
 
 def notebook_parameters(nb: Path) -> dict[str, Any]:
     """Names and default values of the cell tagged ``parameters`` (read without a kernel)."""
-    import ast
-
     data = json.loads(nb.read_text())
     for cell in data["cells"]:
         if "parameters" in cell.get("metadata", {}).get("tags", []):
@@ -139,11 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _strip_ansi(s: str) -> str:
-    import re
-
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", s)
 
 
+# synth, bench and status import torch and the models: deferred so that `kpnb run --help` answers at once
 def cmd_synth(argv: list[str]) -> int:
     from . import synth
 
@@ -156,13 +156,27 @@ def cmd_bench(argv: list[str]) -> int:
     return bench.main(argv) or 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import status
+
+    if not (Path(args.run) / "metrics").is_dir():
+        print(f"kpnb status: {args.run} is not a run folder (no metrics/)", file=sys.stderr)
+        return 2
+    if args.readme:
+        status.update_readme(args.readme, args.run)
+        print(f"kpnb status: {args.readme} updated from {args.run}")
+    else:
+        print(status.status_table(args.run), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "synth":
         return cmd_synth(argv[1:])
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
-    p = argparse.ArgumentParser(prog="kpnb", description="kpnb workbook: run | synth | bench")
+    p = argparse.ArgumentParser(prog="kpnb", description="kpnb workbook: run | synth | bench | status")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute the notebooks headless with papermill")
     r.add_argument("--preset", default="cpu", help=f"one of {', '.join(runs.PRESETS)}")
@@ -174,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-progress", dest="progress", action="store_false")
     sub.add_parser("synth", help="write the synthetic dataset (kpnb synth --help)")
     sub.add_parser("bench", help="measure training/sampling speed (kpnb bench --help)")
+    st = sub.add_parser("status", help="the README's status table from a run folder's metrics")
+    st.add_argument("run", help="run folder")
+    st.add_argument("--readme", help="replace the status block of this README instead of printing")
     args = p.parse_args(argv)
+    if args.cmd == "status":
+        return cmd_status(args)
     if args.cmd == "run":
         if args.preset not in runs.PRESETS:
             print(f"kpnb run: unknown preset {args.preset!r}; valid presets: {', '.join(runs.PRESETS)}",

@@ -32,3 +32,20 @@ def test_report_tables_come_from_the_metrics_files(tmp_path):
     assert "![samples per system](figures/08_blog_figures_systems.png)" in text
     assert "figures/03_vq_training_reconstructions.png" in text and "| f4.psnr | 27.5 |" in text
     assert json.loads((root / "config.json").read_text())["preset"] == "smoke" and "Preset `smoke`" in text
+
+
+def test_status_table_reads_the_metrics_files(tmp_path):
+    from kpnb import runs, status
+
+    runs.run_dir(tmp_path, "smoke")
+    runs.write_metrics(tmp_path, "03_vq_training", {"f4.psnr": 26.7, "f4.codebook_used_fraction": 1.0,
+                                                    "f4.train_seconds": 258.0, "f4.latent_channels": 8,
+                                                    "f4.code_groups": 4, "f4.n_codes": 256}, preset="smoke", seconds=800)
+    table = status.status_table(tmp_path)
+    assert "**26.70 dB**" in table and "100%" in table and "preset `smoke`" in table
+    assert "| 01 filtering | not run |" in table  # a missing notebook is never filled in
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{status.BEGIN}\nold table\n{status.END}\nrest\n")
+    status.update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert "old table" not in text and "26.70 dB" in text and text.startswith("intro\n") and text.endswith("rest\n")
