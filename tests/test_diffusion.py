@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kpnb import diffusion as D
+from kpnb import runs, unet
 from kpnb.keypoints import MISSING, VISIBLE, PoseError
 
 
@@ -17,6 +18,11 @@ def tiny(modes="tokens+skeleton", C=3, S=8, seed=0, prediction="eps"):
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return m.eval()
+
+
+def settings(**overrides):
+    """The smoke preset's diffusion section with ``overrides``."""
+    return {**runs.preset_config("smoke")["diffusion"], **overrides}
 
 
 def poses(n, seed=0):
@@ -147,8 +153,8 @@ def test_tiny_model_learns_and_reloads(tmp_path):
     nose = p[:, 0, :2] * 8
     blob = torch.exp(-((xx - nose[:, 0, None, None]) ** 2 + (yy - nose[:, 1, None, None]) ** 2) / 2)
     lat = torch.stack([blob, -blob, 0.5 * blob], 1) * 3
-    cfg = {"steps": 30, "batch_size": 16, "lr": 3e-3, "warmup": 5, "base": 16, "mults": [1, 2],
-           "num_res_blocks": 1, "attn_ds": [2], "heads": 2, "token_dim": 16, "ckpt_every": 15, "ema_decay": 0.9}
+    cfg = settings(steps=30, batch_size=16, lr=3e-3, warmup=5, ckpt_every=15, attn_ds=[2], prediction="eps",
+                   min_snr=0.0, lr_schedule="cosine")
     model, res = D.train_ldm(lat, p, cfg, tmp_path / "ldm", "tokens+skeleton", progress=False)
     losses = [r["loss"] for r in res.history]
     assert losses[-1] < 0.6 * losses[0], losses
@@ -269,7 +275,7 @@ def test_positional_embedding_lets_attention_see_position():
     torch.manual_seed(0)
     x = torch.ones(1, 16, 4, 4)  # a constant map: without positions every place is treated alike
     for pos, varies in ((0, False), (3, True)):
-        st = D.SpatialTransformer(16, 2, None, 1, True, 0.0, 8, pos_freqs=pos)
+        st = unet.SpatialTransformer(16, 2, None, 1, True, 0.0, 8, pos_freqs=pos)
         with torch.no_grad():
             torch.nn.init.normal_(st.proj_out.weight, std=0.1)
         out = st(x, None)
@@ -286,7 +292,58 @@ def test_bench_ldm_reports_training_and_sampling_speed():
 
 def test_unknown_lr_schedule_is_refused(tmp_path):
     z, p = torch.randn(8, 3, 8, 8), poses(8)
-    cfg = {"steps": 2, "batch_size": 4, "base": 16, "mults": [1], "attn_ds": [], "heads": 2, "token_dim": 8,
-           "num_res_blocks": 1, "warmup": 0, "ckpt_every": 10, "lr_schedule": "warm"}
+    cfg = settings(steps=2, batch_size=4, mults=[1], attn_ds=[], token_dim=8, lr_schedule="warm")
     with pytest.raises(ValueError, match="lr_schedule"):
         D.train_ldm(z, p, cfg, tmp_path / "a", "grid", progress=False)
+    del cfg["lr_schedule"]
+    with pytest.raises(KeyError, match="lack lr_schedule"):  # the preset is the one place for the settings
+        D.train_ldm(z, p, cfg, tmp_path / "a", "grid", progress=False)
+
+
+def test_sample_kwargs_from_a_preset():
+    cfg = settings(sample_steps=7, eta=0.5, guidance=2.0)
+    assert D.sample_kwargs(cfg) == {"steps": 7, "eta": 0.5, "guidance": 2.0}
+
+
+def test_ddim_step_on_hand_computed_values():
+    """DDIM eq. 12 and 16 with a_t = abar_t = 0.36 (sqrt 0.6, sqrt(1 - a_t) = 0.8) and a_prev = 0.64 (sqrt 0.8,
+    sqrt(1 - a_prev) = 0.6), worked out by hand."""
+    x_t = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    eps = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    # eta = 0: x0 = (x_t - 0.8 eps) / 0.6 = [0.6, -1.3] / 0.6; x_prev = 0.8 x0 + 0.6 eps
+    x_prev, x0 = D.ddim_step(x_t, eps, 0.36, 0.64)
+    torch.testing.assert_close(x0, torch.tensor([1.0, -1.3 / 0.6], dtype=torch.float64))
+    torch.testing.assert_close(x_prev, torch.tensor([0.8 + 0.3, -0.8 * 1.3 / 0.6 + 0.6], dtype=torch.float64))
+    # eq. 16: sigma(eta)^2 = eta^2 (1 - 0.64) / (1 - 0.36) (1 - 0.36 / 0.64) = eta^2 * 0.5625 * 0.4375
+    assert D.ddim_sigma(0.36, 0.64, 1.0) == pytest.approx(0.24609375 ** 0.5)
+    assert D.ddim_sigma(0.36, 0.64, 0.0) == 0.0
+    # eta chosen so that sigma^2 = 0.2: the direction to x_t gets sqrt(1 - 0.64 - 0.2) = 0.4
+    eta = (0.2 / 0.24609375) ** 0.5
+    noise = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    x_prev, _ = D.ddim_step(x_t, eps, 0.36, 0.64, eta=eta, noise=noise)
+    s = 0.2 ** 0.5
+    torch.testing.assert_close(x_prev, torch.tensor([0.8 + 0.4 * 0.5 + s, -0.8 * 1.3 / 0.6 + 0.4 * 1.0 - s],
+                                                    dtype=torch.float64))
+    with pytest.raises(ValueError, match="noise"):
+        D.ddim_step(x_t, eps, 0.36, 0.64, eta=eta)
+    # x0_fn: x0 clamped to [-1, 1] = [1, -1]; eps follows it: (x_t - 0.6 x0) / 0.8 = [0.5, 0.125]
+    x_prev, x0 = D.ddim_step(x_t, eps, 0.36, 0.64, x0_fn=lambda z: z.clamp(-1, 1))
+    torch.testing.assert_close(x0, torch.tensor([1.0, -1.0], dtype=torch.float64))
+    torch.testing.assert_close(x_prev, torch.tensor([0.8 + 0.6 * 0.5, -0.8 + 0.6 * 0.125], dtype=torch.float64))
+
+
+def test_prediction_conversion_round_trip():
+    # by hand at abar 0.36: v = 0.6 eps - 0.8 x0 = 0.6 * 0.5 - 0.8 * 1 = -0.5
+    a = torch.tensor(0.36, dtype=torch.float64)
+    x0, noise = torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    torch.testing.assert_close(D.prediction_target("v", x0, noise, a), torch.tensor([-0.5], dtype=torch.float64))
+    assert D.prediction_target("eps", x0, noise, a) is noise
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    a = D.Schedule().abar(torch.tensor([0, 500, 999]), x0)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    for prediction in D.PREDICTIONS:
+        out = D.prediction_target(prediction, x0, noise, a)
+        eps, x0_back = D.eps_and_x0(prediction, out, x_t, a)
+        torch.testing.assert_close(eps, noise, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(x0_back, x0, atol=2e-3, rtol=1e-3)  # eps at t=999: x0 / sqrt(abar) amplifies
