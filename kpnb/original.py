@@ -425,6 +425,25 @@ def _schedule_from_state(sd: Mapping[str, torch.Tensor], report: ImportReport, w
     return s
 
 
+def _scale_factor_from_state(sd: Mapping[str, torch.Tensor], scale_factor: float | None,
+                             report: ImportReport) -> float:
+    """The given ``scale_factor``, else the file's buffer, else ldm's default 1.0 (noted in ``report``)."""
+    if scale_factor is not None:
+        sf = float(scale_factor)
+        in_file = float(sd["scale_factor"]) if "scale_factor" in sd else "none"
+        report.notes.append(f"scale_factor {sf} (given; the file has {in_file})")
+    elif "scale_factor" in sd:
+        sf = float(sd["scale_factor"])
+        report.notes.append(f"scale_factor {sf:.6g} from the file")
+    else:
+        sf = 1.0
+        report.notes.append("scale_factor 1.0: not in the file (ldm keeps it as a buffer only with scale_by_std; "
+                            "the original config sets none, so ldm's default 1.0 applies)")
+    if "scale_factor" in sd:
+        report.mapped["scale_factor"] = "scale_factor"
+    return sf
+
+
 def _ldm_unused_reason(key: str, ema_used: bool) -> str:
     if key.startswith("model.diffusion_model."):
         return "non-EMA UNet weights (the EMA copy was loaded; ema=False loads these)" if ema_used else \
@@ -490,19 +509,7 @@ def load_original_ldm(path: str | Path, *, ema: bool = True, heads: int = 8, ima
         raise CheckpointImportError(f"{where}: UNet takes {ucfg.in_channels} channels, the VQ gives "
                                     f"{vq.cfg.latent_channels} (concat conditioning is not the original's)")
     schedule = _schedule_from_state(sd, report, where)
-    if scale_factor is not None:
-        sf = float(scale_factor)
-        in_file = float(sd["scale_factor"]) if "scale_factor" in sd else "none"
-        report.notes.append(f"scale_factor {sf} (given; the file has {in_file})")
-    elif "scale_factor" in sd:
-        sf = float(sd["scale_factor"])
-        report.notes.append(f"scale_factor {sf:.6g} from the file")
-    else:
-        sf = 1.0
-        report.notes.append("scale_factor 1.0: not in the file (ldm keeps it as a buffer only with scale_by_std; "
-                            "the original config sets none, so ldm's default 1.0 applies)")
-    if "scale_factor" in sd:
-        report.mapped["scale_factor"] = "scale_factor"
+    sf = _scale_factor_from_state(sd, scale_factor, report)
     S = image_size // vq.cfg.factor
     model = KeypointLDM(ucfg, PoseConditioner("grid", latent_size=S), (ucfg.in_channels, S, S), sf, schedule)
     kpnb_only = {"cond.null_grid": "kpnb's learned null pose for classifier-free guidance (the original had "

@@ -1,12 +1,14 @@
-"""Latent diffusion: schedule against the original, UNet layout, DDIM determinism, guidance, inpainting,
-bad poses, and a tiny model whose loss falls when trained through kpnb.training."""
+"""Latent diffusion: schedule against the original, UNet layout, the DDIM step on hand-computed values, the
+eps/v conversion, DDIM determinism, guidance, inpainting, bad poses, and a tiny model whose loss falls when
+trained through kpnb.training."""
 import numpy as np
 import pytest
 import torch
 
+from kpnb import bench, runs, unet
 from kpnb import diffusion as D
-from kpnb import runs, unet
 from kpnb.keypoints import MISSING, VISIBLE, PoseError
+from kpnb.pose_estimator import PoseNet
 
 
 def tiny(modes="tokens+skeleton", C=3, S=8, seed=0, prediction="eps"):
@@ -246,8 +248,6 @@ class FakeVQ(torch.nn.Module):
 
 
 def test_latents_roundtrip_and_sampling_plumbing():
-    from kpnb.pose_estimator import PoseNet
-
     vq = FakeVQ()
     imgs = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     lat = D.encode_latents(vq, imgs, batch_size=3)
@@ -283,8 +283,6 @@ def test_positional_embedding_lets_attention_see_position():
 
 
 def test_bench_ldm_reports_training_and_sampling_speed():
-    from kpnb import bench
-
     r = bench.bench_ldm_model(tiny("tokens"), batch_size=2, steps=1, sample_steps=2, device=torch.device("cpu"))
     assert r["modes"] == "tokens" and r["train.gflop_per_image"] > 0 and r["train.images_per_s"] > 0
     assert r["ddim2.images_per_s"] > 0 and r["ddim_guided2.images_per_s"] > 0
