@@ -3,9 +3,8 @@
 :func:`read_lightning_checkpoint` gives the ``state_dict`` and Lightning's bookkeeping of a file written by
 ``torch.save``; :mod:`kpnb.original` maps what it reads onto kpnb's models.
 
-A ``.ckpt`` is a pickle, and unpickling can
-import and call anything. The file is first disassembled without running it (``pickletools``) to list every
-global it names. Then:
+A ``.ckpt`` is a pickle, and unpickling can import and call anything. The file is first disassembled without
+running it (``pickletools``) to list every global it names. Then:
 
 * tensors, storages and torch's rebuild functions, ``collections.OrderedDict``/``Counter``, ``_codecs.encode``
   and the ``set``/``bytearray``/``complex`` builtins: handed to ``torch.load(weights_only=True)``, which
