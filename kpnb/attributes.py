@@ -1,12 +1,13 @@
-"""An attribute classifier (hair colour, outfit colour) that is NOT CLIP.
+"""An attribute classifier (hair colour, outfit colour) that is NOT CLIP: the judge of CLIP tuning.
 
 CLIP tuning optimises a CLIP score, so the CLIP score after tuning says little about whether the image
 really changed the way the prompt asked (it can be gamed by adversarial pixels). This small CNN, trained on
 ground-truth renders with the renderer's own attribute labels, gives the independent check: "after tuning
 towards 'red hair', does a classifier that never saw CLIP say red hair?"
 
-It is trained with blur and noise augmentation so that it judges VQ-decoded images (softer than the clean
-renders) as it judges renders.
+Entry points: :func:`train_from_preset` (notebook 06), :func:`load_attribute_classifier`,
+:func:`attribute_probs`, :func:`accuracy`. It is trained with blur and noise augmentation so that it judges
+VQ-decoded images (softer than the clean renders) as it judges renders.
 """
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import training
+from . import synth, training
+from .images import to_model
 
 IGNORE = -100  # label of an image without this attribute (e.g. a distractor): left out of that head's loss
+# what notebook 06's classifier tells apart: the renderer's own attribute values
+CLASSES = {"hair_colour": list(synth.HAIR_COLOURS), "outfit_colour": list(synth.OUTFIT_COLOURS)}
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -60,7 +64,7 @@ def _to_input(images: np.ndarray) -> torch.Tensor:
         arr = arr[None]
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return to_model(arr)
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -134,15 +138,27 @@ def train_attribute_classifier(images: np.ndarray, labels: Mapping[str, Sequence
     return model.eval(), result
 
 
+def labels_of(attrs: Sequence[Mapping[str, str | None]], classes: Mapping[str, Sequence[str]] = CLASSES
+              ) -> dict[str, list[str | None]]:
+    """Per attribute of ``classes``, each image's value from its ``attrs`` record (None where it has none)."""
+    return {k: [a.get(k) for a in attrs] for k in classes}
+
+
+def train_from_preset(section: Mapping[str, object], images: np.ndarray, attrs: Sequence[Mapping[str, str | None]],
+                      ckpt_dir: str | Path, *, progress: bool = True, resume: bool = True):
+    """:func:`train_attribute_classifier` on renders and their ``attrs`` records for :data:`CLASSES`, with the
+    ``attr_steps``, ``attr_width``, ``attr_depth`` and ``seed`` of a preset's ``clip`` section."""
+    return train_attribute_classifier(images, labels_of(attrs), CLASSES, ckpt_dir, steps=section["attr_steps"],
+                                      width=section["attr_width"], depth=section["attr_depth"], seed=section["seed"],
+                                      progress=progress, resume=resume)
+
+
 def load_attribute_classifier(ckpt_dir: str | Path) -> AttributeNet:
     """The classifier trained into ``ckpt_dir`` (latest checkpoint), in eval mode."""
-    info = training.read_checkpoint_info(ckpt_dir)
-    cfg = info.get("config", {})
-    if "classes" not in cfg:
-        raise training.CheckpointError(f"{ckpt_dir}: not an attribute-classifier checkpoint (no 'classes')")
-    model = AttributeNet(cfg["classes"], width=cfg["width"], depth=cfg["depth"])
-    training.load_checkpoint(ckpt_dir, {"attributes": model})
-    return model.eval()
+    cfg = training.read_checkpoint_info(ckpt_dir).get("config", {})  # width and depth sit beside the classes
+    return training.load_trained(ckpt_dir, "classes",
+                                 lambda classes: AttributeNet(classes, width=cfg["width"], depth=cfg["depth"]),
+                                 module="attributes", what="attribute-classifier")
 
 
 @torch.no_grad()

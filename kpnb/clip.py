@@ -10,8 +10,11 @@ Two kinds of CLIP serve the workbook:
   open_clip's own BPE tokenizer) made from a custom config registered with ``open_clip.add_model_config``
   and trained contrastively on the synthetic captions (:func:`train_domain_clip`). It is what the cpu
   preset uses: no pretrained CLIP can be fetched offline, and a 224 px ViT-B would cost far more per image
-  on 2 cores. With the cpu preset (1600 steps x 64) it classifies hair colour zero-shot with accuracy 0.94
-  on held-out renders and separates the filter's distractors (development measurements, one seed).
+  on a few CPU cores.
+
+:func:`clip_for_run` gives a run folder's CLIP (notebooks 01 and 06); :func:`zero_shot` and
+:func:`clip_filter_scores` classify, :func:`clip_score` scores. Its zero-shot accuracy is defined in
+``docs/metrics.md``.
 
 Images enter as uint8 arrays ``[N, H, W, 3]`` (or one ``[H, W, 3]``); :func:`clip_input` turns float
 images in [0, 1] into the model's input (resize, centre crop, normalise) differentiably, so that CLIP
@@ -36,6 +39,11 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from open_clip.convert import convert_state_dict  # noqa: E402
+from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed  # noqa: E402
+
+from . import data as kdata, synth, training  # noqa: E402
+from .layout import RunFiles  # noqa: E402
 from .runs import load_tensors, write_json  # noqa: E402
 
 DOMAIN_PREFIX = "kpnb-domain-clip"
@@ -206,6 +214,21 @@ def zero_shot(model: torch.nn.Module, images: np.ndarray | torch.Tensor,
     return probs, probs.argmax(-1)
 
 
+def zero_shot_confusion(model: torch.nn.Module, images: np.ndarray, labels: Sequence[str | None],
+                        classes: Sequence[str], prompt: Callable[[str], str] | None = None) -> tuple[float, np.ndarray]:
+    """Zero-shot classification of ``images`` among ``classes``, each asked as ``prompt(class)`` (default
+    :func:`hair_prompt`), against ``labels`` (a class per image; None leaves the image out). Returns
+    ``(accuracy, confusion counts [K, K])``, rows the true class, columns CLIP's."""
+    prompt = prompt or hair_prompt
+    classes = list(classes)
+    have = np.array([label is not None for label in labels])
+    _, pred = zero_shot(model, np.asarray(images)[have], [prompt(c) for c in classes])
+    truth = np.array([classes.index(label) for label in np.array(labels, dtype=object)[have]])
+    conf = np.zeros((len(classes), len(classes)), int)
+    np.add.at(conf, (truth, pred), 1)
+    return float((pred == truth).mean()), conf
+
+
 def clip_filter_scores(model: torch.nn.Module, images: np.ndarray, positive: str, negatives: Sequence[str]) -> np.ndarray:
     """Probability of the ``positive`` description against the ``negatives`` (softmax over the
     descriptions), per image ``[N]``: the dataset filter's CLIP stage keeps images above a threshold."""
@@ -239,9 +262,6 @@ def _download_hint(arch: str, path: Path, tag: str | None) -> str:
 def load_state_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load a CLIP state dict into an open_clip model, with open_clip's own key conversions (third-party
     layouts, old text-tower names, resized position embeddings), strictly."""
-    from open_clip.convert import convert_state_dict
-    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
-
     state = dict(state)
     if isinstance(state.get("state_dict"), Mapping):  # training checkpoints wrap the weights
         state = dict(state["state_dict"])
@@ -352,8 +372,7 @@ def domain_clip_config(image_size: int = 64, patch_size: int = 8, width: int = 6
     a ViT over ``patch_size`` patches of ``image_size`` images and a causal text transformer over
     open_clip's 49408-token BPE vocabulary (most of the ~3.4M parameters of the defaults are that token
     table). The temperature starts at 1/30 rather than CLIP's 1/14.3: with few, close concepts (eight hair
-    colours) the sharper softmax learned them faster (zero-shot hair colour 0.92 vs 0.90 after 1200 steps,
-    one seed each, in development)."""
+    colours) the sharper softmax learns them faster."""
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     return {
@@ -411,8 +430,6 @@ def train_domain_clip(images: np.ndarray, captions: Sequence[str | Sequence[str]
 
     Images are augmented like tuning cutouts (a random crop of ``min_frac``..1 of the side, mirrored),
     never in colour: colour is what the captions talk about. Returns ``(model, TrainResult)``."""
-    from . import training
-
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     variants = [[c] if isinstance(c, str) else list(c) for c in captions]
@@ -470,17 +487,12 @@ def train_from_preset(section: Mapping[str, Any], images: np.ndarray, captions: 
 def load_domain_clip(ckpt_dir: str | Path, device: str = "cpu") -> torch.nn.Module:
     """The domain CLIP trained into ``ckpt_dir`` by :func:`train_domain_clip` (its latest checkpoint), in
     eval mode. The architecture comes from the checkpoint's config and is registered with open_clip again."""
-    from . import training
-
     ckpt_dir = Path(ckpt_dir)
     if training.latest_checkpoint(ckpt_dir) is None:
         raise FileNotFoundError(f"{ckpt_dir}: no domain CLIP checkpoint here - train one with "
                                 f"kpnb.clip.train_domain_clip (notebook 06)")
-    info = training.read_checkpoint_info(ckpt_dir)
-    if "model_cfg" not in info.get("config", {}):
-        raise ValueError(f"{ckpt_dir}: checkpoint config has no 'model_cfg'; not a kpnb domain CLIP")
-    model = create_domain_clip(info["config"]["model_cfg"], ckpt_dir)
-    training.load_checkpoint(ckpt_dir, {"clip": model})
+    model = training.load_trained(ckpt_dir, "model_cfg", lambda cfg: create_domain_clip(cfg, ckpt_dir),
+                                  module="clip", what="kpnb domain CLIP")
     return model.to(device).eval()
 
 
@@ -497,14 +509,12 @@ def clip_for_run(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, prog
 
     Returns ``(model in eval mode, info)``; ``info`` says which CLIP it is and, when one was trained, its
     training seconds and images/s."""
-    from . import data as kdata, synth, training
-
     c, d = cfg["clip"], cfg["data"]
     if c.get("pretrained_path"):
         return load_pretrained(c["pretrained_arch"], c["pretrained_path"], c.get("pretrained_tag")), {
             "kind": "pretrained", "arch": c["pretrained_arch"], "path": str(c["pretrained_path"])}
     root = Path(root)
-    ckpt = root / "checkpoints" / "clip"
+    ckpt = RunFiles(root).clip()
     info: dict[str, Any] = {"kind": "domain", "arch": "kpnb domain CLIP", "checkpoints": str(ckpt)}
     last = training.latest_checkpoint(ckpt)
     if last is not None and training.read_checkpoint_info(last).get("step") == c["steps"]:

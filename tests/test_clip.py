@@ -149,8 +149,42 @@ def test_attribute_classifier_shapes_and_learning(tmp_path):
     assert acc["square"] >= 0.9 and acc["band"] >= 0.9
     again = attributes.load_attribute_classifier(tmp_path / "attr")
     assert (attributes.predict_attributes(again, ims[:7])["square"] == pred["square"]).all()
+    with pytest.raises(ValueError, match="not a attribute-classifier checkpoint"):
+        attributes.load_attribute_classifier(kc_trained_elsewhere(tmp_path))
     with pytest.raises(ValueError, match="unknown value"):
         attributes.encode_labels(["red", "pink"], names, "square")
+
+
+def kc_trained_elsewhere(tmp_path):
+    """A checkpoint folder of another model (a 1-step domain CLIP)."""
+    ims, lab, names = _squares(4)
+    kc.train_domain_clip(ims, [names[l] for l in lab], tmp_path / "other", steps=1, batch_size=4, model_cfg=TINY,
+                         progress=False)
+    return tmp_path / "other"
+
+
+def test_attribute_classifier_from_preset_on_render_records(tmp_path):
+    sec = runs.preset_config("smoke")["clip"]
+    ims, _, _ = _squares(8)
+    attrs = [{"hair_colour": "red", "outfit_colour": "blue"}, {"hair_colour": "black"}] * 4
+    labels = attributes.labels_of(attrs)
+    assert list(labels) == ["hair_colour", "outfit_colour"] and labels["outfit_colour"][:2] == ["blue", None]
+    model, res = attributes.train_from_preset(sec, ims, attrs, tmp_path / "attr", progress=False)
+    assert res.step == sec["attr_steps"] and model.classes == attributes.CLASSES
+    assert set(attributes.accuracy(model, ims, labels)) == {"hair_colour", "outfit_colour"}
+
+
+def test_zero_shot_confusion_counts_labelled_images(tmp_path):
+    model = kc.create_domain_clip(TINY, tmp_path, seed=0).eval()
+    ims, lab, names = _squares(6)
+    labels = [names[l] for l in lab]
+    labels[0] = None  # no label: left out
+    acc, conf = kc.zero_shot_confusion(model, ims, labels, names, prompt=lambda c: f"a {c} square")
+    _, pred = kc.zero_shot(model, ims[1:], [f"a {n} square" for n in names])
+    assert conf.shape == (3, 3) and conf.sum() == 5 and np.trace(conf) == (pred == lab[1:]).sum()
+    assert conf.sum(1).tolist() == np.bincount(lab[1:], minlength=3).tolist() and acc == np.trace(conf) / 5
+    hair, _ = kc.zero_shot_confusion(model, ims, ["red"] * 6, ["red", "blue"])  # asked as hair prompts
+    assert 0 <= hair <= 1
 
 
 def test_caption_variants_cover_filter_prompts_and_attributes():

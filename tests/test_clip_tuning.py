@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import clip as kc, clip_tuning as ct, vq
+from kpnb import attributes, clip as kc, clip_tuning as ct, keypoints as kp, pose_estimator as pe, runs, vq
+from kpnb.images import to_model
 
 TINY_CLIP = kc.domain_clip_config(image_size=16, patch_size=4, width=32, layers=1, text_width=32, text_layers=1,
                                   context_length=8, embed_dim=32)
@@ -70,7 +71,7 @@ def test_tuning_lowers_the_loss_and_leaves_models_alone(tiny_models):
 
 def test_anchor_and_extra_loss(tiny_models):
     model, clip_model = tiny_models
-    z0 = model.encode(torch.from_numpy(_images()).permute(0, 3, 1, 2).float() / 127.5 - 1).detach()
+    z0 = model.encode(to_model(_images())).detach()
     calls = []
 
     def keep_dark(x):
@@ -92,17 +93,7 @@ def test_anchor_and_extra_loss(tiny_models):
         ct.tune(model, clip_model, np.zeros((16, 16, 3), np.float32), "a", steps=1, progress=False)
 
 
-def test_negatives_and_pose_keeping_loss(tiny_models):
-    from kpnb import keypoints as kp, pose_estimator as pe
-
-    model, clip_model = tiny_models
-    ims = _images()
-    plain = ct.tune(model, clip_model, ims, "red hair", steps=0, cutouts=4, progress=False)
-    res = ct.tune(model, clip_model, ims, "red hair", negatives=["blue hair", "green hair"], steps=15, lr=0.1,
-                  cutouts=4, progress=False)
-    losses = [r["clip_loss"] for r in res.history]
-    assert losses[0] > plain.history[0]["clip_loss"] + 0.1  # the zero-shot cross-entropy is part of the loss
-    assert np.mean(losses[-5:]) < losses[0]
+def test_pose_keeping_loss():
     torch.manual_seed(0)
     est = pe.PoseNet(image_size=16, width=4).eval()
     poses = np.zeros((2, 17, 3), np.float32)
@@ -122,8 +113,6 @@ def test_negatives_and_pose_keeping_loss(tiny_models):
 def test_keeper_loss_holds_what_the_keeper_saw():
     """keeper_loss targets the keeper's own joints on the starting images: 0 there, > 0 once they change,
     and a conditioning pose with no visible joint counts nothing."""
-    from kpnb import keypoints as kp, pose_estimator as pe
-
     torch.manual_seed(1)
     keeper = pe.PoseNet(image_size=16, width=4).eval()
     ims = _images(3)
@@ -139,8 +128,6 @@ def test_keeper_loss_holds_what_the_keeper_saw():
 
 
 def test_pose_region_mask_freezes_the_body_and_tuning_respects_it(tiny_models):
-    from kpnb import keypoints as kp
-
     pose = np.zeros((1, 17, 3), np.float32)
     pose[0, :, 2] = kp.MISSING
     for j, (x, y) in {5: (0.3, 0.3), 7: (0.3, 0.6), 0: (0.5, 0.1)}.items():  # left shoulder-elbow, nose
@@ -154,7 +141,7 @@ def test_pose_region_mask_freezes_the_body_and_tuning_respects_it(tiny_models):
 
     model, clip_model = tiny_models
     ims = _images(1)
-    z0 = model.encode(torch.from_numpy(ims).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    z0 = model.encode(to_model(ims))
     mask = torch.ones(1, 1, *z0.shape[2:])
     mask[..., :, : z0.shape[3] // 2] = 0  # left half frozen
     res = ct.tune(model, clip_model, z0, "red hair", mask=mask, steps=5, lr=0.3, cutouts=2, progress=False)
@@ -167,8 +154,6 @@ def test_pose_region_mask_freezes_the_body_and_tuning_respects_it(tiny_models):
 
 
 def test_saturation_and_measure():
-    from kpnb import attributes, keypoints as kp, pose_estimator as pe
-
     grey = np.full((1, 4, 4, 3), 128, np.uint8)
     red = np.zeros((1, 4, 4, 3), np.uint8)
     red[..., 0] = 200
@@ -185,8 +170,6 @@ def test_saturation_and_measure():
 
 
 def test_head_region_mask_frees_only_the_head():
-    from kpnb import keypoints as kp
-
     pose = np.zeros((1, 17, 3), np.float32)
     pose[0, :, 2] = kp.MISSING
     pose[0, 0] = (0.5, 0.1, kp.VISIBLE)    # nose at the top centre
@@ -197,8 +180,6 @@ def test_head_region_mask_frees_only_the_head():
 
 
 def test_region_mask_kinds_scale_with_the_latent():
-    from kpnb import keypoints as kp
-
     pose = np.zeros((1, 17, 3), np.float32)
     pose[0, :, 2] = kp.MISSING
     pose[0, 0] = (0.5, 0.1, kp.VISIBLE)
@@ -213,61 +194,90 @@ def test_region_mask_kinds_scale_with_the_latent():
         ct.region_mask("face", pose, 8)
 
 
-def test_hair_pixel_mask_frees_the_head_but_not_a_hand_beside_it():
-    from kpnb import keypoints as kp
-
-    pose = np.zeros((1, 17, 3), np.float32)
-    pose[0, :, 2] = kp.MISSING
-    pose[0, 0] = (0.5, 0.2, kp.VISIBLE)    # nose
-    pose[0, 9] = (0.62, 0.2, kp.VISIBLE)   # a wrist raised beside the face (7.7 px away at 64 px)
-    m = ct.hair_pixel_mask(pose, 64, head_radius=0.125, body_radius=0.06)
-    assert m.shape == (1, 1, 64, 64)
-    assert m[0, 0, 12, 30] == 1                      # next to the nose, on the side away from the hand
-    assert m[0, 0, 12, 40] == 0                      # on the wrist
-    assert m[0, 0, 12, 50] == 0 and m[0, 0, 40, 32] == 0  # beyond the head radius
-    # with no hand there, the wrist's pixel is free
-    pose[0, 9, 2] = kp.MISSING
-    assert ct.hair_pixel_mask(pose, 64, head_radius=0.125, body_radius=0.06)[0, 0, 12, 38] == 1
-    # a radius is a share of the side: the same area is freed at 64 and 128 px
-    big = ct.hair_pixel_mask(pose, 128, head_radius=0.125, body_radius=0.06)
-    assert abs(float(big.mean()) - float(ct.hair_pixel_mask(pose, 64).mean())) < 0.01
+def _poses(n=2):
+    poses = np.zeros((n, 17, 3), np.float32)
+    poses[..., :2] = np.random.default_rng(1).uniform(0.2, 0.8, (n, 17, 2))
+    poses[..., 2] = kp.VISIBLE
+    return poses
 
 
-def test_keep_term_holds_the_kept_pixels(tiny_models):
+def test_settings_from_a_preset_section_and_keyword_overrides(tiny_models):
+    sec = runs.preset_config("smoke")["clip"]
+    head = ct.TuneSettings.from_config(sec, "head")
+    assert (head.steps, head.lr, head.cutouts, head.seed) == (sec["tune_steps"], sec["tune_lr"], sec["cutouts"], sec["seed"])
+    assert head.anchor_weight == sec["head_anchor"]
+    assert ct.TuneSettings.from_config(sec, "body").anchor_weight == 0.0
+    assert ct.TuneSettings.from_config(sec, "none").anchor_weight == sec["anchor_weight"]
+    with pytest.raises(ValueError, match="unknown mask kind"):
+        ct.TuneSettings.from_config(sec, "face")
+    # a keyword overrides the settings' field; the same tuning either way
     model, clip_model = tiny_models
-    keep = torch.ones(1, 1, 16, 16)
-    keep[..., :8, :] = 0                   # the top half may change, the bottom half should not
-    kw = dict(steps=12, lr=0.3, cutouts=4, progress=False, seed=1)
-    free = ct.tune(model, clip_model, _images(), "a girl with red hair", **kw)
-    held = ct.tune(model, clip_model, _images(), "a girl with red hair", keep=keep, keep_weight=20.0, **kw)
-
-    def bottom_change(r):
-        return np.abs(r.image[:, 8:].astype(float) - r.start_image[:, 8:].astype(float)).mean()
-
-    # measured: 19 against 36 grey levels (a 16 px image: the tiny decoder's reach covers the whole of it)
-    assert bottom_change(held) < 0.75 * bottom_change(free)
-    assert held.history[0]["keep"] == 0.0 and held.history[-1]["keep"] > 0.0 and "keep" not in free.history[-1]
-    with pytest.raises(ValueError, match="keep is"):
-        ct.tune(model, clip_model, _images(), "red", keep=torch.ones(1, 1, 8, 8), keep_weight=1.0, steps=1,
-                progress=False)
+    a = ct.tune(model, clip_model, _images(), "red hair", ct.TuneSettings(steps=3, cutouts=2), progress=False)
+    b = ct.tune(model, clip_model, _images(), "red hair", ct.TuneSettings(steps=9), steps=3, cutouts=2, progress=False)
+    assert np.array_equal(a.image, b.image) and [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    with pytest.raises(TypeError):
+        ct.tune(model, clip_model, _images(), "red hair", stop_at=0.5, progress=False)
 
 
-def test_stop_at_freezes_each_image_once_clip_calls_it_done(tiny_models):
+def test_tune_samples_is_tune_with_the_presets_mask_anchor_and_keeper(tiny_models):
     model, clip_model = tiny_models
-    prompt, negs = "a girl with red hair", ["a girl with blue hair"]
-    kw = dict(steps=8, lr=0.3, cutouts=4, progress=False, seed=1, negatives=negs, negative_weight=0.0)
-    free = ct.tune(model, clip_model, _images(3), prompt, **kw)
-    probs, _ = kc.zero_shot(clip_model, free.start_image, [prompt, *negs])
-    p = np.sort(probs[:, 0])
-    assert p[-1] - p[-2] > 1e-4  # the tiny CLIP's start probabilities differ enough to split them
-    first = int(np.argmax(probs[:, 0]))
-    res = ct.tune(model, clip_model, _images(3), prompt, stop_at=float(p[-2] + p[-1]) / 2, **kw)
-    # the most probable image stopped at step 0 and kept its start; the others went on and changed
-    assert res.stopped_at[first] == 0 and (np.delete(res.stopped_at, first) != 0).all()
-    assert np.array_equal(res.image[first], res.start_image[first])
-    going = res.stopped_at < 0  # never stopped: the same path as without stop_at (images tune independently)
-    assert going.any() and np.array_equal(res.image[going], free.image[going])
-    assert not np.array_equal(res.image[going], res.start_image[going])
-    assert free.stopped_at is None and res.history[0]["stopped"] >= 1
-    with pytest.raises(ValueError, match="stop_at"):
-        ct.tune(model, clip_model, _images(), prompt, stop_at=0.5, steps=1, progress=False)
+    sec = {**runs.preset_config("smoke")["clip"], "tune_steps": 3, "cutouts": 2, "head_radius": 0.25}
+    ims, poses = _images(), _poses()
+    torch.manual_seed(1)
+    keeper = pe.PoseNet(image_size=16, width=4).eval()
+    recon, _ = vq.reconstruct(model, ims)
+    got = ct.tune_samples(model, clip_model, ims, poses, "red hair", sec, "head", keeper=keeper, recon=recon,
+                          progress=False)
+    with torch.no_grad():
+        z0 = model.encode(to_model(ims))
+    want = ct.tune(model, clip_model, z0, "red hair", ct.TuneSettings.from_config(sec, "head"),
+                   mask=ct.region_mask("head", poses, z0.shape[-1], head_radius=0.25),
+                   extra_loss=ct.keeper_loss(keeper, recon, poses, sec["pose_weight"]), progress=False)
+    assert np.array_equal(got.image, want.image) and torch.equal(got.latent, want.latent)
+    assert [r["extra"] for r in got.history] == [r["extra"] for r in want.history]
+    # the reconstructions are made when not given
+    again = ct.tune_samples(model, clip_model, ims, poses, "red hair", sec, "head", keeper=keeper, progress=False)
+    assert np.array_equal(again.image, got.image)
+    plain = ct.tune_samples(model, clip_model, ims, poses, "red hair", sec, "none", progress=False)
+    assert "extra" not in plain.history[-1]
+
+
+def test_prompts_best_spec_and_metrics():
+    assert ct.tuning_prompts("light_blue", ["colorful", "a big smile"]) == {
+        "light_blue_hair": "a girl with light blue hair", "colorful": "colorful", "a_big_smile": "a big smile"}
+    before = {"f4": {"pck@0.1": 0.8, "rate": 0.2, "saturation": 0.3, "keeper_pck@0.1": 0.9},
+              "f8": {"pck@0.1": 0.7, "rate": 0.3, "saturation": 0.4, "keeper_pck@0.1": 0.8}}
+    after = {("f4", "red_hair"): {"pck@0.1": 0.6, "rate": 0.95, "saturation": 0.5, "keeper_pck@0.1": 0.85},
+             ("f8", "red_hair"): {"pck@0.1": 0.65, "rate": 0.8, "saturation": 0.6, "keeper_pck@0.1": 0.75}}
+    # f4: rate 0.95 but a drop of 0.2, 0.1 past the target: 0.95 - 1.0; f8: drop 0.05: 0.8
+    assert ct.pick_best_spec(before, after, "red_hair") == "f8"
+    after["f4", "red_hair"]["pck@0.1"] = 0.75
+    assert ct.pick_best_spec(before, after, "red_hair") == "f4"
+    results = {k: ct.TuneResult(image=np.zeros((2, 4, 4, 3), np.uint8), latent=torch.zeros(2, 1, 1, 1),
+                                start_image=np.zeros((2, 4, 4, 3), np.uint8), clip_score_before=np.array([1.0, 2.0]),
+                                clip_score_after=np.array([3.0, 5.0]), iterations_per_s=7.0) for k in after}
+    m = ct.tuning_metrics({"pck@0.1": 0.9, "rate": 0.1, "saturation": 0.2, "prob": 0.3}, before, results, after,
+                          "f4", {"none": {"rate": 0.5, "pck@0.1": 0.4, "saturation": 0.1}})
+    assert m["samples.pck@0.1"] == 0.9 and "samples.prob" not in m
+    assert m["f4.red_hair.clip_score_before"] == 1.5 and m["f4.red_hair.clip_score_after"] == 4.0
+    assert m["f8.red_hair.rate_before"] == 0.3 and m["f8.red_hair.rate_after"] == 0.8
+    assert m["f8.red_hair.pck@0.1_after"] == 0.65 and m["f8.red_hair.saturation_before"] == 0.4
+    assert m["f4.red_hair.keeper_pck@0.1_before"] == 0.9 and m["f4.red_hair.keeper_pck@0.1_after"] == 0.85
+    assert m["f4.red_hair.iterations_per_s"] == 7.0
+    assert m["ablation.f4.none.rate_after"] == 0.5 and m["ablation.f4.none.pck@0.1_after"] == 0.4
+    assert len(m) == 3 + 2 * 11 + 2
+    for a in after.values():  # measured without a keeper: no keeper keys
+        del a["keeper_pck@0.1"]
+    assert not any("keeper" in k for k in ct.tuning_metrics(before["f4"], before, results, after))
+
+
+def test_measure_with_a_keeper():
+    torch.manual_seed(0)
+    est = pe.PoseNet(image_size=16, width=4).eval()
+    torch.manual_seed(1)
+    keeper = pe.PoseNet(image_size=16, width=4).eval()
+    ims, poses = _images(), _poses()
+    m = ct.measure(ims, poses, est, keeper=keeper)
+    assert m["keeper_pck@0.1"] == pe.pck(pe.predict(keeper, ims), poses)["pck@0.1"]
+    assert m["pck@0.1"] == pe.pck(pe.predict(est, ims), poses)["pck@0.1"] and "rate" not in m
+    assert "keeper_pck@0.1" not in ct.measure(ims, poses, est)
