@@ -12,9 +12,9 @@ Two kinds of CLIP serve the workbook:
   preset uses: no pretrained CLIP can be fetched offline, and a 224 px ViT-B would cost far more per image
   on a few CPU cores.
 
-:func:`clip_for_run` gives a run folder's CLIP (notebooks 01 and 06); :func:`zero_shot` and
-:func:`clip_filter_scores` classify, :func:`clip_score` scores. Its zero-shot accuracy is defined in
-``docs/metrics.md``.
+:func:`clip_for_run` gives a run folder's CLIP (notebooks 01 and 06); :func:`zero_shot`,
+:func:`zero_shot_confusion` and :func:`clip_filter_scores` classify, :func:`clip_score` scores.
+``docs/metrics.md`` defines the zero-shot accuracy notebook 06 reports.
 
 Images enter as uint8 arrays ``[N, H, W, 3]`` (or one ``[H, W, 3]``); :func:`clip_input` turns float
 images in [0, 1] into the model's input (resize, centre crop, normalise) differentiably, so that CLIP
