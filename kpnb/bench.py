@@ -220,14 +220,14 @@ def bench_ldm(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs:
 
     device = _device()
     cfg = runs.preset_config(preset)
-    d = {**diffusion.TRAIN_DEFAULTS, **cfg["diffusion"]}
+    d = cfg["diffusion"]
     spec = (specs or ["f4"])[0]
     vcfg = vq.vq_config_for(spec, cfg["vq"])
     shape = (vcfg.latent_channels, vcfg.image_size // vcfg.factor, vcfg.image_size // vcfg.factor)
     res = {**_header(device, preset, spec=spec), "models": []}
     for mode in modes or d["modes"]:
         torch.manual_seed(0)
-        model = diffusion.make_ldm(mode, shape, **{k: d[k] for k in diffusion.ARCH_KEYS})
+        model = diffusion.ldm_from_settings(d, mode, shape)
         res["models"].append(bench_ldm_model(model, batch_size=int(d["batch_size"]), steps=steps,
                                              sample_steps=sample_steps, device=device, diffusers=diffusers))
     if gpu_config and preset != "gpu":
@@ -313,7 +313,7 @@ def bench_clip_tuning(clip_model: torch.nn.Module, vq_cfg: Any, *, n_images: int
 def bench_clip(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs: list[str] | None = None,
                gpu_config: bool = True) -> dict[str, Any]:
     """The preset's domain CLIP (contrastive training images/s) and CLIP tuning iterations/s on its
-    ``tune_spec`` latents (``n_tune`` images x ``cutouts``, or each of ``specs``); with ``gpu_config``
+    first VQ spec's latents (``n_tune`` images x ``cutouts``, or each of ``specs``); with ``gpu_config``
     also tuning one 256x256 image on the gpu preset's VQ with an untrained open_clip ViT-B-32 (the size of
     the pretrained CLIP a person points at; nothing is downloaded)."""
     import tempfile
@@ -349,14 +349,15 @@ def bench_clip(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs
         model.eval()
         out["tuning"] = [bench_clip_tuning(model, vq.vq_config_for(s, cfg["vq"]), n_images=int(c["n_tune"]),
                                            cutouts=int(c["cutouts"]), steps=steps, device=device)
-                         for s in (specs or [c["tune_spec"]])]
+                         for s in (specs or [cfg["vq"]["specs"][0]])]
     res["domain_clip"] = out
     if gpu_config and preset != "gpu" and gpu_steps > 0:
         g = runs.preset_config("gpu")
         with kclip._quiet_open_clip():
             big = open_clip.create_model(c["pretrained_arch"], pretrained=None).to(device).eval()
+        # the original tuned f16 latents
         res["original"] = {"clip": c["pretrained_arch"], **bench_clip_tuning(
-            big, vq.vq_config_for(g["clip"]["tune_spec"], g["vq"]), n_images=1, cutouts=int(g["clip"]["cutouts"]),
+            big, vq.vq_config_for("f16", g["vq"]), n_images=1, cutouts=int(g["clip"]["cutouts"]),
             steps=gpu_steps, device=device)}
     return res
 
