@@ -51,6 +51,18 @@ def overlay(image: np.ndarray, pose: Pose | np.ndarray, size: int = 128) -> np.n
     return draw_skeleton(pose, size, background=image)
 
 
+def pose_sample_grid(poses: Sequence[Pose], images: np.ndarray, estimated: np.ndarray, n_per_pose: int,
+                     path: str | Path | None = None) -> Any:
+    """One row per conditioning pose: the pose drawn, then its ``n_per_pose`` samples (``images`` in pose
+    order) with the pose the estimator found in each drawn on top."""
+    tiles, titles = [], []
+    for j, pose in enumerate(poses):
+        tiles.append(draw_skeleton(pose, 128))
+        tiles += [overlay(images[n_per_pose * j + s], estimated[n_per_pose * j + s], 128) for s in range(n_per_pose)]
+        titles += ["pose", "samples (estimated pose drawn)"] + [""] * (n_per_pose - 1)
+    return image_grid(tiles, titles, ncols=1 + n_per_pose, size=1.6, path=path)
+
+
 def skeleton_grid(poses: Sequence[Any], images: Sequence[np.ndarray] | None = None, titles=None, ncols: int = 8,
                   size: int = 128, path=None, suptitle=None) -> Any:
     tiles = [overlay(images[i], p, size) if images is not None else draw_skeleton(

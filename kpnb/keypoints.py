@@ -259,6 +259,15 @@ def read_release_json(path: str | Path, frame: int = RELEASE_FRAME) -> Pose:
     return pose_from_release(_read_json(path), source=path, frame=frame)
 
 
+def read_pose_dir(folder: str | Path, frame: int = RELEASE_FRAME) -> tuple[list[Path], list[Pose]]:
+    """Every ``*.json`` pose file of ``folder`` in the release format, sorted by name: (paths, poses). A bad
+    file raises :class:`PoseError` naming it; a folder without pose files is refused naming the folder."""
+    paths = sorted(Path(folder).glob("*.json"))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no pose files (*.json in the release format) here")
+    return paths, [read_release_json(p, frame) for p in paths]
+
+
 def write_release_json(pose: Pose, path: str | Path, frame: int = RELEASE_FRAME) -> None:
     Path(path).write_text(json.dumps(pose_to_release(pose, frame)))
 

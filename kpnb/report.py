@@ -95,6 +95,28 @@ def systems_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
     return rows
 
 
+GENERATOR_COLUMNS = ("train_images_per_s", "train_seconds", "pck@0.05", "pck@0.1", "pck@0.2", "sample_images_per_s")
+
+
+def generators_table(m: Mapping[str, Mapping[str, Any]], transformer: Mapping[str, Any] | None = None,
+                     transformer_name: str = "transformer") -> dict[str, dict[str, Any]]:
+    """Every diffusion model of notebooks 04/05 (training speed and time, PCK, sampling speed) and, given its
+    row, the transformer: ``{name: {column: value}}`` with the columns of :data:`GENERATOR_COLUMNS`."""
+    ldm, smp = m.get("04_ldm_training", {}), m.get("05_sampling", {})
+    modes = sorted({k.split(".")[0] for k in smp if k.endswith(".pck@0.1")
+                    and not k.startswith(("examples", "guidance"))})
+
+    def name(mode: str) -> str:
+        return f"diffusion {smp['long.mode']} longer" if mode == "long" and "long.mode" in smp else f"diffusion {mode}"
+
+    table = {name(mode): {"train_images_per_s": ldm.get(f"{mode}.train_images_per_s"),
+                          "train_seconds": ldm.get(f"{mode}.train_seconds"),
+                          **{c: smp.get(f"{mode}.{c}") for c in GENERATOR_COLUMNS[2:]}} for mode in modes}
+    if transformer is not None:
+        table[transformer_name] = {c: transformer.get(c) for c in GENERATOR_COLUMNS}
+    return table
+
+
 def markdown_table(rows: list[Mapping[str, str]]) -> str:
     if not rows:
         return "(nothing measured yet)\n"

@@ -207,3 +207,21 @@ def test_plausibility_features_detect_scramble():
     g = kp.plausibility_features(s)
     assert g["lr_consistency"] < 1.0
     assert f["hip_mid_y"] == pytest.approx((p.xy[11, 1] + p.xy[12, 1]) / 2)
+
+
+def test_read_pose_dir_reads_sorted_and_names_bad_files(tmp_path):
+    from kpnb import figures, keypoints as kpm
+
+    pose = kpm.read_release_json(sorted(Path("data/poses").glob("*.json"))[0])
+    for name in ("b", "a"):
+        kpm.write_release_json(pose, tmp_path / f"{name}.json")
+    paths, poses = kpm.read_pose_dir(tmp_path)
+    assert [p.name for p in paths] == ["a.json", "b.json"] and poses[0] == pose
+    fig = figures.pose_sample_grid(poses, np.zeros((4, 32, 32, 3), np.uint8), np.stack([p.to_array() for p in poses
+                                   for _ in range(2)]), 2, path=tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size > 0 and fig is not None
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(kpm.PoseError, match="c.json"):
+        kpm.read_pose_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no pose files"):
+        kpm.read_pose_dir(tmp_path / "empty")

@@ -49,3 +49,14 @@ def test_status_table_reads_the_metrics_files(tmp_path):
     status.update_readme(readme, tmp_path)
     text = readme.read_text()
     assert "old table" not in text and "26.70 dB" in text and text.startswith("intro\n") and text.endswith("rest\n")
+
+
+def test_generators_table_names_every_diffusion_model_beside_the_transformer():
+    m = {"04_ldm_training": {"grid.train_seconds": 10.0, "long.train_seconds": 40.0},
+         "05_sampling": {"grid.pck@0.1": 0.2, "long.pck@0.1": 0.8, "long.mode": "skeleton",
+                         "examples.pck@0.1": 0.5, "guidance_sweep.1.0.pck@0.1": 0.7}}
+    table = report.generators_table(m, {"pck@0.1": 0.3, "train_seconds": 5.0}, "transformer (f16)")
+    assert list(table) == ["diffusion grid", "diffusion skeleton longer", "transformer (f16)"]
+    assert table["diffusion skeleton longer"]["pck@0.1"] == 0.8 and table["diffusion grid"]["train_seconds"] == 10.0
+    assert table["transformer (f16)"]["pck@0.1"] == 0.3 and table["transformer (f16)"]["sample_images_per_s"] is None
+    assert report.generators_table({}) == {}
