@@ -199,11 +199,14 @@ def render_truth(n: int, seed: int, image_size: int = 64, render_size: int = 256
 # ======================================================================================================
 # Training
 # ======================================================================================================
-ESTIMATOR_DEFAULTS: dict[str, Any] = {
-    "steps": 3000, "batch_size": 32, "lr": 2e-3, "warmup": 100, "weight_decay": 1e-4, "width": 16,
-    "heatmap_weight": 0.05, "vis_weight": 0.1, "heatmap_sigma": 0.75, "augment": True, "ckpt_every": 500,
-    "seed": 0,
-}
+# the keys of a preset's estimator section that training reads (kpnb.runs.BASE holds their values)
+TRAIN_KEYS = ("steps", "batch_size", "lr", "width", "ckpt_every", "seed")
+# fixed parts of the recipe, the same at every preset
+RECIPE: dict[str, Any] = {"warmup": 100, "weight_decay": 1e-4, "heatmap_weight": 0.05, "vis_weight": 0.1,
+                          "heatmap_sigma": 0.75, "augment": True}
+# the order of the settings in a checkpoint's JSON
+_SETTINGS_ORDER = ("steps", "batch_size", "lr", "warmup", "weight_decay", "width", "heatmap_weight", "vis_weight",
+                   "heatmap_sigma", "augment", "ckpt_every", "seed")
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -249,18 +252,21 @@ def train_estimator(images: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: s
                     progress: bool = True, resume: bool = True,
                     on_log: Callable[[dict[str, float]], None] | None = None) -> tuple[PoseNet, Any]:
     """Train a PoseNet on uint8 images [N, S, S, 3] with exact poses [N, 17, 3] (e.g. :func:`render_truth`).
-    ``cfg``: the preset's ``estimator`` section (missing keys from :data:`ESTIMATOR_DEFAULTS`). AdamW with
+    ``cfg``: the preset's ``estimator`` section (the keys of :data:`TRAIN_KEYS`; the rest of the recipe is
+    :data:`RECIPE`). The initial weights come from ``seed``. AdamW with
     warm-up + cosine learning rate; random flips (image and pose) and photometric jitter; the randomness of
     step s comes from ``seeded_generator(seed, s)``. Returns (the model in eval mode, the TrainResult)."""
     from . import training
 
-    c = {**ESTIMATOR_DEFAULTS, **dict(cfg)}
+    given = {**RECIPE, **{k: cfg[k] for k in TRAIN_KEYS}}
+    c = {k: given[k] for k in _SETTINGS_ORDER}
     poses_t = check_poses(poses, name="estimator poses")
     imgs = np.asarray(images)
     if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.shape[1] != imgs.shape[2]:
         raise ValueError(f"train_estimator: expected square uint8 images [N, S, S, 3], got {imgs.dtype} {imgs.shape}")
     if len(imgs) != len(poses_t):
         raise ValueError(f"train_estimator: {len(imgs)} images but {len(poses_t)} poses")
+    torch.manual_seed(int(c["seed"]))  # the same initial weights for the same seed (a resume overwrites them)
     model = PoseNet(image_size=imgs.shape[1], width=int(c["width"]))
     data = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()  # uint8, converted per batch
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"], fused=True)
@@ -283,7 +289,7 @@ def train_estimator(images: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: s
         opt.step()
         return losses
 
-    config = {"estimator": model.config(), "train": {k: c[k] for k in ESTIMATOR_DEFAULTS if k != "steps"},
+    config = {"estimator": model.config(), "train": {k: c[k] for k in _SETTINGS_ORDER if k != "steps"},
               "steps": steps, "n_train": len(data)}
     result = training.train({"model": model}, {"opt": opt}, step_fn, batch_fn, steps=steps, ckpt_dir=ckpt_dir,
                             config=config, batch_size=bs, ckpt_every=int(c["ckpt_every"]), seed=seed,
@@ -312,9 +318,9 @@ def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: 
     import time
 
     t0 = time.perf_counter()
-    size = int(cfg.get("image_size", 64))
-    imgs, poses = render_truth(int(cfg.get("n_train", 4000)), int(cfg.get("train_seed", 1)), size, render_size)
-    vimgs, vposes = render_truth(int(cfg.get("n_val", 500)), int(cfg.get("val_seed", 2)), size, render_size)
+    size = int(cfg["image_size"])
+    imgs, poses = render_truth(int(cfg["n_train"]), int(cfg["train_seed"]), size, render_size)
+    vimgs, vposes = render_truth(int(cfg["n_val"]), int(cfg["val_seed"]), size, render_size)
     render_s = time.perf_counter() - t0
     model, res = train_estimator(imgs, poses, cfg, ckpt_dir, progress=progress, resume=resume)
     info: dict[str, Any] = {f"ceiling.{k}": v for k, v in ceiling(model, vimgs, vposes).items()}
@@ -328,9 +334,9 @@ def fit_keeper(cfg: Mapping[str, Any], keeper_seed: int, ckpt_dir: str | Path, *
     ``keeper_seed`` for both its training renders and its initialisation; the ceiling is measured on the
     judge's held-out renders. A seed equal to the judge's ``train_seed`` or ``val_seed`` is refused: the
     keeper would see the judge's renders."""
-    if keeper_seed in (cfg.get("train_seed", 1), cfg.get("val_seed", 2)):
+    if keeper_seed in (cfg["train_seed"], cfg["val_seed"]):
         raise ValueError(f"clip.keeper_seed {keeper_seed} must differ from estimator.train_seed and val_seed "
-                         f"({cfg.get('train_seed', 1)}, {cfg.get('val_seed', 2)}): the keeper has to be trained "
+                         f"({cfg['train_seed']}, {cfg['val_seed']}): the keeper has to be trained "
                          "apart from the judge")
     return fit_estimator({**cfg, "train_seed": keeper_seed, "seed": keeper_seed}, ckpt_dir, progress=progress)
 

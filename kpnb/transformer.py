@@ -191,18 +191,15 @@ class CondTransformer(nn.Module):
 
 
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "dropout")
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "steps": 3000, "batch_size": 32, "lr": 3e-4, "warmup": 100, "weight_decay": 0.01, "ckpt_every": 500,
-    "seed": 0, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0,
-}
+# the keys of a preset's transformer section that training reads (kpnb.runs.BASE holds their values)
+TRAIN_KEYS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "ckpt_every", "seed") + ARCH_KEYS
 
 
 def make_transformer(cfg: Mapping[str, Any], *, n_codes: int | None = None,
                      latent_size: tuple[int, int] | None = None) -> CondTransformer:
-    """A CondTransformer from a preset's ``transformer`` section (its architecture keys; missing ones from
-    :data:`TRAIN_DEFAULTS`) for a VQ model with ``n_codes`` codes and a code grid of ``latent_size``
+    """A CondTransformer from a preset's ``transformer`` section (its architecture keys) for a VQ model with ``n_codes`` codes and a code grid of ``latent_size``
     (either given here or present in ``cfg``, e.g. a saved model config)."""
-    c = {**{k: TRAIN_DEFAULTS[k] for k in ARCH_KEYS}, **{k: cfg[k] for k in ARCH_KEYS if k in cfg}}
+    c = {k: cfg[k] for k in ARCH_KEYS}
     n_codes = cfg.get("n_codes") if n_codes is None else n_codes
     latent_size = cfg.get("latent_size") if latent_size is None else latent_size
     if n_codes is None or latent_size is None:
@@ -260,14 +257,14 @@ def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: 
                       progress: bool = True, resume: bool = True, device: str | torch.device | None = None,
                       on_log: Callable[[dict[str, float]], None] | None = None) -> tuple[CondTransformer, Any]:
     """Train a CondTransformer on code indices ``codes`` [N, h, w] (e.g. :func:`code_dataset`) and ``poses``
-    [N, 17, 3], for a VQ codebook of ``n_codes``. ``cfg``: the preset's ``transformer`` section (missing keys
-    from :data:`TRAIN_DEFAULTS`; sampling keys are ignored here). Teacher forcing; AdamW (weight decay on
+    [N, 17, 3], for a VQ codebook of ``n_codes``. ``cfg``: the preset's ``transformer`` section (the keys of
+    :data:`TRAIN_KEYS`; sampling keys are ignored here). Teacher forcing; AdamW (weight decay on
     matrices only, betas 0.9/0.95 as minGPT) with warm-up + cosine learning rate; the batch of step s is
     :func:`kpnb.training.batch_indices` of (seed, s). ``device``: None = CUDA when available.
     Returns (the model in eval mode, the :class:`kpnb.training.TrainResult`)."""
     from . import training
 
-    c = {**TRAIN_DEFAULTS, **dict(cfg)}
+    c = {k: cfg[k] for k in TRAIN_KEYS}
     codes = torch.as_tensor(codes).long()
     ptok = pose_tokens(poses)
     if codes.dim() != 3 or len(codes) != len(ptok):
@@ -301,7 +298,7 @@ def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: 
         return {"loss": loss}
 
     config = {"transformer": model.config(),
-              "train": {k: c[k] for k in TRAIN_DEFAULTS if k not in ARCH_KEYS + ("steps", "ckpt_every")},
+              "train": {k: c[k] for k in TRAIN_KEYS if k not in ARCH_KEYS + ("steps", "ckpt_every")},
               "steps": steps, "n_train": len(codes)}
     result = training.train({"model": model}, {"opt": opt}, step_fn, batch_fn, steps=steps, ckpt_dir=ckpt_dir,
                             config=config, batch_size=bs, ckpt_every=int(c["ckpt_every"]), seed=seed,

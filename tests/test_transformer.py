@@ -94,7 +94,8 @@ def test_training_lowers_the_loss(tmp_path):
     p = poses(16, seed=1)
     tok = T.pose_tokens(p)
     codes = torch.stack([(tok[:, 0] * (k + 1)) % N_CODES for k in range(6)], 1).reshape(16, *LATENT)
-    cfg = {**ARCH, "steps": 60, "batch_size": 16, "lr": 3e-3, "warmup": 0, "ckpt_every": 1000}
+    cfg = {**ARCH, "steps": 60, "batch_size": 16, "lr": 3e-3, "warmup": 0, "ckpt_every": 1000, "weight_decay": 0.01,
+           "seed": 0}
     before = T.validation_loss(tiny(), codes, p)
     model, res = T.train_transformer(codes, p, cfg, tmp_path / "ckpt", n_codes=N_CODES, progress=False)
     after = T.validation_loss(model, codes, p)
