@@ -16,20 +16,24 @@ Loss: L1 on the soft-argmax coordinates of in-frame joints, a cross-entropy pull
 towards a Gaussian at the true joint (keeps the maps unimodal, so soft-argmax does not average a left
 and a right candidate), and cross-entropy on visibility.
 
-:func:`pck` implements METRICS.md exactly; :func:`ceiling` is the estimator's own PCK on held-out
+:func:`pck` implements the definition in ``docs/metrics.md``; :func:`ceiling` is the estimator's own PCK on held-out
 ground-truth renders, the number every generated-image PCK is reported against.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import synth, training
 from .conditioning import check_poses, flip_batch
+from .images import to_model
 from .keypoints import HIDDEN, JOINT_GROUPS, MISSING, N_JOINTS, OUTSIDE, VISIBLE
 
 # visibility classes of the estimator's head -> kpnb visibility codes
@@ -38,10 +42,10 @@ _CODE_TO_CLASS = {OUTSIDE: 0, HIDDEN: 1, VISIBLE: 2}
 
 
 # ======================================================================================================
-# PCK (METRICS.md)
+# PCK (docs/metrics.md)
 # ======================================================================================================
 def pck(pred: Any, target: Any, alphas: Sequence[float] = (0.05, 0.1, 0.2)) -> dict[str, float]:
-    """Percentage of correct keypoints, as METRICS.md defines it.
+    """Percentage of correct keypoints, as ``docs/metrics.md`` defines it.
 
     ``pred``: [N, 17, 2] predicted (x, y), or [N, 17, 3] with a visibility code - then a joint predicted
     OUTSIDE or MISSING counts as not found. ``target``: the conditioning poses [N, 17, 3] (Pose arrays).
@@ -100,7 +104,6 @@ class _Res(nn.Module):
 class PoseNet(nn.Module):
     """images [B, 3, S, S] in [-1, 1] -> (heatmap logits [B, 17, S/4, S/4], visibility logits [B, 17, 3]).
     ``width``: channels at 1/2 resolution (doubling-ish deeper)."""
-
     def __init__(self, image_size: int = 64, width: int = 16):
         super().__init__()
         self.image_size, self.width = image_size, width
@@ -146,7 +149,7 @@ def _to_input(images: Any, size: int, device: torch.device) -> torch.Tensor:
     if x.dtype == torch.uint8:
         if x.dim() != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [N, H, W, 3], got {list(x.shape)}")
-        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = to_model(x)
     x = x.to(device)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -176,10 +179,6 @@ def render_truth(n: int, seed: int, image_size: int = 64, render_size: int = 256
     """``n`` suitable characters of :mod:`kpnb.synth` with their exact poses: (uint8 [n, S, S, 3],
     float32 [n, 17, 3]). Drawn like the dataset's suitable images (render at ``render_size``, Lanczos to
     ``image_size``), each from ``default_rng([seed, 1_000_003, i])`` - a stream the dataset never uses."""
-    from PIL import Image
-
-    from . import synth
-
     imgs = np.zeros((n, image_size, image_size, 3), np.uint8)
     poses = np.zeros((n, N_JOINTS, 3), np.float32)
     for i in range(n):
@@ -256,8 +255,6 @@ def train_estimator(images: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: s
     :data:`RECIPE`). The initial weights come from ``seed``. AdamW with
     warm-up + cosine learning rate; random flips (image and pose) and photometric jitter; the randomness of
     step s comes from ``seeded_generator(seed, s)``. Returns (the model in eval mode, the TrainResult)."""
-    from . import training
-
     given = {**RECIPE, **{k: cfg[k] for k in TRAIN_KEYS}}
     c = {k: given[k] for k in _SETTINGS_ORDER}
     poses_t = check_poses(poses, name="estimator poses")
@@ -299,8 +296,6 @@ def train_estimator(images: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: s
 
 def load_estimator(ckpt_dir: str | Path) -> PoseNet:
     """The PoseNet of a :func:`train_estimator` checkpoint folder (or file), in eval mode."""
-    from . import training
-
     info = training.read_checkpoint_info(ckpt_dir)
     if "estimator" not in info.get("config", {}):
         raise training.CheckpointError(f"{ckpt_dir}: not a kpnb pose-estimator checkpoint (no 'estimator' config)")
@@ -315,8 +310,6 @@ def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: 
     characters (``train_seed``) at ``image_size``, train, and measure the ceiling on ``n_val`` held-out
     renders (``val_seed``). Returns (model, info) with info = ceiling PCK keys (prefixed ``ceiling.``),
     ``train_seconds``, ``render_seconds``, ``images_per_s``, ``steps``."""
-    import time
-
     t0 = time.perf_counter()
     size = int(cfg["image_size"])
     imgs, poses = render_truth(int(cfg["n_train"]), int(cfg["train_seed"]), size, render_size)

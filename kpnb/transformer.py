@@ -43,7 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conditioning import check_poses, grid_context
+from . import training
+from .conditioning import check_poses, flip_poses, grid_context
+from .data import flip_images
+from .diffusion import encode_latents, pose_fidelity as _pose_fidelity
+from .images import to_uint8
 from .keypoints import GRID, MISSING, N_JOINTS, OUTSIDE
 from .runs import check_fields
 
@@ -123,7 +127,6 @@ class CausalSelfAttention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm: x + attn(ln(x)), then x + mlp(ln(x))."""
-
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
@@ -139,7 +142,6 @@ class Block(nn.Module):
 class CondTransformer(nn.Module):
     """``model(idx [B, T], start) -> logits [B, T - start, n_codes]``: next-image-code logits for input
     positions ``start..T-1`` (idx holds pose tokens already offset by ``n_codes``, then codes)."""
-
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
@@ -213,8 +215,6 @@ def make_transformer(cfg: Mapping[str, Any], *, n_codes: int | None = None,
 @torch.no_grad()
 def encode_codes(vq: nn.Module, images: Any, batch_size: int = 64) -> torch.Tensor:
     """uint8 images [N, H, W, 3] -> the VQ model's code indices, long [N, h, w]."""
-    from .diffusion import encode_latents
-
     if getattr(vq.cfg, "code_groups", 1) != 1:
         raise ValueError(f"the transformer needs one code per latent cell; this VQ model has code_groups "
                          f"{vq.cfg.code_groups} (product quantisation): train its spec with code_groups 1")
@@ -228,9 +228,6 @@ def code_dataset(vq: nn.Module, images: Any, poses: Any, flip: bool = True) -> t
     """(codes [N, h, w], poses [N, 17, 3]) for training; ``flip`` appends the mirrored images' codes with the
     mirrored poses (2N samples). Codes are not mirror-symmetric, so the augmentation that the other trainers
     apply per batch is done here once, on the images."""
-    from .conditioning import flip_poses
-    from .data import flip_images
-
     p = check_poses(poses)
     codes = encode_codes(vq, images)
     if not flip:
@@ -243,7 +240,7 @@ def decode_codes(vq: nn.Module, codes: torch.Tensor) -> np.ndarray:
     """Code indices [B, h, w] -> uint8 images [B, H, W, 3] through :meth:`kpnb.vq.VQModel.decode_indices`."""
     dev = next(vq.parameters()).device
     x = vq.decode_indices(codes.to(dev).long())
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(x)
 
 
 # ======================================================================================================
@@ -262,8 +259,6 @@ def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: 
     matrices only, betas 0.9/0.95 as minGPT) with warm-up + cosine learning rate; the batch of step s is
     :func:`kpnb.training.batch_indices` of (seed, s). ``device``: None = CUDA when available.
     Returns (the model in eval mode, the :class:`kpnb.training.TrainResult`)."""
-    from . import training
-
     c = {k: cfg[k] for k in TRAIN_KEYS}
     codes = torch.as_tensor(codes).long()
     ptok = pose_tokens(poses)
@@ -308,8 +303,6 @@ def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: 
 
 def load_transformer(ckpt_dir: str | Path, device: str | torch.device | None = "cpu") -> CondTransformer:
     """The model of a :func:`train_transformer` checkpoint folder (or file), in eval mode."""
-    from . import training
-
     info = training.read_checkpoint_info(ckpt_dir)
     if "transformer" not in info.get("config", {}):
         raise training.CheckpointError(f"{ckpt_dir}: not a kpnb transformer checkpoint (no 'transformer' config)")
@@ -405,7 +398,5 @@ def pose_fidelity(model: CondTransformer, vq: nn.Module, estimator: nn.Module, p
                   **kw: Any) -> tuple[np.ndarray, dict[str, float]]:
     """As :func:`kpnb.diffusion.pose_fidelity` (the same PCK keys, ``sample_images_per_s`` and ``.ratio``
     to the ceiling), with the transformer's :func:`sample_images` as the sampler."""
-    from .diffusion import pose_fidelity as _pose_fidelity
-
     return _pose_fidelity(model, vq, estimator, poses, ceiling=ceiling, batch_size=batch_size, seed=seed,
                           sampler=sample_images, **kw)

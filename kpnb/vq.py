@@ -5,56 +5,19 @@ downsampling, nearest-neighbour upsampling, attention only in the middle block),
 addition is ``stem``: a pixel-unshuffle (space-to-depth) of the input by ``stem`` before the first conv and
 the matching pixel-shuffle after the last. ``stem=1`` is exactly the original layout (the ``gpu`` preset).
 
-Why the stem (measured on 2 shared CPU cores, 64x64 synthetic images, batch 16): the original layout at
-width 32 with one res block per level costs 8.5 GFLOP per image (forward + backward) because of its
-full-resolution layers; with a 4x4 stem every layer runs at 16x16 and the ``cpu`` f4 model costs 0.30 GFLOP
-(~110-170 images/s on 2 idle cores, against ~10 for the original layout). In short runs the reconstruction
-loss per training image seen fell at nearly the same rate for every variant tried (stem 2 or 4, widths 32 or
-48 or 64, no norms, zero-initialised residuals, L2 instead of L1, batch 8 or 16, Adam betas (0.9, 0.99);
-learning rate 1e-3 beat 2e-3 and 4e-3), so within a fixed time the cheapest model learns the most.
-diffusers' VQModel at the same layout as ours had the same FLOPs and speed (1.9 vs 2.0 images/s, one
-thread, measured side by side), so kpnb does not depend on it.
+Design choices (their measurements: ``docs/experiments.md``):
 
-Why the 3-channel f4 latent fell short of 26 dB at 64 px, and what changed (2026-12-02): the best *linear*
-code of 4x4x3 patches (PCA, held-out, the synthetic subset) gives 20.8 dB with 3 components, 25.2 with 8,
-29.8 with 16, and bicubic upsampling of a 16x16 thumbnail 21.4; the old f4 (3 channels, 1024 codes) reached
-21.8 dB after 2000 steps, i.e. barely above a linear 3-component code and far below what more channels allow.
-Two additions, both off by default (so ``gpu`` and imported checkpoints keep the original layout):
-
+* ``stem``: on a CPU, full-resolution layers dominate the cost; with a 4x4 stem every layer of the ``cpu`` f4
+  runs at 16x16, and within a fixed time the cheapest model learns the most.
 * ``linear_path``: a 1x1 conv from each factor x factor patch to its latent cell beside the encoder's deep
   path, and its mirror beside the decoder's, set to the patches' PCA on the first training batch
-  (:meth:`VQModel.init_linear_path`) with the deep paths' last convs at zero. Training starts at the best
+  (:meth:`VQModel.init_linear_path`) with the deep paths' last convs at zero: training starts at the best
   linear autoencoder instead of noise, and the deep paths learn the rest.
-* ``code_groups``: product quantisation. C channels in G groups, each snapped to its own codebook, so a
-  cell carries G x log2(n_codes) bits. 8 channels with 8192 codes in one codebook halved the speed (the
-  N x 8192 distance matrix) and 1024 codes for 8 channels kept the 10 bits a cell of the old model had.
+* ``code_groups``: product quantisation. C channels in G groups, each snapped to its own codebook of
+  ``n_codes``, so a cell carries G x log2(n_codes) bits without an N x (huge codebook) distance matrix.
 
-Equal-time runs (120 s of f4 training on 2 idle cores, cosine schedule over the steps that fit, no GAN; held-out
-PSNR): old model 20.2 dB; 8 channels / 1024 codes 19.9; 8 channels in 4 groups of 256 20.6; the old model with
-the linear path 22.1; 8 channels in 4 groups with the path 25.5; 12 in 6 groups with the path 26.9 (preset
-``cpu-vq12``: 28.1 dB after 1500 steps). f8 with 8 channels in 4 groups and the path: 21.6 dB after 90 s (the
-old f8: 20.0 after 2000 steps). f16 with the path used 15% of its codes after 90 s (a PCA of 16x16 patches from
-16 images is a poor start), so f16 keeps the old layout, and one codebook, for the transformer.
-
-How the f4 layout was chosen for ``cpu``: at ``cpu``'s diffusion budget (tokens+skeleton, 2000 steps of the
-0.7 GFLOP UNet, PCK@0.1 on 128 held-out poses) with *epsilon* prediction, PSNR and the pose traded along one
-line. f4 with the path and groups of 2 channels x 256 codes, 2000 VQ steps unless said:
-
-====================  ========  ===========  ===========  ===========================================
-f4 latent             PSNR      PCK eps      PCK v, 500   run
-====================  ========  ===========  ===========  ===========================================
-3 channels, 1024      21.8 dB   0.838        0.774        ``full2`` (2026-12-03; no path; eps 500: 0.709)
-6 in 3 groups         25.7 dB   0.571                     ``vq6`` (2026-12-03; eps 500: 0.427)
-8 in 4 groups         26.7 dB   0.457        0.685        ``vq8`` (2026-12-03; 207 s; eps 500: 0.284)
-12 in 6 groups        28.1 dB   0.448                     2026-12-02, 1500 VQ steps (``cpu-vq12``)
-====================  ========  ===========  ===========  ===========================================
-
-The cause was the diffusion model's target, not the latent: an epsilon model's first DDIM estimate of x0
-had 6x the data's spread, which snapping to a 3-channel codebook mostly hid and an 8-channel product code
-could not (grid artefacts). With v prediction (:data:`kpnb.diffusion.PREDICTIONS`) the 8-channel latent is
-drawn nearly as well as the 3-channel one, so ``cpu`` ships f4 with 8 channels in 4 groups and the path.
-In the one-command run ``full3`` (2026-12-03) that f4 reached 26.7 dB and, with v, PCK@0.1 0.844 at 2000
-diffusion steps (3 channels with eps: 0.838).
+Both additions are off by default, so ``gpu`` and imported checkpoints keep the original layout. f16 keeps one
+codebook: notebook 07's transformer predicts one code per cell.
 
 Downsampling factor = ``stem * 2 ** (len(channel_mult) - 1)``.
 
@@ -77,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .images import to_model, to_uint8
 from . import training
 from .runs import check_fields
 
@@ -367,8 +331,7 @@ class VQModel(nn.Module):
         """Set the linear path to the PCA of the (factor x factor x 3) patches of images x: the encoder
         projects a patch on its first ``latent_channels`` principal components, the decoder maps them back.
         With the deep paths' last convs at zero, training starts from the best linear autoencoder of
-        patches (at 64x64 on the synthetic set, 8 components: 25.2 dB held-out, 3: 20.8) instead of from
-        noise, and the deep paths learn what is left. Done once, on the first training batch."""
+        patches instead of from noise, and the deep paths learn what is left. Done once, on the first training batch."""
         f, c = self.cfg.factor, self.cfg.latent_channels
         p = F.pixel_unshuffle(x.float(), f).permute(0, 2, 3, 1).reshape(-1, 3 * f * f).double()
         if len(p) < c:
@@ -500,8 +463,8 @@ def vq_config_for(spec: str, preset_cfg: Mapping[str, Any]) -> VQConfig:
 
 # ---- training -----------------------------------------------------------------------------------------
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
-    return images_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (:func:`kpnb.images.to_model`)."""
+    return to_model(images_uint8)
 
 
 def _images_tensor(images: np.ndarray, name: str = "images") -> torch.Tensor:
@@ -676,8 +639,7 @@ def reconstruct(model: VQModel, images: np.ndarray, batch_size: int = 64) -> tup
     recs, idxs = [], []
     for i in range(0, len(data), batch_size):
         zq, idx, _ = model.quantize(model.encode(to_model_range(data[i:i + batch_size])))
-        x = model.decode(zq).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-        recs.append(x.permute(0, 2, 3, 1).numpy())
+        recs.append(to_uint8(model.decode(zq)))
         idxs.append(idx.numpy())
     return np.concatenate(recs), np.concatenate(idxs)
 
