@@ -296,12 +296,7 @@ def train_estimator(images: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: s
 
 def load_estimator(ckpt_dir: str | Path) -> PoseNet:
     """The PoseNet of a :func:`train_estimator` checkpoint folder (or file), in eval mode."""
-    info = training.read_checkpoint_info(ckpt_dir)
-    if "estimator" not in info.get("config", {}):
-        raise training.CheckpointError(f"{ckpt_dir}: not a kpnb pose-estimator checkpoint (no 'estimator' config)")
-    model = PoseNet(**info["config"]["estimator"])
-    training.load_checkpoint(ckpt_dir, {"model": model})
-    return model.eval()
+    return training.load_trained(ckpt_dir, "estimator", lambda c: PoseNet(**c), what="kpnb pose-estimator")
 
 
 def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: int = 256, progress: bool = True,

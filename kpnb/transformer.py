@@ -303,11 +303,8 @@ def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: 
 
 def load_transformer(ckpt_dir: str | Path, device: str | torch.device | None = "cpu") -> CondTransformer:
     """The model of a :func:`train_transformer` checkpoint folder (or file), in eval mode."""
-    info = training.read_checkpoint_info(ckpt_dir)
-    if "transformer" not in info.get("config", {}):
-        raise training.CheckpointError(f"{ckpt_dir}: not a kpnb transformer checkpoint (no 'transformer' config)")
-    model = CondTransformer(TransformerConfig.from_dict(info["config"]["transformer"]))
-    training.load_checkpoint(ckpt_dir, {"model": model})
+    model = training.load_trained(ckpt_dir, "transformer", lambda c: CondTransformer(TransformerConfig.from_dict(c)),
+                                  what="kpnb transformer")
     return model.to(_default_device(device)).eval()
 
 

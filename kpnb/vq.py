@@ -596,12 +596,7 @@ def train_vq(spec: str, images: np.ndarray, preset_cfg: Mapping[str, Any], ckpt_
 
 def load_vq(ckpt_dir: str | Path) -> VQModel:
     """The trained autoencoder of a checkpoint folder (latest checkpoint), in eval mode."""
-    info = training.read_checkpoint_info(ckpt_dir)
-    if "model" not in info.get("config", {}):
-        raise training.CheckpointError(f"{ckpt_dir}: not a VQ checkpoint (no model config in its JSON)")
-    model = VQModel(VQConfig.from_dict(info["config"]["model"]))
-    training.load_checkpoint(ckpt_dir, {"model": model})
-    return model.eval()
+    return training.load_trained(ckpt_dir, "model", lambda c: VQModel(VQConfig.from_dict(c)), what="VQ")
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
