@@ -8,8 +8,7 @@ coordinates (0..1, origin top-left, x to the right) and a visibility code:
 * ``MISSING`` (0): not labelled (coordinates are meaningless, stored as 0)
 * ``OUTSIDE`` (3): labelled, but outside the image frame (coordinates kept, outside 0..1)
 
-Every loader converts into it, every writer out of it. Two external formats are supported
-(see ``shared/design/KEYPOINTS.md``):
+Every loader converts into it, every writer out of it. Two external formats are supported:
 
 * the Danbooru pose-keypoint release: one JSON object per image, ``{"nose": [y, x], ...}`` in pixels of a
   512x512 frame. Note the **[row, col] = [y, x]** order. Values outside [0, 512) are kept and marked OUTSIDE.

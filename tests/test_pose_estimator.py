@@ -1,4 +1,4 @@
-"""PCK on hand-made cases (METRICS.md), and the estimator end to end on a few renders."""
+"""PCK on hand-made cases (docs/metrics.md), and the estimator end to end on a few renders."""
 import numpy as np
 import pytest
 import torch
