@@ -19,12 +19,14 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from . import runs
+from . import clip as kclip, clip_tuning, diffusion, runs, transformer, vq
 
 
 def _device() -> torch.device:
@@ -43,7 +45,6 @@ def _sig(v: float, digits: int = 4) -> float:
 
 def count_flops(fn: Callable[[], Any]) -> float:
     """FLOPs of one call of ``fn`` (matrix products and convolutions, forward and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc:
         fn()
@@ -85,7 +86,6 @@ def train_speed(step: Callable[[int], Any], batch_size: int, steps: int, device:
 def bench_vq_model(spec: str, vq_section: dict[str, Any], *, batch_size: int, steps: int,
                    device: torch.device) -> dict[str, Any]:
     """One VQ spec under one preset section: the autoencoder-only phase and the phase with the GAN."""
-    from . import vq
 
     cfg = vq.vq_config_for(spec, vq_section)
     settings = {**vq.train_settings(vq_section), "reseed_every": 0}
@@ -154,7 +154,6 @@ def _diffusers_twin(unet: torch.nn.Module) -> torch.nn.Module:
 def bench_ldm_model(model: Any, *, batch_size: int, steps: int, sample_steps: int, device: torch.device,
                     diffusers: bool = False) -> dict[str, Any]:
     """Training step (loss, backward, fused AdamW) and DDIM sampling speed of one KeypointLDM."""
-    from . import diffusion
 
     model = model.to(device)
     C, h, w = model.latent_shape
@@ -216,7 +215,6 @@ def bench_ldm(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs:
               diffusers: bool = False) -> dict[str, Any]:
     """Each conditioning mode of ``preset`` on latents of its VQ spec (f4 unless ``specs`` names one), and the
     original latent-diffusion keypoint UNet (base 160, 64x64x3 latents; batch 1) for ``gpu_steps`` steps."""
-    from . import diffusion, vq
 
     device = _device()
     cfg = runs.preset_config(preset)
@@ -241,7 +239,6 @@ def bench_transformer_model(tcfg: dict[str, Any], vq_cfg: Any, *, batch_size: in
                             device: torch.device) -> dict[str, Any]:
     """Training step (teacher forcing, AdamW, clipping as :func:`kpnb.transformer.train_transformer`) and,
     with ``sample`` > 0, sampling ``sample`` images (codes one at a time, then the VQ decoder)."""
-    from . import transformer, vq
 
     side = vq_cfg.image_size // vq_cfg.factor
     torch.manual_seed(0)
@@ -277,7 +274,6 @@ def bench_transformer(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1
     """The preset's transformer over the codes of its VQ spec, and taming's configuration (the ``gpu``
     preset: 24 layers of width 1024 over 16x16 f16 codes; batch 1, training step only: sampling it one code
     at a time without a cache takes minutes per image on a CPU)."""
-    from . import vq
 
     device = _device()
     cfg = runs.preset_config(preset)
@@ -298,7 +294,6 @@ def bench_clip_tuning(clip_model: torch.nn.Module, vq_cfg: Any, *, n_images: int
                       device: torch.device) -> dict[str, Any]:
     """Iterations/s of :func:`kpnb.clip_tuning.tune` (``n_images`` latents, ``cutouts`` crops each) with a
     randomly initialised VQ decoder of ``vq_cfg`` (the speed does not depend on the weights)."""
-    from . import clip_tuning, vq
 
     torch.manual_seed(0)
     ae = vq.VQModel(vq_cfg).to(device).eval()
@@ -316,11 +311,9 @@ def bench_clip(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs
     first VQ spec's latents (``n_tune`` images x ``cutouts``, or each of ``specs``); with ``gpu_config``
     also tuning one 256x256 image on the gpu preset's VQ with an untrained open_clip ViT-B-32 (the size of
     the pretrained CLIP a person points at; nothing is downloaded)."""
-    import tempfile
 
     import open_clip
 
-    from . import clip as kclip, vq
 
     device = _device()
     cfg = runs.preset_config(preset)

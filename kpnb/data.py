@@ -17,14 +17,18 @@ After filtering, notebook 01 packs the kept images into ``<run>/subset/{train,va
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from PIL import Image, ImageFile
+from tqdm.auto import tqdm
 
 from .keypoints import Pose, PoseError, read_release_json
+from .runs import atomic_write_bytes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 
@@ -64,7 +68,6 @@ class Problems:
 def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
     """RGB uint8 [H, W, 3], resized (antialiased) to ``size`` x ``size`` when given. Raises DataError naming
     the file for anything unreadable, truncated or corrupt."""
-    from PIL import Image, ImageFile
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
     path = Path(path)
@@ -81,7 +84,6 @@ def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
 
 def _square(im: Any) -> Any:
     """Pad to a square on the bottom/right, as the release's 512 frame does (keeps keypoint coordinates)."""
-    from PIL import Image
 
     w, h = im.size
     if w == h:
@@ -181,7 +183,6 @@ def load_candidates(root: str | Path, size: int, limit: int | None = None, progr
     Skipped and reported: images without a keypoint file, keypoint files without an image, unreadable or
     invalid keypoint files, corrupt or truncated images, bad metadata lines.
     """
-    from tqdm.auto import tqdm
 
     root = Path(root)
     if not (root / "images").is_dir() or not (root / "keypoints").is_dir():
@@ -233,8 +234,6 @@ def split_of(image_id: str, val_frac: float, seed: int = 0) -> str:
 def save_subset(run_dir: str | Path, split: str, *, ids: list[str], images: np.ndarray, poses: np.ndarray,
                 captions: list[str], attrs: list[dict[str, Any]]) -> Path:
     """Write ``<run>/subset/<split>.npz`` (no object arrays, so it loads without pickle)."""
-    from .runs import atomic_write_bytes
-    import io
 
     buf = io.BytesIO()
     np.savez(buf, ids=np.array(ids, dtype=str), images=images.astype(np.uint8), poses=poses.astype(np.float32),

@@ -2,6 +2,7 @@
 and, given ``path``, saves it as PNG (200 dpi for the write-up's figures)."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -137,7 +138,6 @@ def histograms(values: dict[str, np.ndarray], bins: int = 40, ncols: int = 4, pa
 def loss_curves(csv_paths: dict[str, str | Path], keys: Sequence[str] = ("loss",), path=None,
                 logy: bool = True) -> Any:
     """Loss curves from training metrics CSVs (one line per run and key)."""
-    import csv
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -18,6 +18,7 @@ Bad input raises :class:`PoseError`, which names the file (when known) and the f
 """
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 JOINTS = [
     "nose", "eye_left", "eye_right", "ear_left", "ear_right",
@@ -69,7 +71,6 @@ def _limb_side(a: int, b: int) -> str:
 
 def _limb_colours() -> list[tuple[int, int, int]]:
     """A distinct colour per limb: warm hues for the character's left, cool for the right, greys/greens centre."""
-    import colorsys
 
     left = [i for i, l in enumerate(LIMBS) if _limb_side(*l) == "left"]
     right = [i for i, l in enumerate(LIMBS) if _limb_side(*l) == "right"]
@@ -416,7 +417,6 @@ def draw_skeleton(pose: Pose, size: int = 256, background: Any = None, width: in
     ``background``: an image array to draw on (resized to ``size``) or None for black. Left limbs are warm,
     right limbs cool; hidden joints are drawn hollow; outside and missing joints are not drawn.
     """
-    from PIL import Image, ImageDraw
 
     if background is None:
         img = Image.new("RGB", (size, size), (0, 0, 0))

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from .runs import atomic_write_bytes
+
 NOTEBOOKS = ["01_dataset_filtering", "02_keypoint_inspection", "03_vq_training", "04_ldm_training",
              "05_sampling", "06_clip_tuning", "07_cond_transformer", "08_blog_figures"]
 
@@ -129,7 +131,6 @@ def markdown_table(rows: list[Mapping[str, str]]) -> str:
 def write_report(root: str | Path, extra_figures: Mapping[str, str] | None = None) -> Path:
     """Write ``<root>/REPORT.md`` and return its path. ``extra_figures``: figure file name -> caption for
     figures to list first (the write-up's), the rest are listed by notebook."""
-    from .runs import atomic_write_bytes
 
     root = Path(root)
     m = collect_metrics(root)

@@ -21,7 +21,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # layout imports training, which imports runs
+    from .layout import RunFiles
 
 # ---- presets ------------------------------------------------------------------------------------------
 # BASE is the one complete configuration (the embedded default, ``cpu``); every other preset is a delta on

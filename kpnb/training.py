@@ -39,6 +39,7 @@ import json
 import math
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -48,6 +49,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import runs
 
@@ -161,7 +163,6 @@ def fork_checkpoint(src_dir: str | Path, dst_dir: str | Path) -> Path:
     """Start ``dst_dir`` from the latest checkpoint of ``src_dir`` (and its metrics.csv), so that training
     into ``dst_dir`` goes on from there while ``src_dir`` stays as it is. A ``dst_dir`` that already has a
     checkpoint is left alone (it is being, or was, trained further). Returns the checkpoint JSON used."""
-    import shutil
 
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     have = latest_checkpoint(dst_dir)
@@ -383,7 +384,6 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
     for m in modules.values():
         m.train()
 
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
     sums: dict[str, float] = {}

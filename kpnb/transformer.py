@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import training
 from .conditioning import check_poses, flip_poses, grid_context
@@ -356,7 +357,6 @@ def sample_codes(model: CondTransformer, poses: Any, *, temperature: float = 1.0
       global RNG), on the CPU, so a seed gives the same codes on any device.
     * ``callback(dict(i, codes))`` after each step (i = 0..L-1, ``codes`` [B, i + 1] so far), or
       ``progress=True`` for a tqdm bar."""
-    from tqdm.auto import tqdm
 
     ptok = pose_tokens(poses)
     dev = next(model.parameters()).device

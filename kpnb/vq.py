@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .images import to_model, to_uint8
-from . import training
+from . import runs, training
 from .runs import check_fields
 
 SPECS = ("f4", "f8", "f16")
@@ -405,7 +405,6 @@ class VGGPerceptual(nn.Module):
         super().__init__()
         import torchvision
 
-        from . import runs
 
         vgg = torchvision.models.vgg16(weights=None)
         sd, _ = runs.load_tensors(weights_path)

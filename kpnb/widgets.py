@@ -13,6 +13,7 @@ import io
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 from .keypoints import HIDDEN, JOINTS, MISSING, OUTSIDE, VISIBLE, Pose, draw_skeleton, flip
 
@@ -20,7 +21,6 @@ VIS_OPTIONS = [("visible", VISIBLE), ("hidden", HIDDEN), ("missing", MISSING)]
 
 
 def _png(img: np.ndarray) -> bytes:
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
@@ -117,7 +117,6 @@ class PoseEditor:
             raise
         self.samples = images
         if images:
-            from PIL import Image
 
             tiles = [np.asarray(Image.fromarray(im).resize((self.sample_size, self.sample_size), Image.NEAREST))
                      for im in images]
