@@ -17,8 +17,8 @@ ground-truth label (so the filter's precision and recall can be measured) and a 
   Danbooru2021-shaped metadata whose tags are noisy on purpose (a share of distractors lacks the revealing
   tag, a few suitable images carry a wrong one), and the ground-truth label.
 The parts: :mod:`.palette` (shared constants), :mod:`.characters` (attributes and poses), :mod:`.painter`
-(drawing, with :mod:`.shapes`, :mod:`.head` and :mod:`.body`), :mod:`.scenes` (distractor scenes and estimator-like keypoint files), :mod:`.tags` (metadata and
-captions), :mod:`.dataset` (candidates and the writer).
+(drawing, with :mod:`.shapes`, :mod:`.head` and :mod:`.body`), :mod:`.scenes` (distractor scenes and
+estimator-like keypoint files), :mod:`.tags` (metadata and captions), :mod:`.dataset` (candidates and the writer).
 
 * :func:`write_dataset` writes ``images/<id>.png``, ``keypoints/<id>.json``, ``metadata.jsonl``,
   ``labels.jsonl`` and ``dataset.json`` with worker processes; a rerun with the same settings does nothing.
