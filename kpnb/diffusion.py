@@ -23,7 +23,9 @@ is divided by it, quantised and decoded (:func:`decode_latents`). Settings come 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,9 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
-from . import training
-from .conditioning import Cond, PoseConditioner, check_poses, flip_batch, parse_modes
+from . import runs, training
+from .runtime import CPU, Method, Runtime
+from .conditioning import Cond, PoseConditioner, check_poses, flip_batch, flip_poses, parse_modes
 from .images import to_model, to_uint8
 from .pose_estimator import pck, predict
 from .unet import SpatialTransformer, UNet, UNetConfig, timestep_embedding, unet_state_from_ldm
@@ -165,18 +169,27 @@ class KeypointLDM(nn.Module):
         e_c, e_u = self.eps(torch.cat([x, x]), torch.cat([t, t]), cond.cat(uncond)).chunk(2)
         return e_u + guidance * (e_c - e_u)
 
+    def draw(self, shape: Sequence[int], p_uncond: float, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-sample random draws of :meth:`loss` for latents of ``shape`` (on the CPU): timesteps, noise,
+        and which poses are dropped (probability ``p_uncond``)."""
+        B = shape[0]
+        t = torch.randint(0, self.schedule.T, (B,), generator=generator)
+        noise = torch.randn(tuple(shape), generator=generator)
+        return t, noise, torch.rand(B, generator=generator) < p_uncond
+
     def loss(self, z0: torch.Tensor, poses: torch.Tensor, *, p_uncond: float = 0.1, min_snr: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None,
+             draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """MSE between the UNet's output and its target (:func:`prediction_target`) at uniform random
         timesteps; each sample's pose is dropped (replaced by the learned nulls) with probability ``p_uncond``.
         ``min_snr`` > 0 weights each sample by min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1)
         for v (Min-SNR-gamma, Hang et al. 2023; the same weight in x0 terms for both), so that the many nearly
-        noise-free timesteps do not dominate the loss. 0 = ldm's plain mean (the original)."""
-        B = z0.shape[0]
+        noise-free timesteps do not dominate the loss. 0 = ldm's plain mean (the original). ``draws``: the
+        :meth:`draw` of this batch, made beforehand (training makes them for the global batch); None = drawn
+        here from ``generator``."""
         dev = z0.device
-        t = torch.randint(0, self.schedule.T, (B,), generator=generator).to(dev)
-        noise = torch.randn(z0.shape, generator=generator).to(dev)
-        drop = (torch.rand(B, generator=generator) < p_uncond).to(dev)
+        t, noise, drop = (d.to(dev) for d in (draws or self.draw(z0.shape, p_uncond, generator)))
         cond = self.cond(poses, drop)
         a = self.schedule.abar(t, z0)
         target = prediction_target(self.prediction, z0, noise, a)
@@ -351,9 +364,50 @@ def snap_to_codebook(vq: nn.Module, scale_factor: float) -> Callable[[torch.Tens
     return snap
 
 
-def scale_factor_of(latents: torch.Tensor) -> float:
-    """1 / std of the training latents (ldm's ``scale_by_std``), so the diffusion sees unit-variance data."""
-    return float(1.0 / latents.float().std())
+def scale_factor_of(latents: torch.Tensor | np.ndarray, chunk: int = 4096) -> float:
+    """1 / std of the training latents (ldm's ``scale_by_std`` over all of them), so the diffusion sees
+    unit-variance data. Summed in float64 chunks: a memory-mapped cache is read once, never held."""
+    n, s1, s2 = 0, 0.0, 0.0
+    for i in range(0, len(latents), chunk):
+        c = np.asarray(latents[i:i + chunk], dtype=np.float64)
+        n, s1, s2 = n + c.size, s1 + c.sum(), s2 + np.square(c).sum()
+    if n < 2:
+        raise ValueError("scale_factor_of: need at least two latent values")
+    return float(1.0 / math.sqrt((s2 - s1 * s1 / n) / (n - 1)))
+
+
+LATENT_CACHE_VERSION = 1
+
+
+def latent_cache(vq: nn.Module, images: np.ndarray, path: str | Path, *, identity: Mapping[str, Any],
+                 batch_size: int = 64, progress: bool = True, runtime: Runtime | None = None) -> np.ndarray:
+    """The pre-quantisation latents of ``images`` and of their mirror images, ``[N, 2, C, h, w]`` float32
+    (``[:, 0]`` as given, ``[:, 1]`` encoded from the horizontally flipped image), memory-mapped from the
+    ``.npy`` at ``path``. Written once (to a temporary file, then renamed; the JSON sidecar with
+    ``identity`` - which VQ checkpoint, which images - last); a cache whose sidecar names another identity
+    is rebuilt. Under several ranks rank 0 writes it and the others wait, then read it."""
+    rt = runtime or CPU
+    path = Path(path)
+    side = path.with_suffix(".json")
+    want = {"version": LATENT_CACHE_VERSION, "n": int(len(images)), **json.loads(json.dumps(dict(identity)))}
+    fresh = side.exists() and path.exists() and json.loads(side.read_text()) == want
+    if not fresh and rt.is_main:
+        side.unlink(missing_ok=True)
+        dev = next(vq.parameters()).device
+        tmp = path.with_name(f".{path.name}.tmp")
+        shape = (len(images), 2, *vq.encode(to_model(images[:1]).to(dev)).shape[1:])
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        with torch.no_grad():
+            for i in tqdm(range(0, len(images), batch_size), desc=f"latents {path.stem}", disable=not progress):
+                x = to_model(images[i:i + batch_size]).to(dev)
+                out[i:i + len(x), 0] = vq.encode(x).float().cpu().numpy()
+                out[i:i + len(x), 1] = vq.encode(x.flip(-1)).float().cpu().numpy()
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        runs.write_json(side, want)
+    rt.barrier()
+    return np.load(path, mmap_mode="r")
 
 
 @torch.no_grad()
@@ -383,16 +437,19 @@ def _train_record(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_dir: str | Path,
               modes: str | Sequence[str], *, scale_factor: float | None = None, progress: bool = True,
-              resume: bool = True, on_log: Callable[[dict[str, float]], None] | None = None
-              ) -> tuple[KeypointLDM, Any]:
+              resume: bool = True, on_log: Callable[[dict[str, float]], None] | None = None,
+              runtime: Runtime | None = None) -> tuple[KeypointLDM, Any]:
     """Train a KeypointLDM on unscaled pre-quantisation ``latents`` [N, C, h, w] and ``poses`` [N, 17, 3].
 
     ``cfg``: a preset's ``diffusion`` section (every key of :data:`ARCH_KEYS` and :data:`TRAIN_KEYS`). Each
     step: a batch by :func:`kpnb.training.batch_indices`, half the samples flipped together with their poses
     (``flip``), per-sample conditioning dropout (``p_uncond``), AdamW (no weight decay) with warm-up, then a
     cosine or constant learning rate (``lr_schedule``), EMA of the weights. All randomness of step s comes from
-    ``seeded_generator(seed, s)``, so a resumed run matches an uninterrupted one. ``scale_factor``: None =
-    1/std of ``latents``. Returns (the EMA model in eval mode, the :class:`kpnb.training.TrainResult`)."""
+    ``seeded_generator(seed, s)`` and is drawn for the whole global batch in ``batch_fn``, so a resumed run
+    matches an uninterrupted one and N ranks (``runtime``, under torchrun) train what one process would.
+    ``scale_factor``: None = 1/std of ``latents``. Returns (the EMA model in eval mode, the
+    :class:`kpnb.training.TrainResult`)."""
+    rt = runtime or CPU
     missing = [k for k in ARCH_KEYS + TRAIN_KEYS if k not in cfg]
     if missing:
         raise KeyError(f"train_ldm: the diffusion settings lack {', '.join(missing)}; pass a preset's section, "
@@ -400,46 +457,54 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
     if cfg["lr_schedule"] not in ("cosine", "constant"):
         raise ValueError(f"diffusion.lr_schedule must be 'cosine' or 'constant', got {cfg['lr_schedule']!r}")
     modes = parse_modes(modes)
-    latents = torch.as_tensor(latents).float()
+    mirrored = latents.ndim == 5  # a latent_cache: [N, 2, C, h, w], the flipped image's own latents at [:, 1]
+    if not mirrored:
+        latents = torch.as_tensor(latents)
     poses = check_poses(poses, name="train poses")
     if len(latents) != len(poses):
         raise ValueError(f"train_ldm: {len(latents)} latents but {len(poses)} poses")
-    sf = scale_factor_of(latents) if scale_factor is None else float(scale_factor)
-    model = ldm_from_settings(cfg, modes, latents.shape[1:], scale_factor=sf)
+    sf = scale_factor_of(latents[:, 0] if mirrored else latents) if scale_factor is None else float(scale_factor)
+    model = ldm_from_settings(cfg, modes, latents.shape[2 if mirrored else 1:], scale_factor=sf).to(rt.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     lr, warmup, ema_decay = cfg["lr"], cfg["warmup"], cfg["ema_decay"]
     p_uncond, min_snr, flip = cfg["p_uncond"], cfg["min_snr"], cfg["flip"]
     # fused AdamW: one kernel over all tensors instead of a Python loop over them
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
-    data = latents * sf
     seed, bs, steps = int(cfg["seed"]), int(cfg["batch_size"]), int(cfg["steps"])
     # constant (after warmup): a finished run can be trained further (more steps) without a jump in lr
     final_frac = 1.0 if cfg["lr_schedule"] == "constant" else 0.1
+    loss_of = rt.ddp(Method(model, "loss"))  # DDP (several ranks) and torch.compile (runtime.compile) go here
 
-    def batch_fn(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = training.batch_indices(len(data), bs, step, seed=seed)
-        return data[idx], poses[idx]
-
-    def step_fn(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        z, p = batch
+    def batch_fn(step: int) -> tuple[torch.Tensor, ...]:
+        """The global batch of ``step`` with every random draw of its samples (flips, timesteps, noise, pose
+        dropout), so that a rank's slice of it is exactly its part of a one-process step."""
+        idx = training.batch_indices(len(latents), bs, step, seed=seed)
         g = training.seeded_generator(seed, step, 1)
-        if flip:
-            z, p = flip_batch(z, p, torch.rand(len(z), generator=g) < 0.5)
+        which = torch.rand(bs, generator=g) < 0.5 if flip else torch.zeros(bs, dtype=torch.bool)
+        if mirrored:  # the mirror image's latents (read from the memory map, row by row)
+            z = torch.as_tensor(np.stack([latents[i, int(w)] for i, w in zip(idx.tolist(), which.tolist())]))
+            p = torch.where(which[:, None, None], flip_poses(poses[idx]), poses[idx])
+        else:  # the latents mirrored in place
+            z, p = flip_batch(torch.as_tensor(latents[idx]).float(), poses[idx], which)
+        z = z.float() * sf
+        return (z, p, *model.draw(z.shape, p_uncond, g))
+
+    def step_fn(step: int, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        z, p, *draws = batch
         training.set_lr(opt, training.warmup_cosine(step, steps, lr, warmup, final_frac=final_frac))
-        loss = model.loss(z, p, p_uncond=p_uncond, min_snr=min_snr, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with rt.autocast():
+            loss = loss_of(z, p, min_snr=min_snr, draws=draws)
+        rt.backward_step(loss, opt)
         # EMA warm-up as ldm's LitEma: early on the average follows the weights closely
         training.ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
         return {"loss": loss}
 
     # "steps" at the top level: kpnb.training allows resuming with more (or fewer) steps, nothing else changed
-    config = {"ldm": model.config(), "train": _train_record(cfg), "steps": steps, "n_train": len(data)}
+    config = {"ldm": model.config(), "train": _train_record(cfg), "steps": steps, "n_train": len(latents)}
     result = training.train({"model": model, "ema": ema}, {"opt": opt}, step_fn, batch_fn, steps=steps,
                             ckpt_dir=ckpt_dir, config=config, batch_size=bs, ckpt_every=int(cfg["ckpt_every"]),
                             seed=seed, desc=f"ldm[{'+'.join(modes)}]", resume=resume, progress=progress,
-                            on_log=on_log)
+                            on_log=on_log, runtime=rt)
     return ema.eval(), result
 
 

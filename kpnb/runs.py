@@ -25,12 +25,18 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:  # layout imports training, which imports runs
     from .layout import RunFiles
+    from .runtime import Runtime
 
 # ---- presets ------------------------------------------------------------------------------------------
 # BASE is the one complete configuration (the embedded default, ``cpu``); every other preset is a delta on
 # it, so no preset can miss a key. One section per stage. Why each value is what it is, with the runs that
 # measured it: docs/experiments.md.
 BASE: dict[str, dict[str, Any]] = {
+    # where the models run (kpnb.runtime): device auto = cuda, else mps, else cpu; precision fp32 | bf16 | fp16 |
+    # auto (bf16 where the GPU has it, else fp16 with a gradient scaler; fp32 on a CPU); compile: torch.compile
+    # the UNet; workers: DataLoader processes that build the batches ahead of each step (0: the main thread,
+    # which is fastest on 2 CPU cores)
+    "runtime": {"device": "auto", "precision": "fp32", "compile": False, "workers": 0},
     "data": {"image_size": 64, "n_candidates": 6000, "render_size": 256, "seed": 0, "val_frac": 0.1},
     # the CLIP stage keeps images whose P(positive prompt vs the negatives) >= clip_min_score
     "filter": {"use_clip": True, "clip_min_score": 0.1},
@@ -108,6 +114,7 @@ DELTAS: dict[str, dict[str, Any]] = {
     "cpu": {},
     # the original study's scale for a real GPU and the real dataset
     "gpu": {
+        "runtime": {"precision": "auto", "workers": 6},
         "data": {"image_size": 256, "n_candidates": 60000, "render_size": 512, "val_frac": 0.02},
         # VQ: the latent-diffusion first stages (f4 exactly: 3 channels, 8192 codes, width 128, mult 1,2,4)
         "vq": {"steps": 200000, "image_size": 256, "lr": 7.2e-5, "warmup": 0, "disc_start": 50001,
@@ -400,6 +407,15 @@ class NotebookRun:
         from .layout import RunFiles  # imported here: layout -> training -> runs
 
         return RunFiles(self.root)
+
+    @property
+    def runtime(self) -> "Runtime":
+        """Device, precision and ranks of this notebook's models (the preset's ``runtime`` section)."""
+        if getattr(self, "_runtime", None) is None:
+            from .runtime import Runtime
+
+            self._runtime = Runtime.from_settings(self.cfg["runtime"])
+        return self._runtime
 
     @property
     def seconds(self) -> float:

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import runs
+from .runtime import CPU, Runtime
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})\.json$")
 
@@ -334,6 +335,33 @@ def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
+class _StepBatches(torch.utils.data.Dataset):
+    """Item i = this rank's slice of the global batch of step ``start + i`` (built in a DataLoader worker)."""
+
+    def __init__(self, batch_fn: Callable[[int], Any], start: int, steps: int, rt: Runtime):
+        self.batch_fn, self.start, self.steps, self.rt = batch_fn, start, steps, rt
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __getitem__(self, i: int) -> Any:
+        return self.rt.shard(self.batch_fn(self.start + i))
+
+
+def _batches(batch_fn: Callable[[int], Any], start: int, steps: int, rt: Runtime) -> Iterator[tuple[int, Any]]:
+    """(step, batch on the device) for steps [start, steps): built on the main thread (workers 0), or by
+    ``rt.workers`` processes that keep 4 batches each ready ahead of the step (pinned memory on CUDA)."""
+    steps_ds = _StepBatches(batch_fn, start, steps, rt)
+    if rt.workers == 0 or len(steps_ds) == 0:
+        for i in range(len(steps_ds)):
+            yield start + i, rt.to_device(steps_ds[i])
+        return
+    loader = torch.utils.data.DataLoader(steps_ds, batch_size=None, shuffle=False, num_workers=rt.workers,
+                                         pin_memory=rt.device.type == "cuda", prefetch_factor=4)
+    for i, batch in enumerate(loader):
+        yield start + i, rt.to_device(batch)
+
+
 @dataclass
 class TrainResult:
     step: int                      # steps completed
@@ -349,20 +377,32 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
           steps: int, ckpt_dir: str | Path, config: Mapping[str, Any] | None = None, batch_size: int = 1,
           ckpt_every: int = 500, log_every: int = 10, seed: int = 0, desc: str = "train",
           resume: bool = True, progress: bool = True,
-          on_log: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+          on_log: Callable[[dict[str, float]], None] | None = None,
+          runtime: Runtime | None = None) -> TrainResult:
     """Run ``step_fn(step, batch_fn(step))`` for steps ``[start, steps)``; see the module docstring.
 
     ``config`` (JSON-able) is saved with each checkpoint; resuming with a different config (other than
     ``steps``) is refused, so a checkpoint is never continued with another model. ``seed`` seeds the global
-    RNGs at a fresh start (resume restores them instead). ``batch_size`` only feeds the images/s figure.
-    ``on_log(row)`` is called with each metrics row (e.g. to draw a live loss curve in a notebook).
+    RNGs at a fresh start (resume restores them instead). ``batch_size`` (the global batch) only feeds the
+    images/s figure. ``on_log(row)`` is called with each metrics row (e.g. to draw a live loss curve).
+
+    ``runtime`` (:class:`kpnb.runtime.Runtime`, default CPU): batches are built by ``runtime.workers``
+    DataLoader workers ahead of the step (pinned memory on CUDA), cut to this rank's slice
+    (:meth:`~kpnb.runtime.Runtime.shard`; ``batch_fn`` returns the global batch with all its per-sample random
+    draws, so N ranks compute what one process would) and moved to the device. With several ranks, the logged
+    losses are means over the ranks and rank 0 alone writes metrics.csv and checkpoints; every rank resumes
+    from the same checkpoint, whatever the number of ranks that wrote it.
     """
+    rt = runtime or CPU
+    main = rt.is_main
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(dict(config or {}), default=runs._json_default))  # as it will read back
     csv_path = ckpt_dir / "metrics.csv"
     start, elapsed, last = 0, 0.0, latest_checkpoint(ckpt_dir) if resume else None
-    _clean_dir(ckpt_dir, keep_step=None)  # temporary files of a killed write
+    rt.barrier()  # every rank has picked the same checkpoint before rank 0 cleans or writes anything
+    if main:
+        _clean_dir(ckpt_dir, keep_step=None)  # temporary files of a killed write
     if last is not None:
         info = read_checkpoint_info(last)
         saved = {k: v for k, v in info.get("config", {}).items() if k != "steps"}
@@ -380,49 +420,62 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
         np.random.seed(seed % (1 << 32))
         random.seed(seed)
         history = []
-        csv_path.unlink(missing_ok=True)
+        if main:
+            csv_path.unlink(missing_ok=True)
     for m in modules.values():
         m.train()
 
-
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+    # losses stay on the device between log rows on a GPU (a float() per step would stall it)
+    check_every_step = rt.device.type == "cpu"
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and main), dynamic_ncols=True)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     n_in_row, t_row, t_call, ran = 0, time.perf_counter(), time.perf_counter(), 0
     ckpt_path = last
     try:
-        for step in range(start, steps):
-            out = step_fn(step, batch_fn(step))
-            losses = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
-            bad = [k for k, v in losses.items() if not math.isfinite(v)]
-            if bad:
-                where = f"{ckpt_path.name} (step {read_checkpoint_info(ckpt_path)['step']})" if ckpt_path else "none"
-                raise NonFiniteLossError(
-                    f"{desc}: loss {bad[0]!r} is {losses[bad[0]]} at step {step}; training stopped. "
-                    f"Last good checkpoint in {ckpt_dir}: {where} (left untouched). Lower the learning rate "
-                    f"or check the data of this step.")
-            for k, v in losses.items():  # a key may appear only on some steps (e.g. GAN terms)
-                sums[k] = sums.get(k, 0.0) + v
+        for step, batch in _batches(batch_fn, start, steps, rt):
+            out = step_fn(step, batch)
+            for k, v in out.items():  # a key may appear only on some steps (e.g. GAN terms)
+                sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
                 counts[k] = counts.get(k, 0) + 1
             n_in_row += 1
             ran += 1
             done = step + 1
-            if done % log_every == 0 or done == steps:
+            log_now, save_now = done % log_every == 0 or done == steps, done % ckpt_every == 0 or done == steps
+            if check_every_step or log_now or save_now:
+                means = rt.mean_over_ranks({k: float(v) / counts[k] for k, v in sums.items()})
+                bad = [k for k, v in means.items() if not math.isfinite(v)]
+                if bad:
+                    where = (f"{ckpt_path.name} (step {read_checkpoint_info(ckpt_path)['step']})" if ckpt_path
+                             else "none")
+                    # checked every step on a CPU; on a GPU only at log rows and checkpoints
+                    when = (f"at step {step}" if check_every_step or n_in_row == 1
+                            else f"in steps {step - n_in_row + 1}-{step}")
+                    raise NonFiniteLossError(
+                        f"{desc}: loss {bad[0]!r} is {means[bad[0]]} {when}; training stopped. Last good "
+                        f"checkpoint in {ckpt_dir}: {where} (left untouched). Lower the learning rate or check "
+                        f"the data of this step.")
+            if log_now:
                 now = time.perf_counter()
-                row = {"step": done, **{k: v / counts[k] for k, v in sums.items()},
-                       "seconds": elapsed + now - t_call, "images_per_s": n_in_row * batch_size / (now - t_row)}
+                row = {"step": done, **means, "seconds": elapsed + now - t_call,
+                       "images_per_s": n_in_row * batch_size / (now - t_row)}
                 history.append(row)
-                _write_csv(csv_path, history)
+                if main:
+                    _write_csv(csv_path, history)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "seconds")},
                                 refresh=False)
-                if on_log is not None:
+                if on_log is not None and main:
                     on_log(row)
                 sums, counts, n_in_row, t_row = {}, {}, 0, now
             bar.update(1)
-            if done % ckpt_every == 0 or done == steps:
-                ckpt_path = save_checkpoint(ckpt_dir, done, modules, optimizers, config,
-                                            {"seconds": elapsed + time.perf_counter() - t_call, "seed": seed,
-                                             "data_order": "batch_fn(step): a function of (seed, step)"})
+            if save_now:
+                if main:
+                    ckpt_path = save_checkpoint(ckpt_dir, done, modules, optimizers, config,
+                                                {"seconds": elapsed + time.perf_counter() - t_call, "seed": seed,
+                                                 "data_order": "batch_fn(step): a function of (seed, step)",
+                                                 "world_size": rt.world_size})
+                rt.barrier()  # no rank runs ahead of a checkpoint that is still being written
+                ckpt_path = _ckpt_paths(ckpt_dir, done)[1]
     finally:
         bar.close()
     total = elapsed + time.perf_counter() - t_call
