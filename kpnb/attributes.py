@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import synth, training
+from .runtime import Runtime, current
 from .images import to_model
 
 IGNORE = -100  # label of an image without this attribute (e.g. a distractor): left out of that head's loss
@@ -99,10 +100,12 @@ def encode_labels(values: Sequence[str | None], classes: Sequence[str], name: st
 def train_attribute_classifier(images: np.ndarray, labels: Mapping[str, Sequence[str | None]],
                                classes: Mapping[str, Sequence[str]], ckpt_dir: str | Path, *, steps: int = 600,
                                batch_size: int = 64, lr: float = 2e-3, width: int = 32, depth: int = 3,
-                               seed: int = 0, progress: bool = True, resume: bool = True):
+                               seed: int = 0, progress: bool = True, resume: bool = True,
+                               runtime: Runtime | None = None):
     """Train on uint8 renders ``[N, H, W, 3]`` with ``labels[attr][i]`` a class name of ``classes[attr]``
-    (or None when image i has no such attribute), through :func:`kpnb.training.train`.
-    Returns ``(model in eval mode, TrainResult)``."""
+    (or None when image i has no such attribute), through :func:`kpnb.training.train`, on ``runtime``'s
+    device (default: the current runtime). Returns ``(model in eval mode, TrainResult)``."""
+    rt = runtime or current()
     x_all = _to_input(images)
     y_all = {}
     for name, cls in classes.items():
@@ -110,7 +113,7 @@ def train_attribute_classifier(images: np.ndarray, labels: Mapping[str, Sequence
             raise ValueError(f"labels[{name!r}] must have one entry per image ({len(x_all)})")
         y_all[name] = encode_labels(labels[name], cls, name)
     torch.manual_seed(seed)
-    model = AttributeNet(classes, width=width, depth=depth)
+    model = AttributeNet(classes, width=width, depth=depth).to(rt.device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
 
     def batch_fn(step: int):
@@ -121,20 +124,19 @@ def train_attribute_classifier(images: np.ndarray, labels: Mapping[str, Sequence
     def step_fn(step: int, batch):
         x, y = batch
         training.set_lr(opt, training.warmup_cosine(step, steps, lr, warmup=min(50, steps // 10)))
-        logits = model(x)
-        losses = {k: F.cross_entropy(logits[k], y[k], ignore_index=IGNORE) if (y[k] != IGNORE).any()
+        with rt.autocast():
+            logits = model(x)
+        losses = {k: F.cross_entropy(logits[k].float(), y[k], ignore_index=IGNORE) if (y[k] != IGNORE).any()
                   else logits[k].sum() * 0.0 for k in logits}
         loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        rt.backward_step(loss, opt)
         return {"loss": loss, **{f"loss_{k}": v for k, v in losses.items()}}
 
     config = {"classes": model.classes, "width": width, "depth": depth, "batch_size": batch_size, "lr": lr,
               "n_images": len(x_all)}
     result = training.train({"attributes": model}, {"opt": opt}, step_fn, batch_fn, steps=steps,
                             ckpt_dir=ckpt_dir, config=config, batch_size=batch_size, seed=seed,
-                            desc="attribute classifier", progress=progress, resume=resume)
+                            desc="attribute classifier", progress=progress, resume=resume, runtime=rt)
     return model.eval(), result
 
 
@@ -166,10 +168,11 @@ def attribute_probs(model: AttributeNet, images: np.ndarray, batch_size: int = 2
     """Class probabilities per attribute, ``{name: [N, K]}`` (columns in ``model.classes[name]`` order)."""
     model.eval()
     x = _to_input(images)
+    dev = next(model.parameters()).device
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in model.classes}
     for i in range(0, len(x), batch_size):
-        for k, v in model(x[i:i + batch_size]).items():
-            outs[k].append(v.softmax(-1))
+        for k, v in model(x[i:i + batch_size].to(dev)).items():
+            outs[k].append(v.float().softmax(-1).cpu())
     return {k: torch.cat(v).numpy() if v else np.zeros((0, len(model.classes[k])), np.float32)
             for k, v in outs.items()}
 

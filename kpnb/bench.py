@@ -8,6 +8,11 @@ achieved GFLOP/s, and the torch thread count. Compare numbers only within one ru
     kpnb bench vq [--preset cpu] [--steps 5] [--gpu-steps 1] [--specs f4,f8] [--threads 2] [--no-gpu-config]
     kpnb bench ldm [--preset cpu] [--modes grid,skeleton] [--sample-steps 50] [--diffusers] ...
     kpnb bench transformer | clip | all [--preset cpu] [--steps 5] [--gpu-steps 1] ...
+    kpnb bench ldm --preset gpu --device cuda --precision bf16 --no-gpu-config   # the gpu preset on a GPU
+
+``--device`` (auto: cuda, else mps, else cpu) and ``--precision`` (fp32, bf16, fp16, auto) set the
+:class:`kpnb.runtime.Runtime` every model runs under (autocast, gradient scaler for fp16); on CUDA each model
+also reports its peak memory (``peak_gib``).
 
 Each also times the original study's configuration (the ``gpu`` preset's models: taming's f4 VQGAN, the
 latent-diffusion keypoint UNet, taming's 24-layer transformer, tuning with a ViT-B-32-sized CLIP) for
@@ -27,10 +32,21 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import clip as kclip, clip_tuning, diffusion, runs, transformer, vq
+from .runtime import Runtime
+
+RT = Runtime(torch.device("cpu"))  # what the benches run under; main() sets it from --device/--precision
 
 
 def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return RT.device
+
+
+def _peak(out: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Add the peak GPU memory since the last reset (CUDA only) and reset it for the next model."""
+    if device.type == "cuda":
+        out["peak_gib"] = _sig(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -66,7 +82,8 @@ def time_steps(fn: Callable[[int], Any], steps: int, device: torch.device, warmu
 def _header(device: torch.device, preset: str, **extra: Any) -> dict[str, Any]:
     """What every bench result starts with. The load average says whether other work shared the cores (with
     2 threads on 2 busy cores, torch can be 10x slower than with 1: OpenMP threads wait for each other)."""
-    return {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": preset, **extra,
+    return {"device": str(device), "precision": RT.precision, "torch_threads": torch.get_num_threads(),
+            "preset": preset, **extra,
             "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
@@ -91,7 +108,7 @@ def bench_vq_model(spec: str, vq_section: dict[str, Any], *, batch_size: int, st
     settings = {**vq.train_settings(vq_section), "reseed_every": 0}
     disc_start = int(settings["disc_start"])
     total = int(settings["steps"])
-    tr = vq.VQTrainer(cfg, settings, total).to(device)
+    tr = vq.VQTrainer(cfg, settings, total, RT)
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(batch_size, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1).to(device)
     out: dict[str, Any] = {"spec": spec, "image_size": cfg.image_size, "batch_size": batch_size,
@@ -112,7 +129,7 @@ def bench_vq_model(spec: str, vq_section: dict[str, Any], *, batch_size: int, st
     sec_per_img = (1 - frac_gan) / out["ae.images_per_s"] + frac_gan / out["gan.images_per_s"]
     out["run.images_per_s"] = _sig(1 / sec_per_img)
     out["run.estimated_seconds"] = _sig(total * batch_size * sec_per_img)
-    return out
+    return _peak(out, device)
 
 
 def bench_vq(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs: list[str] | None = None,
@@ -165,10 +182,9 @@ def bench_ldm_model(model: Any, *, batch_size: int, steps: int, sample_steps: in
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def step(i: int) -> None:
-        loss = model.loss(z, poses, generator=torch.Generator().manual_seed(i))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with RT.autocast():
+            loss = model.loss(z, poses, generator=torch.Generator().manual_seed(i))
+        RT.backward_step(loss, opt)
 
     out: dict[str, Any] = {"modes": "+".join(model.cond.modes), "latent": [C, h, w], "batch_size": batch_size,
                            "params_M": round(sum(p.numel() for p in model.unet.parameters()) / 1e6, 3),
@@ -178,7 +194,8 @@ def bench_ldm_model(model: Any, *, batch_size: int, steps: int, sample_steps: in
         n = min(batch_size, 16)
         for name, g in (("ddim", 1.0), ("ddim_guided", 3.0)):
             t0 = time.perf_counter()
-            diffusion.ddim_sample(model, poses[:n].cpu(), steps=sample_steps, guidance=g, seed=0)
+            with torch.no_grad(), RT.autocast():
+                diffusion.ddim_sample(model, poses[:n].cpu(), steps=sample_steps, guidance=g, seed=0)
             _sync(device)
             out[f"{name}{sample_steps}.images_per_s"] = _sig(n / (time.perf_counter() - t0))
         model.train()
@@ -207,7 +224,7 @@ def bench_ldm_model(model: Any, *, batch_size: int, steps: int, sample_steps: in
         out["diffusers.params_M"] = round(sum(p.numel() for p in twin.parameters()) / 1e6, 3)
         out["diffusers.train.gflop_per_image"] = _sig(dg)
         out["diffusers.train.images_per_s"] = _sig(batch_size / dsec)
-    return out
+    return _peak(out, device)
 
 
 def bench_ldm(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs: list[str] | None = None,
@@ -251,7 +268,8 @@ def bench_transformer_model(tcfg: dict[str, Any], vq_cfg: Any, *, batch_size: in
     codes = torch.randint(0, vq_cfg.n_codes, (batch_size, side, side), generator=gen).to(device)
 
     def step(i: int) -> None:
-        loss = model.loss(ptok, codes)
+        with RT.autocast():
+            loss = model.loss(ptok, codes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -266,7 +284,7 @@ def bench_transformer_model(tcfg: dict[str, Any], vq_cfg: Any, *, batch_size: in
         transformer.sample_images(model, ae, poses[:sample].numpy(), seed=0, top_k=100)
         _sync(device)
         out["sample.images_per_s"] = _sig(sample / (time.perf_counter() - t0))
-    return out
+    return _peak(out, device)
 
 
 def bench_transformer(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs: list[str] | None = None,
@@ -329,12 +347,11 @@ def bench_clip(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step(i: int) -> None:
-        img = model.encode_image(kclip.clip_input(model, x), normalize=True)
-        txt = model.encode_text(tokens, normalize=True)
-        loss = loss_fn(img, txt, model.logit_scale.exp())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with RT.autocast():
+            img = model.encode_image(kclip.clip_input(model, x), normalize=True)
+            txt = model.encode_text(tokens, normalize=True)
+        loss = loss_fn(img.float(), txt.float(), model.logit_scale.exp())
+        RT.backward_step(loss, opt)
 
     out: dict[str, Any] = {"params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                            **train_speed(step, bs, steps, device)}
@@ -372,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-steps", type=int, default=1, help="timed steps of the gpu-preset models (0: FLOPs only)")
     p.add_argument("--specs", help="comma-separated subset, e.g. f4,f8")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="fp32", help="fp32, bf16, fp16 (GPU) or auto")
     p.add_argument("--no-gpu-config", dest="gpu_config", action="store_false",
                    help="skip the gpu-preset models (slow on a CPU: minutes per step)")
     p.add_argument("--modes", help="ldm: comma-separated conditioning modes (default: the preset's)")
@@ -384,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    global RT
+    try:
+        RT = Runtime.from_settings({"device": args.device, "precision": args.precision, "compile": False,
+                                    "workers": 0})
+    except ValueError as e:
+        print(f"kpnb bench: {e}", file=sys.stderr)
+        return 2
     specs = [s.strip() for s in args.specs.split(",")] if args.specs else None
     t0 = time.time()
     extra = {} if args.what != "ldm" else {

@@ -1,5 +1,6 @@
-"""The ``kpnb`` command: ``kpnb run`` (notebooks headless with papermill), ``kpnb synth``, ``kpnb bench``,
-``kpnb status`` (the README's status table from a run folder's metrics).
+"""The ``kpnb`` command: ``kpnb run`` (notebooks headless with papermill), ``kpnb train`` (one training stage
+of a run, also under ``torchrun``), ``kpnb synth``, ``kpnb bench``, ``kpnb status`` (the README's status
+table from a run folder's metrics).
 
 ``kpnb run [--preset P] [--out DIR | --resume DIR] [--only 01,02] [-p name=value ...]``
 
@@ -8,6 +9,12 @@
   Unknown presets, settings and parameters are refused before any work, with the valid ones listed.
 * Notebooks run in order into ``DIR/notebooks/``; the first failure stops the run and prints the failing
   cell's error. ``--resume DIR`` skips notebooks that already finished (their metrics file exists).
+
+``kpnb train STAGE --run DIR [--spec S] [--mode M] [--further] [-p section.key=value ...]`` trains one stage
+(:mod:`kpnb.stages`) into the run folder's checkpoints, where the notebooks find it. ``-p`` values are
+recorded in the run's ``config.json``, so the notebooks train with the same settings. Under
+``torchrun --nproc_per_node N -m kpnb train STAGE --run-dir DIR`` every process joins one DDP group (NCCL on
+GPUs, gloo on CPUs); torchrun reads ``--run`` as its own ``--run-path``, hence the alias ``--run-dir``.
 """
 from __future__ import annotations
 
@@ -156,6 +163,46 @@ def cmd_bench(argv: list[str]) -> int:
     return bench.main(argv) or 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    root = Path(args.run)
+    if not (root / "config.json").exists():
+        print(f"kpnb train: {root} is not a run folder (no config.json); start one with kpnb run --out {root} "
+              f"--only 01", file=sys.stderr)
+        return 2
+    saved = json.loads((root / "config.json").read_text())
+    try:
+        extra = {}
+        for pair in args.param or []:
+            name, eq, value = pair.partition("=")
+            if not eq or "." not in name:
+                raise runs.ConfigError(f"parameter {pair!r} must look like section.key=value")
+            extra[name] = runs.parse_value(value)
+        overrides = {**saved.get("overrides", {}), **extra}
+        cfg = runs.preset_config(saved["preset"], overrides)
+    except runs.ConfigError as e:
+        print(f"kpnb train: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from . import runtime, stages
+
+    rt = runtime.use(runtime.Runtime.from_settings(cfg["runtime"]))
+    if extra and rt.is_main:  # the notebooks read config.json: they must train with these settings too
+        runs.write_json(root / "config.json", {**saved, "overrides": overrides, "settings": cfg})
+    if rt.is_main:
+        print(f"kpnb train {args.stage}: run {root}, preset {saved['preset']}, {rt.describe()}", flush=True)
+    try:
+        summary = stages.run_stage(args.stage, root, cfg, spec=args.spec, mode=args.mode, further=args.further,
+                                   progress=args.progress and rt.is_main, runtime=rt)
+    finally:
+        if rt.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rt.is_main:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from . import status
 
@@ -176,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_synth(argv[1:])
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
-    p = argparse.ArgumentParser(prog="kpnb", description="kpnb workbook: run | synth | bench | status")
+    p = argparse.ArgumentParser(prog="kpnb", description="kpnb workbook: run | train | synth | bench | status")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute the notebooks headless with papermill")
     r.add_argument("--preset", default="cpu", help=f"one of {', '.join(runs.PRESETS)}")
@@ -186,6 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--only", help="comma-separated notebook numbers, e.g. 01,02")
     r.add_argument("-p", "--param", action="append", metavar="NAME=VALUE")
     r.add_argument("--no-progress", dest="progress", action="store_false")
+    t = sub.add_parser("train", help="train one stage of a run (also under torchrun)")
+    t.add_argument("stage", choices=("vq", "estimator", "ldm", "transformer", "clip"))
+    # --run-dir: torchrun's own parser takes "--run" for an abbreviation of its --run-path
+    t.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder (made by kpnb run)")
+    t.add_argument("--spec", help="vq: one spec (default: all of vq.specs); ldm: latents (default f4); "
+                                  "transformer: codes (default transformer.spec)")
+    t.add_argument("--mode", help="ldm: conditioning mode (default: the run's best mode, else the first)")
+    t.add_argument("--further", action="store_true", help="ldm: the best mode's longer run (diffusion.best_steps)")
+    t.add_argument("-p", "--param", action="append", metavar="SECTION.KEY=VALUE")
+    t.add_argument("--no-progress", dest="progress", action="store_false")
     sub.add_parser("synth", help="write the synthetic dataset (kpnb synth --help)")
     sub.add_parser("bench", help="measure training/sampling speed (kpnb bench --help)")
     st = sub.add_parser("status", help="the README's status table from a run folder's metrics")
@@ -194,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "status":
         return cmd_status(args)
+    if args.cmd == "train":
+        return cmd_train(args)
     if args.cmd == "run":
         if args.preset not in runs.PRESETS:
             print(f"kpnb run: unknown preset {args.preset!r}; valid presets: {', '.join(runs.PRESETS)}",

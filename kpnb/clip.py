@@ -45,6 +45,7 @@ from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed,
 from . import data as kdata, synth, training  # noqa: E402
 from .layout import RunFiles  # noqa: E402
 from .runs import load_tensors, write_json  # noqa: E402
+from .runtime import Runtime, current  # noqa: E402
 
 DOMAIN_PREFIX = "kpnb-domain-clip"
 
@@ -423,13 +424,17 @@ def create_domain_clip(model_cfg: Mapping[str, Any], folder: str | Path, seed: i
 def train_domain_clip(images: np.ndarray, captions: Sequence[str | Sequence[str]], ckpt_dir: str | Path, *,
                       steps: int, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.1,
                       warmup: int = 50, model_cfg: Mapping[str, Any] | None = None, min_frac: float = 0.8,
-                      seed: int = 0, ckpt_every: int = 500, progress: bool = True, resume: bool = True):
+                      seed: int = 0, ckpt_every: int = 500, progress: bool = True, resume: bool = True,
+                      runtime: Runtime | None = None):
     """Train a domain CLIP with the contrastive (InfoNCE) loss of open_clip on ``images`` (uint8
     ``[N, H, W, 3]``) and their ``captions`` (one string, or several variants of which each step draws one),
     through :func:`kpnb.training.train` (checkpoints and resume in ``ckpt_dir``).
 
     Images are augmented like tuning cutouts (a random crop of ``min_frac``..1 of the side, mirrored),
-    never in colour: colour is what the captions talk about. Returns ``(model, TrainResult)``."""
+    never in colour: colour is what the captions talk about. Under several ranks (``runtime``) each rank
+    encodes its slice and the loss is taken over the whole global batch (open_clip's feature gather), as one
+    process would. Returns ``(model, TrainResult)``."""
+    rt = runtime or current()
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     variants = [[c] if isinstance(c, str) else list(c) for c in captions]
@@ -437,11 +442,12 @@ def train_domain_clip(images: np.ndarray, captions: Sequence[str | Sequence[str]
         raise ValueError("every image needs at least one caption")
     ckpt_dir = Path(ckpt_dir)
     model_cfg = dict(model_cfg or domain_clip_config(image_size=int(np.asarray(images).shape[1])))
-    model = create_domain_clip(model_cfg, ckpt_dir, seed=seed)
+    model = create_domain_clip(model_cfg, ckpt_dir, seed=seed).to(rt.device)
     tok = tokenizer_for(model)
     size = preprocess_cfg(model)["size"]
     x_all = images_to_tensor(images)  # [N, 3, H, W] in [0, 1], kept in memory (6000 x 64^2 x 3 floats = 300 MB)
-    loss_fn = open_clip.ClipLoss()
+    loss_fn = open_clip.ClipLoss(gather_with_grad=True, rank=rt.rank, world_size=rt.world_size)
+    net = rt.ddp(model)
     # No weight decay on gains, biases, embeddings and the temperature (as in CLIP / open_clip training).
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -459,12 +465,10 @@ def train_domain_clip(images: np.ndarray, captions: Sequence[str | Sequence[str]
     def step_fn(step: int, batch):
         x, t = batch
         training.set_lr(opt, training.warmup_cosine(step, steps, lr, warmup=warmup))
-        img = model.encode_image(clip_input(model, x), normalize=True)
-        txt = model.encode_text(t, normalize=True)
-        loss = loss_fn(img, txt, model.logit_scale.exp())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with rt.autocast():
+            img, txt, scale = net(clip_input(model, x), t)  # open_clip's forward: normalised features
+        loss = loss_fn(img.float(), txt.float(), scale.float())
+        rt.backward_step(loss, opt)
         with torch.no_grad():  # CLIP's cap on the temperature: logit scale at most 100
             model.logit_scale.clamp_(0, math.log(100))
         return {"loss": loss, "logit_scale": model.logit_scale.exp()}
@@ -473,15 +477,17 @@ def train_domain_clip(images: np.ndarray, captions: Sequence[str | Sequence[str]
               "weight_decay": weight_decay, "warmup": warmup, "min_frac": min_frac, "n_images": len(x_all)}
     result = training.train({"clip": model}, {"opt": opt}, step_fn, batch_fn, steps=steps, ckpt_dir=ckpt_dir,
                             config=config, batch_size=batch_size, ckpt_every=ckpt_every, seed=seed,
-                            desc="domain CLIP", progress=progress, resume=resume)
+                            desc="domain CLIP", progress=progress, resume=resume, runtime=rt)
     return model.eval(), result
 
 
 def train_from_preset(section: Mapping[str, Any], images: np.ndarray, captions: Sequence[str | Sequence[str]],
-                      ckpt_dir: str | Path, *, progress: bool = True, resume: bool = True):
+                      ckpt_dir: str | Path, *, progress: bool = True, resume: bool = True,
+                      runtime: Runtime | None = None):
     """:func:`train_domain_clip` with the model and training settings of a preset's ``clip`` section."""
     return train_domain_clip(images, captions, ckpt_dir, model_cfg=model_config_from_preset(section),
-                             progress=progress, resume=resume, **{k: section[k] for k in TRAIN_KEYS if k in section})
+                             progress=progress, resume=resume, runtime=runtime,
+                             **{k: section[k] for k in TRAIN_KEYS if k in section})
 
 
 def load_domain_clip(ckpt_dir: str | Path, device: str = "cpu") -> torch.nn.Module:
@@ -497,8 +503,8 @@ def load_domain_clip(ckpt_dir: str | Path, device: str = "cpu") -> torch.nn.Modu
 
 
 # ---- the CLIP a run uses -------------------------------------------------------------------------------
-def clip_for_run(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, progress: bool = True
-                 ) -> tuple[torch.nn.Module, dict[str, Any]]:
+def clip_for_run(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, progress: bool = True,
+                 runtime: Runtime | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The CLIP of a run folder, shared by the filter's CLIP stage (notebook 01) and tuning (notebook 06).
 
     * ``clip.pretrained_path`` set: that open_clip file (:func:`load_pretrained`), nothing is trained.
@@ -508,24 +514,28 @@ def clip_for_run(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, prog
       images' labels would be judged on its own training set, where a pretrained CLIP never is.
 
     Returns ``(model in eval mode, info)``; ``info`` says which CLIP it is and, when one was trained, its
-    training seconds and images/s."""
+    training seconds and images/s. The model is on ``runtime``'s device (default: the current runtime's)."""
+    rt = runtime or current()
     c, d = cfg["clip"], cfg["data"]
     if c.get("pretrained_path"):
-        return load_pretrained(c["pretrained_arch"], c["pretrained_path"], c.get("pretrained_tag")), {
+        return load_pretrained(c["pretrained_arch"], c["pretrained_path"], c.get("pretrained_tag"),
+                               device=str(rt.device)), {
             "kind": "pretrained", "arch": c["pretrained_arch"], "path": str(c["pretrained_path"])}
     root = Path(root)
     ckpt = RunFiles(root).clip()
     info: dict[str, Any] = {"kind": "domain", "arch": "kpnb domain CLIP", "checkpoints": str(ckpt)}
     last = training.latest_checkpoint(ckpt)
     if last is not None and training.read_checkpoint_info(last).get("step") == c["steps"]:
-        return load_domain_clip(ckpt), info
+        return load_domain_clip(ckpt, device=str(rt.device)), info
     pool = root / "clip_pool"
-    synth.write_dataset(pool, n=c["n_images"], image_size=c["image_size"], render_size=d["render_size"],
-                        seed=d["seed"] + 1, progress=progress)
+    if rt.is_main:
+        synth.write_dataset(pool, n=c["n_images"], image_size=c["image_size"], render_size=d["render_size"],
+                            seed=d["seed"] + 1, progress=progress)
+    rt.barrier()
     cands = kdata.load_candidates(pool, c["image_size"], progress=progress)
     if not cands.labels:
         raise ValueError(f"{pool}: no labels.jsonl - the domain CLIP's training pool must be synthetic")
     captions = [caption_variants(lab) for lab in cands.labels]
-    model, result = train_from_preset(c, cands.images, captions, ckpt, progress=progress)
+    model, result = train_from_preset(c, cands.images, captions, ckpt, progress=progress, runtime=rt)
     info.update(n_images=len(cands), train_seconds=result.seconds, train_images_per_s=result.images_per_s)
     return model, info

@@ -193,19 +193,19 @@ def _start_latent(vq: torch.nn.Module, image_or_latent: np.ndarray | torch.Tenso
     if isinstance(image_or_latent, torch.Tensor):
         if image_or_latent.ndim != 4:
             raise ValueError(f"a latent must be [N, C, h, w], got shape {tuple(image_or_latent.shape)}")
-        return image_or_latent.detach().float().clone()
+        return image_or_latent.detach().float().clone().to(next(vq.parameters()).device)
     arr = np.asarray(image_or_latent)
     if arr.dtype != np.uint8 or arr.shape[-1] != 3 or arr.ndim not in (3, 4):
         raise ValueError(f"image_or_latent: expected uint8 images [N, H, W, 3] or a latent tensor "
                          f"[N, C, h, w], got {type(image_or_latent).__name__} {arr.dtype} {arr.shape}")
     with torch.no_grad():
-        return vq.encode(to_model(arr.reshape(-1, *arr.shape[-3:])))
+        return vq.encode(to_model(arr.reshape(-1, *arr.shape[-3:])).to(next(vq.parameters()).device))
 
 
 def _binary_mask(mask: torch.Tensor | None, z0: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None
-    mask = torch.as_tensor(mask, dtype=torch.float32)
+    mask = torch.as_tensor(mask, dtype=torch.float32, device=z0.device)
     if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, len(z0)) or mask.shape[2:] != z0.shape[2:]:
         raise ValueError(f"mask must be [N or 1, 1, {z0.shape[2]}, {z0.shape[3]}] for these latents, "
                          f"got {tuple(mask.shape)}")
@@ -215,7 +215,7 @@ def _binary_mask(mask: torch.Tensor | None, z0: torch.Tensor) -> torch.Tensor | 
 def _clip_scores(clip_model: torch.nn.Module, x01: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """100 x cosine of each whole image with its prompt."""
     with torch.no_grad():
-        return (100.0 * (encode_image_tensor(clip_model, x01) * target).sum(-1)).numpy()
+        return (100.0 * (encode_image_tensor(clip_model, x01) * target).sum(-1)).float().cpu().numpy()
 
 
 def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.ndarray | torch.Tensor,

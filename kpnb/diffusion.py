@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from . import runs, training
-from .runtime import CPU, Method, Runtime
+from .runtime import Method, Runtime, current
 from .conditioning import Cond, PoseConditioner, check_poses, flip_batch, flip_poses, parse_modes
 from .images import to_model, to_uint8
 from .pose_estimator import pck, predict
@@ -386,7 +386,7 @@ def latent_cache(vq: nn.Module, images: np.ndarray, path: str | Path, *, identit
     ``.npy`` at ``path``. Written once (to a temporary file, then renamed; the JSON sidecar with
     ``identity`` - which VQ checkpoint, which images - last); a cache whose sidecar names another identity
     is rebuilt. Under several ranks rank 0 writes it and the others wait, then read it."""
-    rt = runtime or CPU
+    rt = runtime or current()
     path = Path(path)
     side = path.with_suffix(".json")
     want = {"version": LATENT_CACHE_VERSION, "n": int(len(images)), **json.loads(json.dumps(dict(identity)))}
@@ -449,7 +449,7 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
     matches an uninterrupted one and N ranks (``runtime``, under torchrun) train what one process would.
     ``scale_factor``: None = 1/std of ``latents``. Returns (the EMA model in eval mode, the
     :class:`kpnb.training.TrainResult`)."""
-    rt = runtime or CPU
+    rt = runtime or current()
     missing = [k for k in ARCH_KEYS + TRAIN_KEYS if k not in cfg]
     if missing:
         raise KeyError(f"train_ldm: the diffusion settings lack {', '.join(missing)}; pass a preset's section, "
@@ -464,13 +464,15 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
     if len(latents) != len(poses):
         raise ValueError(f"train_ldm: {len(latents)} latents but {len(poses)} poses")
     sf = scale_factor_of(latents[:, 0] if mirrored else latents) if scale_factor is None else float(scale_factor)
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed)  # the same initial weights for the same seed, in any process (a resume overwrites them)
     model = ldm_from_settings(cfg, modes, latents.shape[2 if mirrored else 1:], scale_factor=sf).to(rt.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     lr, warmup, ema_decay = cfg["lr"], cfg["warmup"], cfg["ema_decay"]
     p_uncond, min_snr, flip = cfg["p_uncond"], cfg["min_snr"], cfg["flip"]
     # fused AdamW: one kernel over all tensors instead of a Python loop over them
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
-    seed, bs, steps = int(cfg["seed"]), int(cfg["batch_size"]), int(cfg["steps"])
+    bs, steps = int(cfg["batch_size"]), int(cfg["steps"])
     # constant (after warmup): a finished run can be trained further (more steps) without a jump in lr
     final_frac = 1.0 if cfg["lr_schedule"] == "constant" else 0.1
     loss_of = rt.ddp(Method(model, "loss"))  # DDP (several ranks) and torch.compile (runtime.compile) go here

@@ -64,6 +64,12 @@ class RunFiles:
         past the equal budget (``ldm-<spec>-<mode>-long``)."""
         return self.checkpoints(f"ldm-{spec}-{mode}" + (f"-{FURTHER}" if further else ""))
 
+    def latents(self, spec: str, split: str) -> Path:
+        """The memory-mapped latent cache of a subset under a VQ spec (:func:`kpnb.stages.ldm_latents`)."""
+        p = self.root / "latents" / f"{spec}-{split}.npy"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
     def has(self, folder: Path) -> bool:
         """Whether a checkpoint folder holds a complete checkpoint."""
         return training.latest_checkpoint(folder) is not None

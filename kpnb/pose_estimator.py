@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import synth, training
+from .runtime import Runtime, current
 from .conditioning import check_poses, flip_batch
 from .images import to_model
 from .keypoints import HIDDEN, JOINT_GROUPS, MISSING, N_JOINTS, OUTSIDE, VISIBLE
@@ -228,13 +229,14 @@ def estimator_loss(model: PoseNet, x: torch.Tensor, poses: torch.Tensor, heatmap
                    vis_weight: float = 0.1, sigma: float = 0.75) -> dict[str, torch.Tensor]:
     """Losses of a batch (see the module docstring); ``sigma`` of the heatmap target in heatmap cells."""
     hm, vl = model(x)
+    hm, vl = hm.float(), vl.float()  # the losses in fp32 under autocast
     B, J, h, w = hm.shape
     xy, code = poses[..., :2], poses[..., 2]
     in_frame = ((code == VISIBLE) | (code == HIDDEN)).float()
     n = in_frame.sum().clamp_min(1)
     coord = ((soft_argmax(hm) - xy).abs().sum(-1) * in_frame).sum() / n
-    cx = (torch.arange(w, dtype=x.dtype) + 0.5)
-    cy = (torch.arange(h, dtype=x.dtype) + 0.5)
+    cx = (torch.arange(w, dtype=torch.float32, device=hm.device) + 0.5)
+    cy = (torch.arange(h, dtype=torch.float32, device=hm.device) + 0.5)
     d2 = ((cx[None, None, None, :] - xy[..., 0, None, None] * w) ** 2
           + (cy[None, None, :, None] - xy[..., 1, None, None] * h) ** 2)
     target = torch.softmax((-d2 / (2 * sigma ** 2)).flatten(2), -1)
@@ -249,12 +251,16 @@ def estimator_loss(model: PoseNet, x: torch.Tensor, poses: torch.Tensor, heatmap
 
 def train_estimator(images: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: str | Path, *,
                     progress: bool = True, resume: bool = True,
-                    on_log: Callable[[dict[str, float]], None] | None = None) -> tuple[PoseNet, Any]:
+                    on_log: Callable[[dict[str, float]], None] | None = None,
+                    runtime: Runtime | None = None) -> tuple[PoseNet, Any]:
     """Train a PoseNet on uint8 images [N, S, S, 3] with exact poses [N, 17, 3] (e.g. :func:`render_truth`).
     ``cfg``: the preset's ``estimator`` section (the keys of :data:`TRAIN_KEYS`; the rest of the recipe is
     :data:`RECIPE`). The initial weights come from ``seed``. AdamW with
     warm-up + cosine learning rate; random flips (image and pose) and photometric jitter; the randomness of
-    step s comes from ``seeded_generator(seed, s)``. Returns (the model in eval mode, the TrainResult)."""
+    step s comes from ``seeded_generator(seed, s)`` and is applied to the global batch in ``batch_fn`` (in the
+    runtime's DataLoader workers). Under several ranks BatchNorm statistics are per rank (DDP's default).
+    Returns (the model in eval mode, the TrainResult)."""
+    rt = runtime or current()
     given = {**RECIPE, **{k: cfg[k] for k in TRAIN_KEYS}}
     c = {k: given[k] for k in _SETTINGS_ORDER}
     poses_t = check_poses(poses, name="estimator poses")
@@ -264,33 +270,32 @@ def train_estimator(images: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: s
     if len(imgs) != len(poses_t):
         raise ValueError(f"train_estimator: {len(imgs)} images but {len(poses_t)} poses")
     torch.manual_seed(int(c["seed"]))  # the same initial weights for the same seed (a resume overwrites them)
-    model = PoseNet(image_size=imgs.shape[1], width=int(c["width"]))
+    model = PoseNet(image_size=imgs.shape[1], width=int(c["width"])).to(rt.device)
     data = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()  # uint8, converted per batch
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"], fused=True)
     seed, bs, steps = int(c["seed"]), int(c["batch_size"]), int(c["steps"])
+    net = rt.ddp(model)
 
     def batch_fn(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = training.batch_indices(len(data), bs, step, seed=seed)
-        return data[idx].float().div(127.5).sub(1.0), poses_t[idx]
+        x, p = data[idx].float().div(127.5).sub(1.0), poses_t[idx]
+        g = training.seeded_generator(seed, step, 2)
+        x, p = flip_batch(x, p, torch.rand(len(x), generator=g) < 0.5)
+        return (_augment(x, g) if c["augment"] else x), p
 
     def step_fn(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, p = batch
-        g = training.seeded_generator(seed, step, 2)
-        x, p = flip_batch(x, p, torch.rand(len(x), generator=g) < 0.5)
-        if c["augment"]:
-            x = _augment(x, g)
         training.set_lr(opt, training.warmup_cosine(step, steps, c["lr"], c["warmup"], final_frac=0.02))
-        losses = estimator_loss(model, x, p, c["heatmap_weight"], c["vis_weight"], c["heatmap_sigma"])
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
+        with rt.autocast():
+            losses = estimator_loss(net, x, p, c["heatmap_weight"], c["vis_weight"], c["heatmap_sigma"])
+        rt.backward_step(losses["loss"], opt)
         return losses
 
     config = {"estimator": model.config(), "train": {k: c[k] for k in _SETTINGS_ORDER if k != "steps"},
               "steps": steps, "n_train": len(data)}
     result = training.train({"model": model}, {"opt": opt}, step_fn, batch_fn, steps=steps, ckpt_dir=ckpt_dir,
                             config=config, batch_size=bs, ckpt_every=int(c["ckpt_every"]), seed=seed,
-                            desc="estimator", resume=resume, progress=progress, on_log=on_log)
+                            desc="estimator", resume=resume, progress=progress, on_log=on_log, runtime=rt)
     return model.eval(), result
 
 
@@ -300,7 +305,7 @@ def load_estimator(ckpt_dir: str | Path) -> PoseNet:
 
 
 def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: int = 256, progress: bool = True,
-                  resume: bool = True) -> tuple[PoseNet, dict[str, Any]]:
+                  resume: bool = True, runtime: Runtime | None = None) -> tuple[PoseNet, dict[str, Any]]:
     """The whole estimator stage from a preset's ``estimator`` section: render ``n_train`` ground-truth
     characters (``train_seed``) at ``image_size``, train, and measure the ceiling on ``n_val`` held-out
     renders (``val_seed``). Returns (model, info) with info = ceiling PCK keys (prefixed ``ceiling.``),
@@ -310,7 +315,7 @@ def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: 
     imgs, poses = render_truth(int(cfg["n_train"]), int(cfg["train_seed"]), size, render_size)
     vimgs, vposes = render_truth(int(cfg["n_val"]), int(cfg["val_seed"]), size, render_size)
     render_s = time.perf_counter() - t0
-    model, res = train_estimator(imgs, poses, cfg, ckpt_dir, progress=progress, resume=resume)
+    model, res = train_estimator(imgs, poses, cfg, ckpt_dir, progress=progress, resume=resume, runtime=runtime)
     info: dict[str, Any] = {f"ceiling.{k}": v for k, v in ceiling(model, vimgs, vposes).items()}
     info.update(train_seconds=res.seconds, render_seconds=render_s, images_per_s=res.images_per_s, steps=res.step)
     return model, info

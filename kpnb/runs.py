@@ -391,6 +391,10 @@ class NotebookRun:
         if self._read_log:
             self.cfg = {name: _ReadLog(name, section) for name, section in self.cfg.items()}
         self.root = run_dir(run_dir_ or repo_root() / "outputs" / f"notebooks_{preset}", preset, overrides)
+        from . import runtime  # imports torch: deferred so that `kpnb run --help` answers at once
+
+        self._runtime = runtime.use(runtime.Runtime.from_settings(self.cfg["runtime"]))
+        print(f"runtime: {self._runtime.describe()}")
         self.t0 = time.time()
 
     def path(self, *parts: str) -> Path:
@@ -410,11 +414,8 @@ class NotebookRun:
 
     @property
     def runtime(self) -> "Runtime":
-        """Device, precision and ranks of this notebook's models (the preset's ``runtime`` section)."""
-        if getattr(self, "_runtime", None) is None:
-            from .runtime import Runtime
-
-            self._runtime = Runtime.from_settings(self.cfg["runtime"])
+        """Device, precision and ranks of this notebook's models (the preset's ``runtime`` section); made the
+        process's current runtime (:func:`kpnb.runtime.use`) when the notebook starts."""
         return self._runtime
 
     @property

@@ -32,7 +32,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class RuntimeError_(ValueError):
+class RuntimeSettingError(ValueError):
     """A runtime setting that cannot be honoured here (e.g. device cuda on a machine without one)."""
 
 
@@ -46,19 +46,19 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError_(f"runtime.device {name!r}: this machine has no CUDA device (use 'auto' or 'cpu')")
+        raise RuntimeSettingError(f"runtime.device {name!r}: this machine has no CUDA device (use 'auto' or 'cpu')")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError_(f"runtime.device {name!r}: MPS is not available here (use 'auto' or 'cpu')")
+        raise RuntimeSettingError(f"runtime.device {name!r}: MPS is not available here (use 'auto' or 'cpu')")
     return dev
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> bf16 on a CUDA GPU that supports it, fp16 on an older one, fp32 elsewhere."""
     if name not in PRECISIONS:
-        raise RuntimeError_(f"runtime.precision {name!r}: choose one of {', '.join(PRECISIONS)}")
+        raise RuntimeSettingError(f"runtime.precision {name!r}: choose one of {', '.join(PRECISIONS)}")
     if name != "auto":
         if name == "fp16" and device.type == "cpu":
-            raise RuntimeError_("runtime.precision 'fp16' needs a GPU (CPU autocast supports bf16 only)")
+            raise RuntimeSettingError("runtime.precision 'fp16' needs a GPU (CPU autocast supports bf16 only)")
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -96,7 +96,7 @@ class Runtime:
             torch.backends.cudnn.benchmark = True
         workers = int(s["workers"])
         if workers < 0:
-            raise RuntimeError_(f"runtime.workers must be >= 0, got {workers}")
+            raise RuntimeSettingError(f"runtime.workers must be >= 0, got {workers}")
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(device=device, precision=precision, compile=bool(s["compile"]), workers=workers,
@@ -123,15 +123,27 @@ class Runtime:
             self._scaler = torch.amp.GradScaler(self.device.type)
         return self._scaler
 
-    def backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
-        """zero_grad, backward, step - through the gradient scaler under fp16."""
+    def backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, *, average: bool = False,
+                      clip: float | None = None) -> None:
+        """zero_grad, backward, step - through the gradient scaler under fp16. ``average``: all-reduce the
+        gradients over the ranks before the step, for models that train without a DDP wrapper (the VQ's
+        two-optimiser GAN step). ``clip``: clip the gradient norm (of the unscaled gradients) to this."""
         opt.zero_grad(set_to_none=True)
         sc = self.scaler
+        (loss if sc is None else sc.scale(loss)).backward()
+        if average and self.distributed:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad.div_(self.world_size)
+        if clip is not None:
+            if sc is not None:
+                sc.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
         if sc is None:
-            loss.backward()
             opt.step()
         else:
-            sc.scale(loss).backward()
             sc.step(opt)
             sc.update()
 
@@ -148,8 +160,7 @@ class Runtime:
     def ddp(self, module: nn.Module) -> nn.Module:
         """``module`` wrapped in DistributedDataParallel when there are several ranks (DDP averages the
         gradients during backward), else ``module`` itself; compiled first when ``compile`` is on. Checkpoint
-        the unwrapped module: it shares its parameters with the wrapper. ``find_unused_parameters``: a step
-        may leave some weights without a gradient (e.g. the null-pose embedding when no pose was dropped)."""
+        the unwrapped module: it shares its parameters with the wrapper."""
         if self.compile:
             module = torch.compile(module)
         if not self.distributed:
@@ -157,7 +168,7 @@ class Runtime:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+        return DistributedDataParallel(module, device_ids=ids)
 
     def shard(self, batch: Any) -> Any:
         """This rank's slice of a global batch (tensors along dim 0; tuples/lists/dicts element-wise)."""
@@ -166,7 +177,7 @@ class Runtime:
         if torch.is_tensor(batch):
             n = len(batch)
             if n % self.world_size:
-                raise RuntimeError_(f"batch size {n} is not divisible by the {self.world_size} ranks")
+                raise RuntimeSettingError(f"batch size {n} is not divisible by the {self.world_size} ranks")
             per = n // self.world_size
             return batch[self.rank * per:(self.rank + 1) * per]
         if isinstance(batch, (tuple, list)):
@@ -225,5 +236,20 @@ class Method(nn.Module):
         return getattr(self.module, self.method)(*args, **kwargs)
 
 
-CPU = Runtime(torch.device("cpu"))  # the default of every function that takes a runtime
+CPU = Runtime(torch.device("cpu"))
+_current = CPU
+
+
+def use(rt: Runtime) -> Runtime:
+    """Make ``rt`` the process's current runtime: what functions given no ``runtime`` run under, and the
+    device :func:`kpnb.training.load_trained` puts loaded models on. A notebook's
+    :class:`kpnb.runs.NotebookRun` calls it with the preset's runtime."""
+    global _current
+    _current = rt
+    return rt
+
+
+def current() -> Runtime:
+    """The runtime set by :func:`use` (CPU fp32 until then)."""
+    return _current
 

@@ -52,7 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import runs
-from .runtime import CPU, Runtime
+from .runtime import Runtime, current
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})\.json$")
 
@@ -274,15 +274,16 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
 
 def load_trained(ckpt_dir: str | Path, key: str, build: Callable[[Any], nn.Module], *, module: str = "model",
                  what: str | None = None) -> nn.Module:
-    """The model of a checkpoint folder (its latest checkpoint) or file, in eval mode: ``build`` makes it from
-    the saved ``config[key]``, then the weights of ``module`` are loaded. A checkpoint without ``config[key]``
+    """The model of a checkpoint folder (its latest checkpoint) or file, in eval mode, on the current runtime's
+    device (:func:`kpnb.runtime.current`): ``build`` makes it from the saved ``config[key]``, then the weights
+    of ``module`` are loaded (checkpoints hold CPU tensors, so any device can load any checkpoint). A checkpoint without ``config[key]``
     is refused as not being a ``what`` checkpoint."""
     cfg = read_checkpoint_info(ckpt_dir).get("config", {})
     if key not in cfg:
         raise CheckpointError(f"{ckpt_dir}: not a {what or key} checkpoint (no {key!r} config in its JSON)")
     model = build(cfg[key])
     load_checkpoint(ckpt_dir, {module: model})
-    return model.eval()
+    return model.to(current().device).eval()
 
 
 def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, strict: bool = True,
@@ -393,7 +394,7 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
     losses are means over the ranks and rank 0 alone writes metrics.csv and checkpoints; every rank resumes
     from the same checkpoint, whatever the number of ranks that wrote it.
     """
-    rt = runtime or CPU
+    rt = runtime or current()
     main = rt.is_main
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -406,9 +407,9 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
     if last is not None:
         info = read_checkpoint_info(last)
         saved = {k: v for k, v in info.get("config", {}).items() if k != "steps"}
-        current = {k: v for k, v in config.items() if k != "steps"}
-        if saved != current:
-            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        given = {k: v for k, v in config.items() if k != "steps"}
+        if saved != given:
+            diff = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
             raise CheckpointError(f"{last}: saved with a different config (keys {', '.join(diff)}); "
                                   f"use another checkpoint folder or resume=False")
         info = load_checkpoint(last, modules, optimizers=optimizers)

@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import training
+from .runtime import Method, Runtime, current
 from .conditioning import check_poses, flip_poses, grid_context
 from .data import flip_images
 from .diffusion import encode_latents, pose_fidelity as _pose_fidelity
@@ -247,19 +248,16 @@ def decode_codes(vq: nn.Module, codes: torch.Tensor) -> np.ndarray:
 # ======================================================================================================
 # Training and loading
 # ======================================================================================================
-def _default_device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: str | Path, *, n_codes: int,
-                      progress: bool = True, resume: bool = True, device: str | torch.device | None = None,
+                      progress: bool = True, resume: bool = True, runtime: Runtime | None = None,
                       on_log: Callable[[dict[str, float]], None] | None = None) -> tuple[CondTransformer, Any]:
     """Train a CondTransformer on code indices ``codes`` [N, h, w] (e.g. :func:`code_dataset`) and ``poses``
     [N, 17, 3], for a VQ codebook of ``n_codes``. ``cfg``: the preset's ``transformer`` section (the keys of
     :data:`TRAIN_KEYS`; sampling keys are ignored here). Teacher forcing; AdamW (weight decay on
     matrices only, betas 0.9/0.95 as minGPT) with warm-up + cosine learning rate; the batch of step s is
-    :func:`kpnb.training.batch_indices` of (seed, s). ``device``: None = CUDA when available.
+    :func:`kpnb.training.batch_indices` of (seed, s). ``runtime``: device, precision and ranks (default CPU).
     Returns (the model in eval mode, the :class:`kpnb.training.TrainResult`)."""
+    rt = runtime or current()
     c = {k: cfg[k] for k in TRAIN_KEYS}
     codes = torch.as_tensor(codes).long()
     ptok = pose_tokens(poses)
@@ -269,28 +267,26 @@ def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: 
     if int(codes.min()) < 0 or int(codes.max()) >= n_codes:
         raise ValueError(f"train_transformer: code indices must lie in 0..{n_codes - 1}, "
                          f"got {int(codes.min())}..{int(codes.max())}")
-    dev = _default_device(device)
     seed, bs, steps = int(c["seed"]), int(c["batch_size"]), int(c["steps"])
     torch.manual_seed(seed)  # the same initial weights for the same seed (a resume overwrites them)
-    model = make_transformer(c, n_codes=n_codes, latent_size=tuple(codes.shape[1:])).to(dev)
+    model = make_transformer(c, n_codes=n_codes, latent_size=tuple(codes.shape[1:])).to(rt.device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=c["lr"], betas=(0.9, 0.95),
                             fused=True)
 
+    loss_of = rt.ddp(Method(model, "loss"))
+
     def batch_fn(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = training.batch_indices(len(codes), bs, step, seed=seed)
-        return ptok[idx].to(dev), codes[idx].to(dev)
+        return ptok[idx], codes[idx]
 
     def step_fn(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         training.set_lr(opt, training.warmup_cosine(step, steps, c["lr"], c["warmup"]))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss = model.loss(*batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        with rt.autocast():
+            loss = loss_of(*batch)
+        rt.backward_step(loss, opt, clip=1.0)
         return {"loss": loss}
 
     config = {"transformer": model.config(),
@@ -298,7 +294,7 @@ def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: 
               "steps": steps, "n_train": len(codes)}
     result = training.train({"model": model}, {"opt": opt}, step_fn, batch_fn, steps=steps, ckpt_dir=ckpt_dir,
                             config=config, batch_size=bs, ckpt_every=int(c["ckpt_every"]), seed=seed,
-                            desc="transformer", resume=resume, progress=progress, on_log=on_log)
+                            desc="transformer", resume=resume, progress=progress, on_log=on_log, runtime=rt)
     return model.eval(), result
 
 
@@ -306,7 +302,7 @@ def load_transformer(ckpt_dir: str | Path, device: str | torch.device | None = "
     """The model of a :func:`train_transformer` checkpoint folder (or file), in eval mode."""
     model = training.load_trained(ckpt_dir, "transformer", lambda c: CondTransformer(TransformerConfig.from_dict(c)),
                                   what="kpnb transformer")
-    return model.to(_default_device(device)).eval()
+    return model.to(device or "cpu").eval()
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ from torch import nn
 
 from .images import to_model, to_uint8
 from . import runs, training
+from .runtime import Runtime, current
 from .runs import check_fields
 
 SPECS = ("f4", "f8", "f16")
@@ -497,33 +498,39 @@ class VQTrainer:
     """The models, optimisers and one training step of a VQ autoencoder; :func:`train_vq` drives it through
     :func:`kpnb.training.train`, and :mod:`kpnb.bench` times the same step."""
 
-    def __init__(self, cfg: VQConfig, settings: Mapping[str, Any], steps: int):
+    def __init__(self, cfg: VQConfig, settings: Mapping[str, Any], steps: int, runtime: Runtime | None = None):
         s = self.settings = {**TRAIN_DEFAULTS, **settings}
-        self.cfg, self.steps = cfg, steps
+        self.cfg, self.steps, self.rt = cfg, steps, runtime or current()
         torch.manual_seed(int(s["seed"]))  # the same initial weights for the same seed (resume overwrites them)
         self.model = VQModel(cfg)
         self.disc = PatchDiscriminator(s["disc_width"], s["disc_layers"])
         self.perceptual, self.perceptual_note = perceptual_loss_for(s["perceptual_weights"])
+        for m in (self.model, self.disc, self.perceptual):
+            if m is not None:
+                m.to(self.rt.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=s["lr"], betas=tuple(s["betas"]))
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=s["disc_lr"] or s["lr"], betas=tuple(s["betas"]))
 
-    def to(self, device: torch.device | str) -> "VQTrainer":
-        for m in (self.model, self.disc, self.perceptual):
-            if m is not None:
-                m.to(device)
-        return self
-
     def step(self, step: int, x: torch.Tensor) -> dict[str, torch.Tensor | float]:
-        """One step on images x in [-1, 1]: autoencoder (+ GAN term from ``disc_start``), then discriminator."""
-        s, model, disc = self.settings, self.model, self.disc
+        """One step on images x in [-1, 1]: autoencoder (+ GAN term from ``disc_start``), then discriminator.
+        Under several ranks the gradients are all-reduced before each optimiser step, and the data-dependent
+        re-initialisations (linear path, codebook from data, dead-code re-seeding) are taken from rank 0."""
+        s, model, disc, rt = self.settings, self.model, self.disc, self.rt
         lr = training.warmup_cosine(step, self.steps, s["lr"], s["warmup"])
         training.set_lr(self.opt, lr)
         training.set_lr(self.opt_d, lr * (s["disc_lr"] or s["lr"]) / s["lr"])
+        first = not bool(model.quantizer.initialized)
         if self.cfg.linear_path and not bool(model.linear_initialized):
             model.init_linear_path(x)  # before the codebook is initialised from the encoder's outputs
-        h = model.encode(x)
+            rt.broadcast_module(model)
+        with rt.autocast():
+            h = model.encode(x)
+        h = h.float()  # the codebook lookup in fp32 (distances of nearby codes)
         zq, _, qloss = model.quantize(h)
-        xrec = model.decode(zq)
+        if first:
+            rt.broadcast_module(model.quantizer)
+        with rt.autocast():
+            xrec = model.decode(zq).float()
         rec = (x - xrec).abs().mean()
         out: dict[str, torch.Tensor | float] = {"rec": rec, "codebook": qloss}
         if self.perceptual is not None:
@@ -534,29 +541,29 @@ class VQTrainer:
         gan_on = step >= s["disc_start"]
         if gan_on:
             disc.requires_grad_(False)  # the generator's backward must not reach D's weights
-            g_loss = -disc(xrec).mean()
+            with rt.autocast():
+                g_loss = -disc(xrec).float().mean()
             w = adaptive_weight(rec, g_loss, model.decoder.conv_out.weight) * s["disc_weight"]
             loss = loss + w * g_loss
             disc.requires_grad_(True)
             out.update(g_loss=g_loss, gan_weight=w)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        rt.backward_step(loss, self.opt, average=True)
         if gan_on:
-            real, fake = disc(x), disc(xrec.detach())
+            with rt.autocast():
+                real, fake = disc(x).float(), disc(xrec.detach()).float()
             d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())  # hinge
-            self.opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.opt_d.step()
+            rt.backward_step(d_loss, self.opt_d, average=True)
             out["d_loss"] = d_loss
         if s["reseed_every"] and (step + 1) % s["reseed_every"] == 0:
             out["reseeded"] = float(model.quantizer.reseed_dead(h.detach()))
+            rt.broadcast_module(model.quantizer)
         out["loss"] = loss
         return out
 
 
 def train_vq(spec: str, images: np.ndarray, preset_cfg: Mapping[str, Any], ckpt_dir: str | Path, *,
-             progress: bool = True, resume: bool = True, **overrides: Any) -> tuple[VQModel, dict[str, Any]]:
+             progress: bool = True, resume: bool = True, runtime: Runtime | None = None,
+             **overrides: Any) -> tuple[VQModel, dict[str, Any]]:
     """Train the ``spec`` autoencoder on uint8 images [N, H, W, 3] (random horizontal flips) through
     :func:`kpnb.training.train`; checkpoints and metrics.csv go to ``ckpt_dir``; a finished or interrupted
     run in ``ckpt_dir`` is resumed. ``overrides`` replace training settings (e.g. ``steps=10``). Returns
@@ -571,7 +578,7 @@ def train_vq(spec: str, images: np.ndarray, preset_cfg: Mapping[str, Any], ckpt_
         raise ValueError(f"images are {data.shape[1]}x{data.shape[2]}, the {spec} model expects "
                          f"{cfg.image_size}x{cfg.image_size} (vq.image_size)")
     steps, bs, seed = int(s["steps"]), int(s["batch_size"]), int(s["seed"])
-    trainer = VQTrainer(cfg, s, steps)
+    trainer = VQTrainer(cfg, s, steps, runtime)
     print(trainer.perceptual_note)
 
     def batch_fn(step: int) -> torch.Tensor:
@@ -586,7 +593,7 @@ def train_vq(spec: str, images: np.ndarray, preset_cfg: Mapping[str, Any], ckpt_
     res = training.train({"model": trainer.model, "disc": trainer.disc}, {"opt": trainer.opt, "opt_d": trainer.opt_d},
                          trainer.step, batch_fn, steps=steps, ckpt_dir=ckpt_dir, config=config, batch_size=bs,
                          ckpt_every=int(s["ckpt_every"]), log_every=int(s["log_every"]), seed=seed,
-                         desc=f"vq-{spec}", resume=resume, progress=progress)
+                         desc=f"vq-{spec}", resume=resume, progress=progress, runtime=trainer.rt)
     model = trainer.model.eval()
     return model, {"spec": spec, "config": cfg.to_dict(), "settings": s, "perceptual": trainer.perceptual_note,
                    "images_per_s": res.images_per_s, "seconds": res.seconds, "steps": res.step,
@@ -630,11 +637,12 @@ def reconstruct(model: VQModel, images: np.ndarray, batch_size: int = 64) -> tup
     """(reconstructions uint8 [N, H, W, 3], code indices [N, h, w]) of uint8 images."""
     model.eval()
     data = _images_tensor(images)
+    dev = next(model.parameters()).device
     recs, idxs = [], []
     for i in range(0, len(data), batch_size):
-        zq, idx, _ = model.quantize(model.encode(to_model_range(data[i:i + batch_size])))
+        zq, idx, _ = model.quantize(model.encode(to_model_range(data[i:i + batch_size]).to(dev)))
         recs.append(to_uint8(model.decode(zq)))
-        idxs.append(idx.numpy())
+        idxs.append(idx.cpu().numpy())
     return np.concatenate(recs), np.concatenate(idxs)
 
 

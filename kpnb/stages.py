@@ -1,0 +1,134 @@
+"""The training stages of a run, callable from a notebook and from ``kpnb train`` alike.
+
+``kpnb train STAGE --run DIR`` trains one stage of a run folder outside the notebooks, e.g. on several GPUs::
+
+    torchrun --nproc_per_node 4 -m kpnb train ldm --run outputs/big --mode skeleton
+
+Every stage writes the checkpoint folder its notebook uses (:class:`kpnb.layout.RunFiles`) with the same
+config, so the notebook finds the finished checkpoint, resumes it at its last step and trains nothing
+(notebooks 03, 04, 06 and 07 train only what is missing). A stage trained with N ranks resumes with M: the
+checkpoint holds one unwrapped model, and the data order is a function of (seed, step) alone.
+
+Stages: ``vq`` (one spec, or every one of ``vq.specs``), ``estimator``, ``ldm`` (one mode and spec;
+``--further`` the best mode's longer run), ``transformer``, ``clip`` (the domain CLIP).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import data, diffusion, pose_estimator, training, transformer, vq
+from .layout import RunFiles
+from .runtime import Runtime, current
+
+STAGES = ("vq", "estimator", "ldm", "transformer", "clip")
+
+
+def _images_digest(images: np.ndarray) -> str:
+    """A cheap fingerprint of an image array: its shape and every 97th image's bytes."""
+    h = hashlib.sha1(repr(images.shape).encode())
+    h.update(np.ascontiguousarray(images[::97]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def ldm_latents(root: str | Path, spec: str, split: str = "train", *, images: np.ndarray | None = None,
+                progress: bool = True, runtime: Runtime | None = None) -> np.ndarray:
+    """The memory-mapped latent cache (:func:`kpnb.diffusion.latent_cache`, both flips) of a run's ``split``
+    subset under its ``spec`` autoencoder, built on first use. Keyed on the VQ checkpoint and the images, so a
+    retrained VQ or a new subset builds a new one."""
+    rt = runtime or current()
+    files = RunFiles(Path(root))
+    images = data.load_subset(root, split)["images"] if images is None else images
+    last = training.latest_checkpoint(files.vq(spec))
+    if last is None:
+        raise training.CheckpointError(f"{files.vq(spec)}: no {spec} autoencoder yet - run notebook 03 "
+                                       f"(or kpnb train vq --spec {spec}) first")
+    identity = {"vq": last.name, "vq_json_sha1": hashlib.sha1(last.read_bytes()).hexdigest()[:16],
+                "images": _images_digest(images)}
+    ae = vq.load_vq(files.vq(spec)).to(rt.device)
+    return diffusion.latent_cache(ae, images, files.latents(spec, split), identity=identity, progress=progress,
+                                  runtime=rt)
+
+
+def train_ldm(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str, mode: str, *,
+              further: bool = False, progress: bool = True, runtime: Runtime | None = None):
+    """One diffusion model of a run: ``mode`` on ``spec``'s latents into ``RunFiles.ldm(spec, mode)``, with the
+    preset's ``diffusion`` settings; ``further``: the best mode's longer run (forked from the equal-budget
+    checkpoint, ``best_steps`` steps). Returns (EMA model, TrainResult)."""
+    files = RunFiles(Path(root))
+    d = dict(cfg["diffusion"])
+    train = data.load_subset(root, "train")
+    z = ldm_latents(root, spec, "train", images=train["images"], progress=progress, runtime=runtime)
+    scale = diffusion.scale_factor_of(z[:, 0])
+    out = files.ldm(spec, mode, further=further)
+    if further:
+        training.fork_checkpoint(files.ldm(spec, mode), out)
+        d["steps"] = d["best_steps"]
+    return diffusion.train_ldm(z, train["poses"], d, out, mode, scale_factor=scale, progress=progress,
+                               runtime=runtime)
+
+
+def train_vq(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str, *, progress: bool = True,
+             runtime: Runtime | None = None):
+    """The ``spec`` autoencoder of a run on its training subset. Returns (model, info)."""
+    return vq.train_vq(spec, data.load_subset(root, "train")["images"], cfg["vq"], RunFiles(Path(root)).vq(spec),
+                       progress=progress, runtime=runtime)
+
+
+def train_estimator(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, progress: bool = True,
+                    runtime: Runtime | None = None):
+    """The run's pose estimator (the PCK ruler) on ground-truth renders. Returns (model, info)."""
+    return pose_estimator.fit_estimator(cfg["estimator"], RunFiles(Path(root)).estimator(), progress=progress,
+                                        runtime=runtime)
+
+
+def train_transformer(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str | None = None, *,
+                      progress: bool = True, runtime: Runtime | None = None):
+    """The conditional transformer over the run's ``spec`` codes (``transformer.spec`` by default)."""
+    t = cfg["transformer"]
+    spec = spec or t["spec"]
+    train = data.load_subset(root, "train")
+    ae = vq.load_vq(RunFiles(Path(root)).vq(spec))
+    codes, poses = transformer.code_dataset(ae, train["images"], train["poses"], flip=t["flip"])
+    return transformer.train_transformer(codes, poses, t, RunFiles(Path(root)).transformer(spec),
+                                         n_codes=ae.cfg.n_codes, progress=progress, runtime=runtime)
+
+
+def train_clip(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, progress: bool = True,
+               runtime: Runtime | None = None):
+    """The run's domain CLIP (nothing to train when ``clip.pretrained_path`` names a file)."""
+    from . import clip as kclip  # open_clip: imported only when this stage runs
+
+    return kclip.clip_for_run(root, cfg, progress=progress, runtime=runtime)
+
+
+def run_stage(stage: str, root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, spec: str | None = None,
+              mode: str | None = None, further: bool = False, progress: bool = True,
+              runtime: Runtime | None = None) -> dict[str, Any]:
+    """Train ``stage`` of the run in ``root`` (``kpnb train``); returns a JSON-able summary."""
+    rt = runtime or current()
+    if stage == "vq":
+        out = {}
+        for s in [spec] if spec else list(cfg["vq"]["specs"]):
+            _, info = train_vq(root, cfg, s, progress=progress, runtime=rt)
+            out[s] = {k: info[k] for k in ("steps", "seconds", "images_per_s")}
+        return out
+    if stage == "estimator":
+        _, info = train_estimator(root, cfg, progress=progress, runtime=rt)
+        return {k: v for k, v in info.items() if isinstance(v, (int, float))}
+    if stage == "ldm":
+        mode = mode or RunFiles(Path(root)).best_mode() or cfg["diffusion"]["modes"][0]
+        _, res = train_ldm(root, cfg, spec or "f4", mode, further=further, progress=progress, runtime=rt)
+    elif stage == "transformer":
+        _, res = train_transformer(root, cfg, spec, progress=progress, runtime=rt)
+    elif stage == "clip":
+        _, info = train_clip(root, cfg, progress=progress, runtime=rt)
+        return json.loads(json.dumps(info, default=str))
+    else:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    return {"steps": res.step, "start_step": res.start_step, "seconds": res.seconds,
+            "images_per_s": res.images_per_s, "checkpoint": str(res.checkpoint)}
