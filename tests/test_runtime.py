@@ -1,0 +1,144 @@
+"""kpnb.runtime: settings, bf16 autocast training steps of every model on the CPU, device-free checkpoints,
+DataLoader workers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kpnb import attributes, clip as kc, diffusion, pose_estimator, runs, runtime, training, transformer, vq
+
+BF16 = runtime.Runtime(torch.device("cpu"), precision="bf16")
+SMOKE = runs.preset_config("smoke")
+
+
+def _poses(n, seed=0):
+    rng = np.random.default_rng(seed)
+    p = np.zeros((n, 17, 3), np.float32)
+    p[..., :2] = rng.uniform(0.2, 0.8, (n, 17, 2))
+    p[..., 2] = 2
+    return p
+
+
+def _images(n, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _finite_and_moved(before: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+    assert all(v.dtype != torch.bfloat16 for v in after.values()), "weights must stay fp32 under autocast"
+
+
+def test_settings_resolve_and_bad_values_are_refused():
+    rt = runtime.Runtime.from_settings(SMOKE["runtime"])
+    assert rt.device.type in ("cpu", "cuda", "mps") and rt.world_size == 1 and rt.is_main
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(runtime.RuntimeSettingError, match="precision"):
+        runtime.resolve_precision("fp8", torch.device("cpu"))
+    with pytest.raises(runtime.RuntimeSettingError, match="fp16"):
+        runtime.resolve_precision("fp16", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(runtime.RuntimeSettingError, match="no CUDA"):
+            runtime.resolve_device("cuda")
+    with pytest.raises(runtime.RuntimeSettingError, match="workers"):
+        runtime.Runtime.from_settings({**SMOKE["runtime"], "workers": -1})
+    assert runs.PRESETS["gpu"]["runtime"]["precision"] == "auto"
+
+
+def test_bf16_autocast_step_vq(tmp_path):
+    model, info = vq.train_vq("f8", _images(8), SMOKE["vq"], tmp_path / "vq", progress=False, runtime=BF16,
+                              steps=4, disc_start=2)
+    assert info["steps"] == 4 and np.isfinite(info["history"][-1]["loss"])
+    assert {"g_loss", "d_loss"} <= set(info["history"][-1])  # the GAN phase ran under autocast too
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_autocast_step_ldm(tmp_path):
+    z = torch.randn(16, 4, 4, 4)
+    cfg = SMOKE["diffusion"]
+    torch.manual_seed(int(cfg["seed"]))
+    start = diffusion.ldm_from_settings(cfg, "tokens+skeleton", (4, 4, 4), scale_factor=1.0).state_dict()
+    start = {k: v.clone() for k, v in start.items()}
+    ema, res = diffusion.train_ldm(z, _poses(16), {**cfg, "steps": 3}, tmp_path / "ldm", "tokens+skeleton",
+                                   scale_factor=1.0, progress=False, runtime=BF16)
+    assert res.step == 3 and np.isfinite(res.history[-1]["loss"])
+    model = diffusion.ldm_from_settings(cfg, "tokens+skeleton", (4, 4, 4), scale_factor=1.0)
+    training.load_checkpoint(tmp_path / "ldm", {"model": model})
+    _finite_and_moved(start, model)
+
+
+def test_bf16_autocast_step_estimator(tmp_path):
+    cfg = {**SMOKE["estimator"], "steps": 3}
+    model, res = pose_estimator.train_estimator(_images(8), _poses(8), cfg, tmp_path / "est", progress=False,
+                                                runtime=BF16)
+    assert res.step == 3 and np.isfinite(res.history[-1]["loss"])
+    assert pose_estimator.predict(model, _images(2)).shape == (2, 17, 3)
+
+
+def test_bf16_autocast_step_transformer(tmp_path):
+    cfg = {**SMOKE["transformer"], "steps": 3}
+    codes = torch.randint(0, 64, (8, 2, 2))
+    model, res = transformer.train_transformer(codes, _poses(8), cfg, tmp_path / "tr", n_codes=64, progress=False,
+                                               runtime=BF16)
+    assert res.step == 3 and np.isfinite(res.history[-1]["loss"])
+
+
+def test_bf16_autocast_step_clip_and_attributes(tmp_path):
+    tiny = kc.domain_clip_config(image_size=32, patch_size=8, width=32, layers=1, text_width=32, text_layers=1,
+                                 context_length=8, embed_dim=32)
+    model, res = kc.train_domain_clip(_images(8), ["a girl with red hair"] * 8, tmp_path / "clip", steps=3,
+                                      batch_size=4, warmup=1, model_cfg=tiny, progress=False, runtime=BF16)
+    assert res.step == 3 and np.isfinite(res.history[-1]["loss"])
+    classes = {"hair": ["red", "blue"]}
+    labels = {"hair": ["red", "blue"] * 4}
+    net, res = attributes.train_attribute_classifier(_images(8), labels, classes, tmp_path / "attr", steps=3,
+                                                     batch_size=4, width=8, depth=2, progress=False, runtime=BF16)
+    assert res.step == 3 and np.isfinite(res.history[-1]["loss"])
+
+
+def test_checkpoints_hold_cpu_fp32_tensors_and_load_onto_the_current_device(tmp_path):
+    """Saved from any device (here the CPU, trained under bf16 autocast), a checkpoint is plain fp32 CPU
+    tensors: load_trained puts the model on the current runtime's device, whichever that is."""
+    cfg = {**SMOKE["estimator"], "steps": 2}
+    pose_estimator.train_estimator(_images(8), _poses(8), cfg, tmp_path / "est", progress=False, runtime=BF16)
+    tensors, _ = runs.load_tensors(training.latest_checkpoint(tmp_path / "est").with_suffix(".safetensors"))
+    assert all(t.device.type == "cpu" for t in tensors.values())
+    assert all(t.dtype != torch.bfloat16 for t in tensors.values())
+    prev = runtime.current()
+    try:
+        runtime.use(runtime.Runtime(torch.device("cpu")))
+        model = pose_estimator.load_estimator(tmp_path / "est")
+        assert next(model.parameters()).device == runtime.current().device
+    finally:
+        runtime.use(prev)
+
+
+def test_dataloader_workers_give_the_same_batches_as_the_main_thread(tmp_path):
+    """runtime.workers > 0 builds batches in worker processes; the training is the same."""
+    z = torch.randn(16, 4, 4, 4)
+    cfg = {**SMOKE["diffusion"], "steps": 4}
+    out = {}
+    for workers in (0, 2):
+        rt = runtime.Runtime(torch.device("cpu"), workers=workers)
+        _, res = diffusion.train_ldm(z, _poses(16), cfg, tmp_path / f"w{workers}", "skeleton", scale_factor=1.0,
+                                     progress=False, runtime=rt)
+        out[workers] = [r["loss"] for r in res.history]
+    assert out[0] == out[2]
+
+
+def test_latent_cache_holds_both_flips_and_is_rebuilt_for_another_vq(tmp_path):
+    torch.manual_seed(0)
+    ae = vq.VQModel(vq.vq_config_for("f8", SMOKE["vq"])).eval()
+    ims = _images(5)
+    z = diffusion.latent_cache(ae, ims, tmp_path / "f8-train.npy", identity={"vq": "a"}, progress=False)
+    assert isinstance(z, np.memmap) and z.shape[:2] == (5, 2)
+    with torch.no_grad():
+        want = ae.encode(torch.as_tensor(ims).permute(0, 3, 1, 2).float().div(127.5).sub(1).flip(-1)).numpy()
+    np.testing.assert_allclose(z[:, 1], want, rtol=1e-5, atol=1e-5)  # [:, 1]: the mirror image's own latents
+    mtime = (tmp_path / "f8-train.npy").stat().st_mtime_ns
+    diffusion.latent_cache(ae, ims, tmp_path / "f8-train.npy", identity={"vq": "a"}, progress=False)
+    assert (tmp_path / "f8-train.npy").stat().st_mtime_ns == mtime  # reused
+    diffusion.latent_cache(ae, ims, tmp_path / "f8-train.npy", identity={"vq": "b"}, progress=False)
+    assert (tmp_path / "f8-train.npy").stat().st_mtime_ns != mtime  # another VQ: rebuilt
