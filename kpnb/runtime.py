@@ -83,7 +83,7 @@ class Runtime:
     def from_settings(cls, section: Mapping[str, Any] | None = None) -> "Runtime":
         """A preset's ``runtime`` section (device, precision, compile, workers); None = CPU fp32. Under
         torchrun this joins the process group once per process."""
-        s = dict(section or {"device": "cpu", "precision": "fp32", "compile": False, "workers": 0})
+        s = section or {"device": "cpu", "precision": "fp32", "compile": False, "workers": 0}  # read by key
         rank, world, local = dist_env()
         device = resolve_device(str(s["device"]))
         if world > 1 and device.type == "cuda":

@@ -60,14 +60,14 @@ def train_ldm(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str,
     preset's ``diffusion`` settings; ``further``: the best mode's longer run (forked from the equal-budget
     checkpoint, ``best_steps`` steps). Returns (EMA model, TrainResult)."""
     files = RunFiles(Path(root))
-    d = dict(cfg["diffusion"])
+    d = cfg["diffusion"]
     train = data.load_subset(root, "train")
     z = ldm_latents(root, spec, "train", images=train["images"], progress=progress, runtime=runtime)
     scale = diffusion.scale_factor_of(z[:, 0])
     out = files.ldm(spec, mode, further=further)
     if further:
         training.fork_checkpoint(files.ldm(spec, mode), out)
-        d["steps"] = d["best_steps"]
+        d = {**d, "steps": d["best_steps"]}
     return diffusion.train_ldm(z, train["poses"], d, out, mode, scale_factor=scale, progress=progress,
                                runtime=runtime)
 

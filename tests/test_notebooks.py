@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from kpnb import cli, runs
+from kpnb import cli, runs, training
 
 pytestmark = pytest.mark.slow
 
@@ -78,3 +78,47 @@ def test_failing_notebook_reports_cell_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1
     assert "02_keypoint_inspection.ipynb failed" in err and "run notebook 01_dataset_filtering first" in err
+
+
+# The gpu preset with every size, step and count shrunk, its structure kept (its runtime, VQ levels and strides,
+# the original UNet's levels, attention and epsilon target, eps prediction, cosine schedule)
+GPU_TINY = {
+    "runtime.workers": 2,
+    "data.image_size": 64, "data.n_candidates": 240, "data.render_size": 64, "data.val_frac": 0.15,
+    "filter.clip_min_score": 0.0,
+    "vq.steps": 4, "vq.batch_size": 8, "vq.image_size": 64, "vq.disc_start": 2, "vq.disc_width": 8,
+    "vq.reseed_every": 2, "vq.log_every": 1,
+    "vq.models": {
+        "f4": {"latent_channels": 3, "n_codes": 64, "code_groups": 1, "linear_path": False, "base_width": 8,
+               "channel_mult": [1, 2, 4], "res_blocks": 1, "dec_res_blocks": 1, "stem": 1},
+        "f8": {"latent_channels": 4, "n_codes": 64, "code_groups": 1, "linear_path": False, "base_width": 8,
+               "channel_mult": [1, 2, 2, 4], "res_blocks": 1, "dec_res_blocks": 1, "stem": 1},
+        "f16": {"latent_channels": 8, "n_codes": 64, "code_groups": 1, "linear_path": False, "base_width": 8,
+                "channel_mult": [1, 1, 2, 2, 4], "res_blocks": 1, "dec_res_blocks": 1, "stem": 1}},
+    "diffusion.steps": 4, "diffusion.batch_size": 8, "diffusion.warmup": 1, "diffusion.base": 16,
+    "diffusion.num_res_blocks": 1, "diffusion.token_dim": 16, "diffusion.sample_steps": 3,
+    "diffusion.n_eval": 8, "diffusion.best_steps": 4, "diffusion.n_select": 4,
+    "estimator.steps": 4, "estimator.batch_size": 8, "estimator.width": 8, "estimator.image_size": 32,
+    "estimator.n_train": 16, "estimator.n_val": 8,
+    "clip.steps": 4, "clip.batch_size": 8, "clip.n_images": 48, "clip.warmup": 1, "clip.image_size": 32,
+    "clip.patch_size": 8, "clip.width": 32, "clip.layers": 1, "clip.text_width": 32, "clip.text_layers": 1,
+    "clip.context_length": 16, "clip.embed_dim": 32, "clip.attr_steps": 4, "clip.attr_width": 8,
+    "clip.attr_depth": 2, "clip.tune_steps": 2, "clip.cutouts": 2, "clip.n_tune": 2,
+    "transformer.n_layer": 1, "transformer.n_head": 2, "transformer.n_embd": 16, "transformer.warmup": 1,
+    "transformer.steps": 4, "transformer.batch_size": 8, "transformer.n_eval": 8,
+}
+
+
+def test_every_notebook_runs_under_the_gpu_preset_at_tiny_sizes(tmp_path):
+    out = tmp_path / "gpu"
+    args = ["run", "--preset", "gpu", "--out", str(out), "--no-progress"]
+    for key, value in GPU_TINY.items():
+        args += ["-p", f"{key}={json.dumps(value)}"]
+    assert cli.main(args) == 0
+    for stem in EXPECTED:
+        assert runs.read_metrics(out, stem)["preset"] == "gpu"
+    cfg = runs.run_config(out)
+    assert cfg["runtime"]["precision"] == "auto" and cfg["runtime"]["workers"] == 2
+    info = json.loads(training.latest_checkpoint(out / "checkpoints" / "ldm-f4-grid").read_text())
+    unet = info["config"]["ldm"]["unet"]
+    assert unet["mults"] == [1, 2, 3, 4] and unet["attn_ds"] == [2, 4, 8] and info["config"]["ldm"]["prediction"] == "eps"
