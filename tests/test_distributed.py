@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import data, pose_estimator, runs, stages, training
+from kpnb import cli, data, pose_estimator, runs, stages, training
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")
@@ -28,10 +28,12 @@ def run_template(tmp_path_factory) -> Path:
     """A smoke run folder with a training subset (exact renders) and a trained f4 autoencoder."""
     root = tmp_path_factory.mktemp("run") / "run"
     runs.run_dir(root, "smoke")
-    images, poses = pose_estimator.render_truth(48, seed=5, image_size=32, render_size=64)
-    data.save_subset(root, "train", ids=[f"r{i}" for i in range(48)], images=images, poses=poses,
-                     captions=[""] * 48, attrs=[{}] * 48)
-    stages.train_vq(root, runs.run_config(root), "f4", progress=False)
+    for split, n, seed in (("train", 48, 5), ("val", 16, 6)):
+        images, poses = pose_estimator.render_truth(n, seed=seed, image_size=32, render_size=64)
+        data.save_subset(root, split, ids=[f"{split}{i}" for i in range(n)], images=images, poses=poses,
+                         captions=[""] * n, attrs=[{}] * n)
+    for spec in ("f4", "f8"):
+        stages.train_vq(root, runs.run_config(root), spec, progress=False)
     return root
 
 
@@ -148,3 +150,17 @@ def test_killed_rank_resumes_from_last_checkpoint(run_template, tmp_path):
     for s in range(resumed_at + 10, end + 1, 10):
         assert abs(la[s] - lb[s]) <= 1e-5 * abs(lb[s]), (s, la.get(s), lb.get(s))
     assert np.isfinite(list(la.values())).all()
+
+
+def test_notebook_04_goes_on_from_what_torchrun_trained(run_template, tmp_path):
+    """A mode trained by `kpnb train` under torchrun is found by notebook 04, which trains only the others."""
+    root = _copy(run_template, tmp_path / "run")
+    steps = runs.run_config(root)["diffusion"]["steps"]
+    _train(root, steps, 2)
+    last = training.latest_checkpoint(_ckpt(root))
+    before = last.read_bytes()
+    assert cli.main(["run", "--resume", str(root), "--only", "04", "--no-progress"]) == 0
+    assert training.latest_checkpoint(_ckpt(root)) == last and last.read_bytes() == before  # not retrained
+    assert json.loads(last.read_text())["world_size"] == 2
+    m = runs.read_metrics(root, "04_ldm_training")
+    assert m[f"{MODE}.train_steps"] == steps and f"grid.train_steps" in m
