@@ -22,6 +22,7 @@ is divided by it, quantised and decoded (:func:`decode_latents`). Settings come 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -296,10 +297,13 @@ def ddim_sample(model: KeypointLDM, poses: Any, *, steps: int = 50, eta: float =
     * ``x0_fn``: applied to each step's predicted x0 before the update (:func:`ddim_step`), e.g.
       :func:`snap_to_codebook` (ldm's ``quantize_denoised``) or a clamp; None = plain DDIM.
     * ``callback(dict(i, t, x, pred_x0))`` after each step (i counts 0..steps-1).
-    The last step goes to ldm's last level, alphas_cumprod[0], not to alpha = 1.
+    The last step goes to ldm's last level, alphas_cumprod[0], not to alpha = 1. The UNet runs in the current
+    runtime's precision (:func:`kpnb.runtime.current`) when the model is on its device.
     """
     poses = check_poses(poses)
     dev = next(model.parameters()).device
+    # the runtime's precision for a model on the runtime's device (a model elsewhere runs as it is)
+    amp = current().autocast if dev == current().device else contextlib.nullcontext
     B = poses.shape[0]
     shape = (B, *model.latent_shape)
     if generator is None and seed is not None:
@@ -325,7 +329,8 @@ def ddim_sample(model: KeypointLDM, poses: Any, *, steps: int = 50, eta: float =
         if mask is not None:
             known = model.schedule.add_noise(x0.expand(shape), rand(), tt)
             x = mask * known + (1 - mask) * x
-        e = model.guided_eps(x, tt, cond, uncond, guidance)
+        with amp():  # the UNet in the runtime's precision; the DDIM update in fp32
+            e = model.guided_eps(x, tt, cond, uncond, guidance).float()
         noise = rand() if ddim_sigma(a_t, a_prev, eta) > 0 else None
         x, pred_x0 = ddim_step(x, e, a_t, a_prev, eta=eta, noise=noise, x0_fn=x0_fn)
         if callback is not None:
