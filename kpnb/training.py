@@ -26,7 +26,10 @@ What it gives every model:
   the data order is a function of (seed, step) and the RNG states are restored - a resumed run computes the
   same losses as an uninterrupted one (on CPU; bit-exact up to nondeterministic kernels elsewhere).
 * a NaN/inf guard: a non-finite loss stops training with :class:`NonFiniteLossError` naming the step and the
-  loss, before anything is saved, so the last good checkpoint stays as it was.
+  loss, before anything is saved, so the last good checkpoint stays as it was (checked every step on a CPU; on
+  a GPU at each log row and checkpoint, so that no step waits for a loss to reach the host).
+* a :class:`kpnb.runtime.Runtime`: batches built ahead by DataLoader workers, moved to the device, one slice
+  of the global batch per rank under torchrun, rank 0 alone writing files.
 
 Nothing here unpickles: tensors go through :func:`kpnb.runs.save_tensors` / :func:`kpnb.runs.load_tensors`.
 """
