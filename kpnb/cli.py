@@ -9,6 +9,11 @@ table from a run folder's metrics).
   Unknown presets, settings and parameters are refused before any work, with the valid ones listed.
 * Notebooks run in order into ``DIR/notebooks/``; the first failure stops the run and prints the failing
   cell's error. ``--resume DIR`` skips notebooks that already finished (their metrics file exists).
+* While a notebook runs, its progress lines (:mod:`kpnb.progress`: model, step/total, losses, images/s, time
+  left) are printed, and kept in ``DIR/progress.log``; after each notebook its wall time and headline
+  metrics, at the end a table of all. ``--timeout S`` limits each cell (default :data:`kpnb.runs.CELL_TIMEOUT_S`
+  per preset); a cell past it, or a dead kernel, stops the run naming the notebook and cell, with everything
+  written so far kept for ``--resume``.
 
 ``kpnb train STAGE --run DIR [--spec S] [--mode M] [--further] [-p section.key=value ...]`` trains one stage
 (:mod:`kpnb.stages`) into the run folder's checkpoints, where the notebooks find it. ``-p`` values are
@@ -23,12 +28,15 @@ import ast
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from . import runs
+from . import progress as kprogress, runs
 
 COMMON_PARAMETERS = ("preset", "run_dir", "overrides")
 
@@ -94,6 +102,92 @@ def split_params(pairs: list[str], preset: str, nbs: list[Path]) -> tuple[dict[s
     return overrides, nb_params
 
 
+# the numbers printed after each notebook and in the closing table (the full set is in metrics/<stem>.json)
+HEADLINES = {
+    "01": ("n_kept", "precision", "recall"),
+    "02": ("n_poses",),
+    "03": ("f4.psnr", "f8.psnr", "f16.psnr"),
+    "04": ("best_mode", "estimator.ceiling.pck@0.1", "diffusion_train_seconds_total"),
+    "05": ("best_mode", "best.pck@0.1"),
+    "06": ("zero_shot.hair_colour", "best_spec"),
+    "07": ("pck@0.1", "val_loss"),
+    "08": ("n_figures",),
+}
+
+
+def headline(root: Path, stem: str) -> str:
+    """``key value`` pairs of a finished notebook's main metrics."""
+    try:
+        m = runs.read_metrics(root, stem)
+    except (OSError, ValueError):
+        return ""
+    if stem.startswith("05") and m.get("best_mode"):
+        m = {**m, "best.pck@0.1": m.get(f"{m['best_mode']}.pck@0.1")}
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "  ".join(f"{k} {fmt(m[k])}" for k in HEADLINES.get(stem[:2], ()) if m.get(k) is not None)
+
+
+class _Tail(threading.Thread):
+    """Prints the lines appended to a file (the notebooks' progress log) while a notebook runs."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path, self.stop, self.pos = path, threading.Event(), path.stat().st_size if path.exists() else 0
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self.pos)
+            text = f.read()
+        done = text.rfind("\n") + 1  # whole lines only
+        if done:
+            self.pos += len(text[:done].encode())
+            for line in text[:done].splitlines():
+                print(f"      {line}", flush=True)
+
+
+def _stopped_cell(out_nb: Path) -> str:
+    """Which cell of an executed notebook was running when it stopped, numbered as in that notebook: the one
+    with an error output (a time-out) or papermill's "failed" mark, else the last cell that started (a kernel
+    that died leaves no error behind)."""
+    try:
+        cells = json.loads(out_nb.read_text())["cells"]
+    except (OSError, ValueError):
+        return "unknown"
+    started = [i for i, c in enumerate(cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    failed = [i for i, c in enumerate(cells) if c.get("metadata", {}).get("papermill", {}).get("status") == "failed"
+              or any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    if not (failed or started):
+        return "unknown"
+    i = (failed or started)[0 if failed else -1]
+    src = "".join(cells[i].get("source", "")).strip().splitlines()
+    return f"{i} ({src[0][:60] if src else 'empty'})"
+
+
+def _ipc_kernel_manager(folder: Path) -> type:
+    """A kernel manager whose kernel talks over local IPC sockets in ``folder`` (private: mode 0700) instead of
+    TCP ports on localhost (jupyter_client warns that TCP is unencrypted; these sockets are reachable by this
+    user alone)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self) -> str:
+            return "ipc"
+
+        @default("ip")
+        def _default_ip(self) -> str:
+            return str(folder / "kernel")
+
+    return IPCKernelManager
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import papermill as pm
 
@@ -119,12 +213,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     except runs.ConfigError as e:
         print(f"kpnb run: {e}", file=sys.stderr)
         return 2
+    timeout = args.timeout if args.timeout is not None else runs.CELL_TIMEOUT_S.get(preset)
+    timeout = timeout or None  # 0: no limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(f"kpnb run: preset {preset}, run folder {root}")
+    # OpenMP threads that sleep when idle instead of spinning: another busy process on the cores then slows
+    # training by its share, not 10x (docs/experiments.md); read when the kernel's torch starts
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    progress_log = root / "progress.log"
+    os.environ[kprogress.LOG_ENV] = str(progress_log.resolve())
+    print(f"kpnb run: preset {preset}, run folder {root}; progress lines also in {progress_log}"
+          + (f"; cell time-out {timeout:.0f} s" if timeout else ""))
+    done_rows: list[tuple[str, str, str]] = []
     for nb in nbs:
         done = root / "metrics" / f"{nb.stem}.json"
         if args.resume and done.exists():
             print(f"  {nb.stem}: finished before, skipped")
+            done_rows.append((nb.stem, "skipped", headline(root, nb.stem)))
             continue
         accepted = notebook_parameters(nb)
         params = {"preset": preset, "run_dir": str(root.resolve()), "overrides": overrides}
@@ -132,18 +236,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         out_nb = root / "notebooks" / nb.name
         t0 = time.time()
         print(f"  {nb.stem}: running ...", flush=True)
+        tail = _Tail(progress_log)
+        tail.start()
+        sockets = Path(tempfile.mkdtemp(prefix="kpnb-kernel-"))
         try:
             pm.execute_notebook(str(nb), str(out_nb), parameters=params, cwd=str(notebooks_dir()),
-                                progress_bar=args.progress, kernel_name="python3")
+                                progress_bar=args.progress, kernel_name="python3", execution_timeout=timeout,
+                                kernel_manager_class=_ipc_kernel_manager(sockets))
         except pm.PapermillExecutionError as e:
             print(f"kpnb run: {nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}", file=sys.stderr)
             print("".join(_strip_ansi(line) + "\n" for line in e.traceback[-12:]), file=sys.stderr)
-            print(f"kpnb run: the executed notebook is {out_nb}; finished notebooks are kept - "
-                  f"`kpnb run --resume {root}` goes on from here", file=sys.stderr)
-            return 1
-        print(f"  {nb.stem}: done in {time.time() - t0:.0f} s", flush=True)
+            return _stopped(root, out_nb)
+        except Exception as e:  # noqa: BLE001 - a time-out or a dead kernel: name where, keep everything
+            kind = "timed out" if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower() else "stopped"
+            print(f"kpnb run: {nb.name} {kind} in cell {_stopped_cell(out_nb)}: {type(e).__name__}: "
+                  f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}", file=sys.stderr)
+            return _stopped(root, out_nb)
+        finally:
+            tail.stop.set()
+            tail.join()
+            tail.flush()
+            shutil.rmtree(sockets, ignore_errors=True)
+        secs = time.time() - t0
+        done_rows.append((nb.stem, f"{secs:.0f} s", headline(root, nb.stem)))
+        print(f"  {nb.stem}: done in {secs:.0f} s  {done_rows[-1][2]}", flush=True)
     print(f"kpnb run: finished; metrics in {root / 'metrics'}, figures in {root / 'figures'}")
+    width = max(len(r[0]) for r in done_rows) if done_rows else 10
+    for stem, secs, head in done_rows:
+        print(f"  {stem:{width}}  {secs:>8}  {head}")
     return 0
+
+
+def _stopped(root: Path, out_nb: Path) -> int:
+    print(f"kpnb run: the executed notebook is {out_nb}; finished notebooks and checkpoints are kept - "
+          f"`kpnb run --resume {root}` goes on from here", file=sys.stderr)
+    return 1
 
 
 def _strip_ansi(s: str) -> str:
@@ -233,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--only", help="comma-separated notebook numbers, e.g. 01,02")
     r.add_argument("-p", "--param", action="append", metavar="NAME=VALUE")
     r.add_argument("--no-progress", dest="progress", action="store_false")
+    r.add_argument("--timeout", type=float, help="seconds one cell may run (default per preset: "
+                   f"{', '.join(f'{k} {v}' for k, v in runs.CELL_TIMEOUT_S.items())}; 0 = no limit)")
     t = sub.add_parser("train", help="train one stage of a run (also under torchrun)")
     t.add_argument("stage", choices=("vq", "estimator", "ldm", "transformer", "clip"))
     # --run-dir: torchrun's own parser takes "--run" for an abbreviation of its --run-path

@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from . import progress as kprogress
 from .attributes import attribute_probs
 from .clip import encode_image_tensor, encode_texts, hair_prompt, make_cutouts, preprocess_cfg, tensor_to_images
 from .conditioning import SKELETON_CHANNELS, check_poses, skeleton_maps
@@ -256,7 +256,7 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
     before = _clip_scores(clip_model, x_start, target)
     history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(s.steps + 1), desc=f"CLIP tuning: {prompts[0][:40]}", disable=not progress, dynamic_ncols=True)
+    bar = kprogress.bar(range(s.steps + 1), desc=f"CLIP tuning: {prompts[0][:40]}", disable=not progress)
     for step in bar:
         _, x = decode_latent(vq, z)
         clip_loss, anchor = clip_prompt_loss(clip_model, x, target, s, gen), anchor_loss(z, z0)

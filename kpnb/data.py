@@ -25,8 +25,8 @@ from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image, ImageFile
-from tqdm.auto import tqdm
 
+from . import progress as kprogress
 from .keypoints import Pose, PoseError, read_release_json
 from .runs import atomic_write_bytes
 
@@ -199,7 +199,7 @@ def load_candidates(root: str | Path, size: int, limit: int | None = None, progr
     labels_all = {str(r["id"]): r for r in read_jsonl(root / "labels.jsonl")}
 
     keep_ids, ims, poses = [], [], []
-    for i in tqdm(ids, desc="loading candidates", disable=not progress, mininterval=1.0):
+    for i in kprogress.bar(ids, desc="loading candidates", disable=not progress, mininterval=1.0, unit_label="image"):
         try:
             pose = read_release_json(kps[i])
         except PoseError as e:

@@ -36,9 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
 
-from . import runs, training
+from . import progress as kprogress, runs, training
 from .runtime import Method, Runtime, current
 from .conditioning import Cond, PoseConditioner, check_poses, flip_batch, flip_poses, parse_modes
 from .images import to_model, to_uint8
@@ -403,7 +402,8 @@ def latent_cache(vq: nn.Module, images: np.ndarray, path: str | Path, *, identit
         shape = (len(images), 2, *vq.encode(to_model(images[:1]).to(dev)).shape[1:])
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         with torch.no_grad():
-            for i in tqdm(range(0, len(images), batch_size), desc=f"latents {path.stem}", disable=not progress):
+            for i in kprogress.bar(range(0, len(images), batch_size), desc=f"latents {path.stem}",
+                                   disable=not progress, unit_label="batch"):
                 x = to_model(images[i:i + batch_size]).to(dev)
                 out[i:i + len(x), 0] = vq.encode(x).float().cpu().numpy()
                 out[i:i + len(x), 1] = vq.encode(x.flip(-1)).float().cpu().numpy()

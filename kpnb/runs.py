@@ -156,6 +156,11 @@ DELTAS: dict[str, dict[str, Any]] = {
 }
 
 
+# `kpnb run --timeout` defaults: seconds one notebook cell may run, about 2x the slowest cell measured (the
+# cpu preset's notebook 04 mode-training cell, ~20 min on 2 idle cores); None = no limit (gpu: days of training)
+CELL_TIMEOUT_S: dict[str, float | None] = {"smoke": 600, "cpu": 3600, "cpu-vq12": 3600, "gpu": None}
+
+
 def _merged(base: Mapping[str, Any], delta: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``base`` with ``delta`` applied key by key; a delta key that BASE lacks is a typo, refused."""
     out = copy.deepcopy(dict(base))

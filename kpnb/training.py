@@ -16,7 +16,7 @@ The caller supplies two plain functions and ``train`` does the rest::
 
 What it gives every model:
 
-* a ``tqdm.auto`` progress bar with the latest losses, and ``ckpt_dir/metrics.csv`` (step, mean losses since
+* a progress bar (:func:`kpnb.progress.bar`: tqdm, plus text lines for a headless run) with the latest losses, and ``ckpt_dir/metrics.csv`` (step, mean losses since
   the last row, cumulative seconds, images/s);
 * checkpoints every ``ckpt_every`` steps and at the end: ``ckpt-<step>.safetensors`` (module weights and
   optimiser tensors, flat names) plus ``ckpt-<step>.json`` (config, step, optimiser hyper-parameters, RNG
@@ -52,9 +52,8 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import runs
+from . import progress as kprogress, runs
 from .runtime import Runtime, current
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})\.json$")
@@ -431,7 +430,8 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
 
     # losses stay on the device between log rows on a GPU (a float() per step would stall it)
     check_every_step = rt.device.type == "cpu"
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and main), dynamic_ncols=True)
+    bar = kprogress.bar(total=steps, initial=start, desc=desc, disable=not (progress and main))
+    bar._log = bar._log and main  # one rank reports
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     n_in_row, t_row, t_call, ran = 0, time.perf_counter(), time.perf_counter(), 0

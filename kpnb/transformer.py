@@ -42,9 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import training
+from . import progress as kprogress, training
 from .runtime import Method, Runtime, current
 from .conditioning import check_poses, flip_poses, grid_context
 from .data import flip_images
@@ -362,7 +361,7 @@ def sample_codes(model: CondTransformer, poses: Any, *, temperature: float = 1.0
     model.eval()
     seq = ptok.to(dev) + model.cfg.n_codes
     L = model.cfg.n_positions
-    for i in tqdm(range(L), desc="sampling codes", disable=not progress, leave=False):
+    for i in kprogress.bar(range(L), desc="sampling codes", disable=not progress, leave=False, unit_label="code"):
         logits = model(seq, start=seq.shape[1] - 1)[:, -1].float().cpu()
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)

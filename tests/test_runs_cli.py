@@ -106,3 +106,76 @@ def test_cli_refuses_unknown_preset_and_parameter(tmp_path):
     assert r.returncode == 2 and "vq.steps" in r.stderr
     r = _kpnb("run", "--preset", "smoke", "--out", str(tmp_path / "d"), "--only", "01,42")
     assert r.returncode == 2 and "42" in r.stderr
+
+
+# ---- kpnb run: time-outs, dead kernels, progress lines -------------------------------------------------
+def _notebook(path, *cells):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('preset = "smoke"\nrun_dir = ""\noverrides = {}')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+FINISH = 'from kpnb import runs\nnb = runs.NotebookRun(NAME, preset, run_dir, overrides)\nnb.finish({"ok": 1})'
+
+
+@pytest.fixture
+def tiny_notebooks(tmp_path, monkeypatch):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    monkeypatch.setattr(cli, "notebooks_dir", lambda: folder)
+    return folder
+
+
+def test_a_cell_past_the_timeout_stops_the_run_named_and_resumable(tiny_notebooks, tmp_path, capsys):
+    _notebook(tiny_notebooks / "01_ok.ipynb", FINISH.replace("NAME", '"01_ok"'))
+    _notebook(tiny_notebooks / "02_slow.ipynb", "x = 1", "import time\ntime.sleep(60)",
+              FINISH.replace("NAME", '"02_slow"'))
+    run = tmp_path / "run"
+    rc = cli.main(["run", "--preset", "smoke", "--out", str(run), "--timeout", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "02_slow.ipynb timed out in cell 3 (import time)" in err and f"--resume {run}" in err
+    assert (run / "metrics" / "01_ok.json").exists() and (run / "notebooks" / "02_slow.ipynb").exists()
+    _notebook(tiny_notebooks / "02_slow.ipynb", "x = 1", FINISH.replace("NAME", '"02_slow"'))  # fixed
+    assert cli.main(["run", "--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "01_ok: finished before, skipped" in out and (run / "metrics" / "02_slow.json").exists()
+
+
+def test_a_dead_kernel_stops_the_run_named(tiny_notebooks, tmp_path, capsys):
+    _notebook(tiny_notebooks / "01_dies.ipynb", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    rc = cli.main(["run", "--preset", "smoke", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "01_dies.ipynb stopped in cell 2 (import os, signal)" in err and "--resume" in err
+
+
+def test_progress_lines_reach_the_console_and_the_log(tiny_notebooks, tmp_path, capsys):
+    _notebook(tiny_notebooks / "01_loop.ipynb",
+              "from kpnb import progress\nimport time\n"
+              "b = progress.bar(total=3, desc='demo loop')\n"
+              "for i in range(3):\n    b.set_postfix(loss=0.5 / (i + 1)); b.update(1); time.sleep(0.3)\nb.close()",
+              FINISH.replace("NAME", '"01_loop"'))
+    monkeypatch_env = {"KPNB_PROGRESS_EVERY": "0"}
+    import os
+    old = {k: os.environ.get(k) for k in monkeypatch_env}
+    os.environ.update(monkeypatch_env)
+    try:
+        assert cli.main(["run", "--preset", "smoke", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "demo loop" in line]
+    assert any("step 2/3 (67%)" in line and "loss 0.25" in line and "left" in line for line in lines), out
+    assert any(line.rstrip().endswith("done") for line in lines)
+    assert "demo loop  step 3/3" in (tmp_path / "run" / "progress.log").read_text()
+    assert "01_loop: done in" in out and "ok 1" not in out  # headline keys are known per notebook only
+
+
+def test_every_preset_has_a_cell_timeout():
+    assert set(runs.CELL_TIMEOUT_S) == set(runs.PRESETS)

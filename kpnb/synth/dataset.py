@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .. import progress as kprogress
 from ..keypoints import MISSING, Pose, write_release_json
 from .palette import (BACKGROUND_COLOURS, DISTRACTOR_SHARES, EYE_COLOURS, HAIR_COLOURS, ID_BASE, KEYPOINT_JITTER,
                       LABELS, OUTFIT_COLOURS, SHIRT_COLOURS, SYNTH_VERSION, TAG_NOISE)
@@ -206,8 +207,6 @@ def write_dataset(out_dir: str | Path, n: int, image_size: int = 64, render_size
     ``dataset.json`` is written last, so it marks a finished dataset: when it holds the same settings and every
     file is there, nothing is redone. ``workers`` processes draw in parallel (identical output for any count).
     Returns a summary: counts per label, seconds, images/s, and whether the work was skipped."""
-    from tqdm.auto import tqdm
-
     if n < 0 or image_size < 1 or render_size < 1:
         raise ValueError(f"n, image_size and render_size must be positive (got {n}, {image_size}, {render_size})")
     if not 0.0 <= distractor_frac <= 1.0:
@@ -227,7 +226,7 @@ def write_dataset(out_dir: str | Path, n: int, image_size: int = 64, render_size
             if p.suffix == ext and p.stem.isdigit() and p.stem not in wanted:
                 p.unlink()
     jobs = [(i, seed, image_size, render_size, distractor_frac, str(out)) for i in range(n)]
-    bar = tqdm(total=n, desc="synthetic dataset", disable=not progress, mininterval=1.0)
+    bar = kprogress.bar(total=n, desc="synthetic dataset", disable=not progress, mininterval=1.0, unit_label="image")
     results: list[tuple[dict[str, Any], dict[str, Any]]] = []
     if workers and workers > 1 and n > 1:
         import multiprocessing as mp
