@@ -53,7 +53,8 @@ def test_settings_read_log(tmp_path, monkeypatch):
     nb = runs.NotebookRun("01_x", "smoke", str(tmp_path / "run"))
     assert nb.cfg["data"]["seed"] == 0 and nb.cfg["vq"].get("steps") == 6
     nb.finish({})
-    assert json.loads(log.read_text()) == {"notebook": "01_x", "read": ["data.seed", "vq.steps"]}
+    runtime_keys = [f"runtime.{k}" for k in sorted(runs.BASE["runtime"])]  # every notebook reads them at start
+    assert json.loads(log.read_text()) == {"notebook": "01_x", "read": ["data.seed", *runtime_keys, "vq.steps"]}
 
 
 def test_run_dir_refuses_mixed_presets(tmp_path):
