@@ -321,8 +321,8 @@ def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: 
     return model, info
 
 
-def fit_keeper(cfg: Mapping[str, Any], keeper_seed: int, ckpt_dir: str | Path, *, progress: bool = True
-               ) -> tuple[PoseNet, dict[str, Any]]:
+def fit_keeper(cfg: Mapping[str, Any], keeper_seed: int, ckpt_dir: str | Path, *, render_size: int = 256,
+               progress: bool = True) -> tuple[PoseNet, dict[str, Any]]:
     """A second estimator, trained apart from the judge (the estimator of ``cfg``): :func:`fit_estimator` with
     ``keeper_seed`` for both its training renders and its initialisation; the ceiling is measured on the
     judge's held-out renders. A seed equal to the judge's ``train_seed`` or ``val_seed`` is refused: the
@@ -331,7 +331,8 @@ def fit_keeper(cfg: Mapping[str, Any], keeper_seed: int, ckpt_dir: str | Path, *
         raise ValueError(f"clip.keeper_seed {keeper_seed} must differ from estimator.train_seed and val_seed "
                          f"({cfg['train_seed']}, {cfg['val_seed']}): the keeper has to be trained "
                          "apart from the judge")
-    return fit_estimator({**cfg, "train_seed": keeper_seed, "seed": keeper_seed}, ckpt_dir, progress=progress)
+    return fit_estimator({**cfg, "train_seed": keeper_seed, "seed": keeper_seed}, ckpt_dir, render_size=render_size,
+                         progress=progress)
 
 
 def ceiling(model: PoseNet, images: Any = None, poses: Any = None, *, n: int = 500, seed: int = 12345,

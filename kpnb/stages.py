@@ -81,8 +81,10 @@ def train_vq(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str, 
 
 def train_estimator(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, progress: bool = True,
                     runtime: Runtime | None = None):
-    """The run's pose estimator (the PCK ruler) on ground-truth renders. Returns (model, info)."""
-    return pose_estimator.fit_estimator(cfg["estimator"], RunFiles(Path(root)).estimator(), progress=progress,
+    """The run's pose estimator (the PCK ruler) on ground-truth renders, drawn at the dataset's
+    ``data.render_size`` as the dataset's images are. Returns (model, info)."""
+    return pose_estimator.fit_estimator(cfg["estimator"], RunFiles(Path(root)).estimator(),
+                                        render_size=int(cfg["data"]["render_size"]), progress=progress,
                                         runtime=runtime)
 
 
