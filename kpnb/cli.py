@@ -1,5 +1,5 @@
 """The ``kpnb`` command: ``kpnb run`` (notebooks headless with papermill), ``kpnb train`` (one training stage
-of a run, also under ``torchrun``), ``kpnb synth``, ``kpnb bench``, ``kpnb status`` (the README's status
+of a run, also under ``torchrun``), ``kpnb sample`` (images for pose files), ``kpnb synth``, ``kpnb bench``, ``kpnb status`` (the README's status
 table from a run folder's metrics).
 
 ``kpnb run [--preset P] [--out DIR | --resume DIR] [--only 01,02] [-p name=value ...]``
@@ -284,6 +284,12 @@ def cmd_synth(argv: list[str]) -> int:
     return synth.main(argv) or 0
 
 
+def cmd_sample(argv: list[str]) -> int:
+    from . import sample
+
+    return sample.main(argv) or 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     from . import bench
 
@@ -350,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_synth(argv[1:])
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
-    p = argparse.ArgumentParser(prog="kpnb", description="kpnb workbook: run | train | synth | bench | status")
+    if argv and argv[0] == "sample":
+        return cmd_sample(argv[1:])
+    p = argparse.ArgumentParser(prog="kpnb", description="kpnb workbook: run | train | sample | synth | bench | status")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute the notebooks headless with papermill")
     r.add_argument("--preset", default="cpu", help=f"one of {', '.join(runs.PRESETS)}")
@@ -372,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--further", action="store_true", help="ldm: the best mode's longer run (diffusion.best_steps)")
     t.add_argument("-p", "--param", action="append", metavar="SECTION.KEY=VALUE")
     t.add_argument("--no-progress", dest="progress", action="store_false")
+    sub.add_parser("sample", help="images for pose files from a run or the released model (kpnb sample --help)")
     sub.add_parser("synth", help="write the synthetic dataset (kpnb synth --help)")
     sub.add_parser("bench", help="measure training/sampling speed (kpnb bench --help)")
     st = sub.add_parser("status", help="the README's status table from a run folder's metrics")

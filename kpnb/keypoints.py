@@ -381,6 +381,99 @@ def coco_to_frame(person: dict[str, Any], margin: float = 0.1) -> Pose:
     return Pose(nxy, pose.vis).refresh_outside()  # OUTSIDE is re-judged against the new frame
 
 
+# ---- format C: OpenPose JSON --------------------------------------------------------------------------
+# OpenPose's body joints in kpnb's order (nose, eyes, ears, shoulders, elbows, wrists, hips, knees, ankles;
+# "left" is the person's own left in both): COCO-18 has a neck at 1, BODY_25 a neck at 1 and a mid-hip at 8.
+OPENPOSE_TO_KPNB = {
+    18: [0, 15, 14, 17, 16, 5, 2, 6, 3, 7, 4, 11, 8, 12, 9, 13, 10],
+    25: [0, 16, 15, 18, 17, 5, 2, 6, 3, 7, 4, 12, 9, 13, 10, 14, 11],
+}
+
+
+def read_openpose(obj_or_path: Any) -> list[dict[str, Any]]:
+    """People of an OpenPose JSON (``{"people": [{"pose_keypoints_2d": [x, y, c, ...]}, ...]}``, COCO-18 or
+    BODY_25; ControlNet pose editors add ``canvas_width``/``canvas_height``), as :func:`read_coco`'s records.
+    A joint with confidence 0 is missing; the image size is the canvas when given, else the joints' extent.
+    Coordinates normalised to [0, 1] (some editors write them so) are taken as fractions of a 1x1 canvas."""
+    source = obj_or_path if isinstance(obj_or_path, (str, Path)) else None
+    obj = _read_json(obj_or_path) if source is not None else obj_or_path
+    if not isinstance(obj, dict) or not isinstance(obj.get("people"), list):
+        raise PoseError("not an OpenPose file (no 'people' list)", source=source, field="people")
+    out = []
+    for k, person in enumerate(obj["people"]):
+        f = f"people[{k}].pose_keypoints_2d"
+        kps = person.get("pose_keypoints_2d") if isinstance(person, dict) else None
+        if not isinstance(kps, list) or len(kps) // 3 not in OPENPOSE_TO_KPNB or len(kps) % 3:
+            n = len(kps) if isinstance(kps, list) else type(kps).__name__
+            raise PoseError(f"expected 54 (COCO-18) or 75 (BODY_25) numbers, got {n}", source=source, field=f)
+        vals = np.array([_number(v, source=source, field=f) for v in kps], np.float64).reshape(-1, 3)
+        sel = vals[OPENPOSE_TO_KPNB[len(vals)]]
+        known = sel[:, 2] > 0
+        w, h = obj.get("canvas_width"), obj.get("canvas_height")
+        if w is None or h is None:
+            small = known.any() and sel[known, :2].max() <= 1.0
+            span = sel[known, :2].max(0) if known.any() else np.ones(2)
+            w, h = (1.0, 1.0) if small else (float(max(span[0], 1.0)), float(max(span[1], 1.0)))
+        coco = []
+        for (x, y, c) in sel:
+            coco += [float(x), float(y), 2 if c > 0 else 0]
+        out.append({"image_id": k, "pose": pose_from_coco(coco, w, h, source=source, field=f), "bbox": None,
+                    "width": float(w), "height": float(h)})
+    return out
+
+
+def read_pose_file(path: str | Path, *, min_joints: int = 4, person: int | None = None,
+                   image_id: Any = None) -> tuple[list[tuple[str, Pose]], list[str]]:
+    """The poses of a pose file, whatever its format, as ``([(label, pose in the square frame)], skipped)``:
+
+    * the release JSON (``{"nose": [y, x], ...}`` in a 512 frame): one pose, as it is;
+    * COCO keypoint annotations (a COCO file, a list of annotations, or one): each person placed into the square
+      frame by its bounding box (:func:`coco_to_frame`); ``image_id`` / ``person`` (the index among the
+      chosen ones) pick;
+    * OpenPose JSON (COCO-18 or BODY_25): each person placed like COCO's.
+
+    A person with fewer than ``min_joints`` labelled joints is skipped, with a message in ``skipped``. A folder
+    reads every ``*.json`` in it, sorted. A file in none of the formats raises :class:`PoseError` naming it."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no pose files (*.json) here")
+        poses, skipped = [], []
+        for f in files:
+            p, s = read_pose_file(f, min_joints=min_joints, person=person, image_id=image_id)
+            poses += p
+            skipped += s
+        return poses, skipped
+    obj = _read_json(path)
+    if isinstance(obj, dict) and "people" in obj:
+        people, kind = read_openpose(path), "openpose"
+    elif isinstance(obj, list) or (isinstance(obj, dict) and ("annotations" in obj or "keypoints" in obj)):
+        people, kind = read_coco(path), "coco"  # read again by name, so that errors name the file
+    elif isinstance(obj, dict) and obj and set(obj) <= set(JOINTS):
+        return [(path.stem, pose_from_release(obj, source=path))], []
+    else:
+        raise PoseError("not a pose file: expected the release JSON ({\"nose\": [y, x], ...}), COCO keypoint "
+                        "annotations or OpenPose JSON ({\"people\": [...]})", source=path)
+    if image_id is not None:
+        people = [p for p in people if str(p["image_id"]) == str(image_id)]
+    poses, skipped = [], []
+    for i, rec in enumerate(people):
+        label = f"{path.stem}-{kind}{rec['image_id']}-{i}" if kind == "coco" else f"{path.stem}-person{i}"
+        n = int(rec["pose"].labelled.sum())
+        if n < min_joints:
+            skipped.append(f"{path}: person {i} (image {rec['image_id']}) skipped: {n} labelled joints, "
+                           f"fewer than {min_joints}")
+            continue
+        poses.append((label, coco_to_frame(rec)))
+    if person is not None:
+        if not 0 <= person < len(poses):
+            raise PoseError(f"person {person} asked for, the file has {len(poses)} usable", source=path,
+                            field="person")
+        poses = [poses[person]]
+    return poses, skipped
+
+
 # ---- the original 32x32 grid tokeniser ----------------------------------------------------------------
 def grid_tokens(pose: Pose, faithful_axes: bool = True) -> np.ndarray:
     """The original training code's tokens: 17 integers in [0, 1023].
