@@ -102,6 +102,14 @@ def split_params(pairs: list[str], preset: str, nbs: list[Path]) -> tuple[dict[s
     return overrides, nb_params
 
 
+# the preset sections each notebook reads (runtime aside: all read it); tests/test_notebooks.py checks this
+# against the settings the smoke run's notebooks actually read
+SECTION_READERS = {
+    "01": ("data", "filter", "clip"), "02": ("data",), "03": ("vq",), "04": ("diffusion", "estimator", "data"),
+    "05": ("diffusion",), "06": ("clip", "vq", "estimator", "data"), "07": ("transformer",),
+    "08": ("diffusion", "transformer", "vq"),
+}
+
 # the numbers printed after each notebook and in the closing table (the full set is in metrics/<stem>.json)
 HEADLINES = {
     "01": ("n_kept", "precision", "recall"),
@@ -207,12 +215,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     except runs.ConfigError as e:
         print(f"kpnb run: {e}", file=sys.stderr)
         return 2
+    changed = {k: v for k, v in overrides.items() if saved_overrides.get(k, object()) != v}
     overrides = {**saved_overrides, **overrides}
     try:
         runs.run_dir(root, preset, overrides)
     except runs.ConfigError as e:
         print(f"kpnb run: {e}", file=sys.stderr)
         return 2
+    if args.resume and changed:  # recorded, so that every later notebook (and kpnb train) uses them
+        runs.write_json(root / "config.json", {**cfg, "overrides": overrides,
+                                               "settings": runs.preset_config(preset, overrides)})
+        finished = [nb.stem for nb in list_notebooks() if (root / "metrics" / f"{nb.stem}.json").exists()
+                    and any(k.split(".")[0] in SECTION_READERS.get(nb.stem[:2], ()) for k in changed)]
+        print(f"kpnb run: recorded {', '.join(f'{k}={v!r}' for k, v in changed.items())} in {root / 'config.json'}"
+              + (f"; finished notebooks that read these settings and would change if rerun: {', '.join(finished)} "
+                 f"(delete their metrics/<notebook>.json to rerun them)" if finished else ""))
     timeout = args.timeout if args.timeout is not None else runs.CELL_TIMEOUT_S.get(preset)
     timeout = timeout or None  # 0: no limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

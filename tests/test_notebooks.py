@@ -54,6 +54,23 @@ def test_every_setting_is_read(smoke_run):
     assert not unread, f"settings no notebook reads: {unread}"
 
 
+def test_section_readers_match_what_the_notebooks_read(smoke_run):
+    """`kpnb run --resume -p` names the finished notebooks a changed setting would change: its map of who reads
+    which section must cover what each notebook read in the smoke run."""
+    for line in (smoke_run.parent / "settings_read.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        sections = {k.split(".")[0] for k in rec["read"]} - {"runtime"}
+        assert sections <= set(cli.SECTION_READERS[rec["notebook"][:2]]), (rec["notebook"], sections)
+
+
+def test_resume_with_a_new_setting_records_it_and_names_what_it_would_change(smoke_run, capsys):
+    assert cli.main(["run", "--resume", str(smoke_run), "--only", "02", "--no-progress",
+                     "-p", "transformer.top_k=50"]) == 0
+    out = capsys.readouterr().out
+    assert "recorded transformer.top_k=50" in out and "07_cond_transformer" in out and "03_vq" not in out
+    assert json.loads((smoke_run / "config.json").read_text())["overrides"]["transformer.top_k"] == 50
+
+
 @pytest.mark.parametrize("stem", list(EXPECTED))
 def test_notebook_smoke(smoke_run, stem):
     m = json.loads((smoke_run / "metrics" / f"{stem}.json").read_text())
