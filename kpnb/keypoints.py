@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import warnings
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,13 +260,16 @@ def read_release_json(path: str | Path, frame: int = RELEASE_FRAME) -> Pose:
     return pose_from_release(_read_json(path), source=path, frame=frame)
 
 
-def read_pose_dir(folder: str | Path, frame: int = RELEASE_FRAME) -> tuple[list[Path], list[Pose]]:
-    """Every ``*.json`` pose file of ``folder`` in the release format, sorted by name: (paths, poses). A bad
-    file raises :class:`PoseError` naming it; a folder without pose files is refused naming the folder."""
-    paths = sorted(Path(folder).glob("*.json"))
-    if not paths:
-        raise FileNotFoundError(f"{folder}: no pose files (*.json in the release format) here")
-    return paths, [read_release_json(p, frame) for p in paths]
+def read_pose_dir(path: str | Path, min_joints: int = 4) -> tuple[list[str], list[Pose]]:
+    """The poses of a pose file or a folder of them, in any format :func:`read_pose_file` reads (release JSON,
+    COCO, OpenPose), sorted by file name: (labels, poses in the square frame). People with too few joints are
+    left out (with a warning); a bad file raises :class:`PoseError` naming it; no usable pose is refused."""
+    poses, skipped = read_pose_file(path, min_joints=min_joints)
+    for msg in skipped:
+        warnings.warn(msg, stacklevel=2)
+    if not poses:
+        raise FileNotFoundError(f"{path}: no usable poses here")
+    return [label for label, _ in poses], [pose for _, pose in poses]
 
 
 def write_release_json(pose: Pose, path: str | Path, frame: int = RELEASE_FRAME) -> None:
@@ -435,6 +439,8 @@ def read_pose_file(path: str | Path, *, min_joints: int = 4, person: int | None 
     A person with fewer than ``min_joints`` labelled joints is skipped, with a message in ``skipped``. A folder
     reads every ``*.json`` in it, sorted. A file in none of the formats raises :class:`PoseError` naming it."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         if not files:

@@ -38,8 +38,8 @@ cfg = runs.preset_config("smoke")
 torch.manual_seed(0)
 ae = vq.VQModel(vq.vq_config_for("f8", cfg["vq"])).eval()  # a tiny untrained model: the path, not the picture
 model = diffusion.ldm_from_settings(cfg["diffusion"], "skeleton", (4, 4, 4)).eval()
-files, poses = kp.read_pose_dir({str(runs.repo_root() / "data" / "poses")!r})
-editor = PoseEditor({{f.stem: p for f, p in zip(files, poses)}},
+labels, poses = kp.read_pose_dir({str(runs.repo_root() / "data" / "poses")!r})
+editor = PoseEditor(dict(zip(labels, poses)),
                     lambda pose: diffusion.sample_images(model, ae, pose.to_array()[None], steps=2, seed=0))
 display(editor.widget)
 '''

@@ -215,13 +215,37 @@ def test_read_pose_dir_reads_sorted_and_names_bad_files(tmp_path):
     pose = kpm.read_release_json(sorted(Path("data/poses").glob("*.json"))[0])
     for name in ("b", "a"):
         kpm.write_release_json(pose, tmp_path / f"{name}.json")
-    paths, poses = kpm.read_pose_dir(tmp_path)
-    assert [p.name for p in paths] == ["a.json", "b.json"] and poses[0] == pose
+    labels, poses = kpm.read_pose_dir(tmp_path)
+    assert labels == ["a", "b"] and poses[0] == pose
     fig = figures.pose_sample_grid(poses, np.zeros((4, 32, 32, 3), np.uint8), np.stack([p.to_array() for p in poses
                                    for _ in range(2)]), 2, path=tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 0 and fig is not None
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(kpm.PoseError, match="c.json"):
         kpm.read_pose_dir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no pose files"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
         kpm.read_pose_dir(tmp_path / "empty")
+
+
+def test_openpose_joint_maps_follow_openposes_documented_order():
+    """OpenPose COCO-18: 0 Nose 1 Neck 2 RShoulder 3 RElbow 4 RWrist 5 LShoulder 6 LElbow 7 LWrist 8 RHip 9 RKnee
+    10 RAnkle 11 LHip 12 LKnee 13 LAnkle 14 REye 15 LEye 16 REar 17 LEar; BODY_25 inserts MidHip at 8 (so the
+    hips, knees and ankles move up by one) and adds the feet at 19-24."""
+    from kpnb import keypoints as kpm
+
+    named = {18: {"nose": 0, "eye_left": 15, "ear_right": 16, "shoulder_left": 5, "wrist_right": 4, "hip_right": 8,
+                  "ankle_left": 13},
+             25: {"nose": 0, "eye_left": 16, "ear_right": 17, "shoulder_left": 5, "wrist_right": 4, "hip_right": 9,
+                  "ankle_left": 14}}
+    for n, want in named.items():
+        for joint, index in want.items():
+            assert kpm.OPENPOSE_TO_KPNB[n][kpm.JOINT_INDEX[joint]] == index, (n, joint)
+        kps = []
+        for i in range(n):  # joint i at x = 10 i + 5; the neck left out (confidence 0)
+            kps += [10.0 * i + 5, 100.0, 0.0 if i == 1 else 0.9]
+        people = kpm.read_openpose({"canvas_width": 400, "canvas_height": 400, "people": [{"pose_keypoints_2d": kps}]})
+        pose = people[0]["pose"]
+        for joint, index in want.items():
+            assert pose.xy[kpm.JOINT_INDEX[joint], 0] == pytest.approx((10 * index + 5) / 400)
+    with pytest.raises(kpm.PoseError, match="54 .COCO-18. or 75"):
+        kpm.read_openpose({"people": [{"pose_keypoints_2d": [1, 2, 3]}]})
