@@ -2,7 +2,9 @@
 
 Each of the 17 joints gets x and y sliders and a visibility toggle; presets (example poses, held-out poses)
 load a pose, a mirror button flips it (with the left/right swap), a live preview draws the skeleton, and
-*Generate* calls ``generate(pose) -> list of uint8 images`` and shows the result.
+*Generate* calls ``generate(pose) -> list of uint8 images`` and shows the result. A path box loads a pose file
+(release JSON, COCO or OpenPose: the first usable person) and saves the edited pose as release JSON, or as a
+COCO annotation when the path ends in ``.coco.json``.
 
 Everything goes through :class:`PoseEditor`'s methods and widget values, so tests drive it headless exactly
 as a person does in JupyterLab: set a slider's ``value``, press ``generate_button.click()``.
@@ -15,7 +17,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .keypoints import HIDDEN, JOINTS, MISSING, OUTSIDE, VISIBLE, Pose, draw_skeleton, flip
+from .keypoints import (HIDDEN, JOINTS, MISSING, OUTSIDE, VISIBLE, Pose, PoseError, draw_skeleton, flip, pose_to_coco,
+                        read_pose_file, write_release_json)
 
 VIS_OPTIONS = [("visible", VISIBLE), ("hidden", HIDDEN), ("missing", MISSING)]
 
@@ -58,13 +61,20 @@ class PoseEditor:
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="magic")
         self.generate_button.on_click(lambda _: self.generate())
         self.status = w.HTML()
+        self.path = w.Text(placeholder="pose file: .json (release, COCO, OpenPose); save: .json or .coco.json",
+                           layout=w.Layout(width="360px"))
+        self.load_button = w.Button(description="load file", icon="folder-open")
+        self.load_button.on_click(lambda _: self.load_file(self.path.value))
+        self.save_button = w.Button(description="save pose", icon="save")
+        self.save_button.on_click(lambda _: self.save_file(self.path.value))
         self.preview = w.Image(format="png", width=preview_size, height=preview_size)
         self.output = w.Image(format="png")
         rows = [w.HBox([w.Label(name, layout=w.Layout(width="110px")), self.x[j], self.y[j], self.vis[j]])
                 for j, name in enumerate(JOINTS)]
         left = w.VBox(rows, layout=w.Layout(max_height="420px", overflow="auto"))
-        right = w.VBox([w.HBox([self.preset_menu, self.mirror_button, self.generate_button]), self.preview,
-                        self.status, self.output])
+        right = w.VBox([w.HBox([self.preset_menu, self.mirror_button, self.generate_button]),
+                        w.HBox([self.path, self.load_button, self.save_button]), self.preview, self.status,
+                        self.output])
         self.widget = w.HBox([left, right])
         self.load(first)
 
@@ -103,6 +113,42 @@ class PoseEditor:
             return
         self.preview_image = draw_skeleton(self.pose, self.preview_size)
         self.preview.value = _png(self.preview_image)
+
+    # ---- files ----------------------------------------------------------------------------------------
+    def load_file(self, path: str) -> Pose | None:
+        """Load the first usable pose of a pose file; a bad file is shown in the panel, not raised."""
+        try:
+            poses, _ = read_pose_file(path.strip())
+            if not poses:
+                raise PoseError("no person with enough labelled joints", source=path)
+        except (PoseError, OSError) as e:
+            self.status.value = f"<span style='color:#b00'>{e}</span>"
+            return None
+        label, pose = poses[0]
+        self.load(pose)
+        self.status.value = f"loaded {label}"
+        return pose
+
+    def save_file(self, path: str) -> Path | None:
+        """Save the edited pose: a COCO annotation (512 x 512 image) for ``*.coco.json``, else release JSON."""
+        import json
+        from pathlib import Path
+
+        out = Path(path.strip())
+        if not out.name.endswith(".json"):
+            self.status.value = "<span style='color:#b00'>give a .json (release) or .coco.json (COCO) path</span>"
+            return None
+        try:
+            if out.name.endswith(".coco.json"):
+                out.write_text(json.dumps({"images": [{"id": 1, "width": 512, "height": 512}],
+                                           "annotations": [{"image_id": 1, "keypoints": pose_to_coco(self.pose, 512, 512)}]}))
+            else:
+                write_release_json(self.pose, out)
+        except OSError as e:
+            self.status.value = f"<span style='color:#b00'>cannot write {out}: {e}</span>"
+            return None
+        self.status.value = f"saved {out}"
+        return out
 
     # ---- generate -------------------------------------------------------------------------------------
     def generate(self) -> list[np.ndarray]:

@@ -44,3 +44,30 @@ def test_editor_outside_joint_and_error_shown():
     with pytest.raises(ValueError):
         ed.generate()
     assert "bad pose" in ed.status.value
+
+
+def test_editor_loads_any_pose_file_and_saves_release_json_and_coco(tmp_path):
+    p = _pose()
+    ed = PoseEditor({"a": p})
+    ed.x[kp.JOINT_INDEX["nose"]].value = 0.61  # an edit
+    ed.path.value = str(tmp_path / "edited.json")
+    ed.save_button.click()
+    assert "saved" in ed.status.value
+    again = kp.read_release_json(tmp_path / "edited.json")
+    assert again.xy[kp.JOINT_INDEX["nose"], 0] == pytest.approx(0.61, abs=1e-3)
+    ed.path.value = str(tmp_path / "edited.coco.json")
+    ed.save_button.click()
+    (label, coco_pose), = kp.read_pose_file(tmp_path / "edited.coco.json")[0]
+    assert label.startswith("edited.coco-coco1")
+    ed.preset_menu.value = "a"
+    ed.load(p)
+    ed.path.value = str(tmp_path / "edited.json")
+    ed.load_button.click()  # back to the saved pose
+    assert ed.pose.xy[kp.JOINT_INDEX["nose"], 0] == pytest.approx(0.61, abs=1e-3) and "loaded edited" in ed.status.value
+    (tmp_path / "bad.json").write_text('{"hello": 1}')
+    ed.path.value = str(tmp_path / "bad.json")
+    ed.load_button.click()  # shown in the panel, the pose kept
+    assert "not a pose file" in ed.status.value and ed.pose.xy[kp.JOINT_INDEX["nose"], 0] == pytest.approx(0.61, abs=1e-3)
+    ed.path.value = str(tmp_path / "pose.txt")
+    ed.save_button.click()
+    assert ".coco.json" in ed.status.value
