@@ -167,9 +167,10 @@ def pose_keeping_loss(estimator: torch.nn.Module, poses: np.ndarray | torch.Tens
         size = estimator.image_size
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        xy = soft_argmax(estimator(x)[0])
-        err = (xy - target[..., :2]).abs().sum(-1)
-        return weight * (err * mask).sum() / mask.sum().clamp_min(1)
+        xy = soft_argmax(estimator(x)[0].float())
+        t, m = target.to(xy.device), mask.to(xy.device)
+        err = (xy - t[..., :2]).abs().sum(-1)
+        return weight * (err * m).sum() / m.sum().clamp_min(1)
 
     return loss
 

@@ -579,11 +579,12 @@ def validation_loss(model: KeypointLDM, latents: torch.Tensor, poses: Any, *, se
     model.eval()
     poses = check_poses(poses)
     latents = torch.as_tensor(latents).float()
+    dev = next(model.parameters()).device
     total, n = 0.0, 0
     for r in range(repeats):
         for i in range(0, len(latents), batch_size):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + r * 10_007 + i)
-            z, p = latents[i:i + batch_size], poses[i:i + batch_size]
+            g = torch.Generator().manual_seed(seed * 1_000_003 + r * 10_007 + i)  # CPU draws: same on any device
+            z, p = latents[i:i + batch_size].to(dev), poses[i:i + batch_size].to(dev)
             total += float(model.loss(z, p, p_uncond=1.0 if uncond else 0.0, generator=g)) * len(z)
             n += len(z)
     model.train(was_training)
