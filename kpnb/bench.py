@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
     p.add_argument("--gpu-steps", type=int, default=1, help="timed steps of the gpu-preset models (0: FLOPs only)")
     p.add_argument("--specs", help="comma-separated subset, e.g. f4,f8")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the cores other processes leave free)")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="fp32", help="fp32, bf16, fp16 (GPU) or auto")
     p.add_argument("--no-gpu-config", dest="gpu_config", action="store_false",
@@ -401,12 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset not in runs.PRESETS:
         print(f"kpnb bench: unknown preset {args.preset!r}; valid: {', '.join(runs.PRESETS)}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     global RT
-    try:
+    try:  # threads: as given, else fitted to the cores other processes leave free (runtime.threads "auto")
         RT = Runtime.from_settings({"device": args.device, "precision": args.precision, "compile": False,
-                                    "workers": 0})
+                                    "workers": 0, "threads": args.threads or "auto"})
     except ValueError as e:
         print(f"kpnb bench: {e}", file=sys.stderr)
         return 2

@@ -233,9 +233,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     timeout = args.timeout if args.timeout is not None else runs.CELL_TIMEOUT_S.get(preset)
     timeout = timeout or None  # 0: no limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # OpenMP threads that sleep when idle instead of spinning: another busy process on the cores then slows
-    # training by its share, not 10x (docs/experiments.md); read when the kernel's torch starts
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     progress_log = root / "progress.log"
     os.environ[kprogress.LOG_ENV] = str(progress_log.resolve())
     print(f"kpnb run: preset {preset}, run folder {root}; progress lines also in {progress_log}"

@@ -35,8 +35,10 @@ BASE: dict[str, dict[str, Any]] = {
     # where the models run (kpnb.runtime): device auto = cuda, else mps, else cpu; precision fp32 | bf16 | fp16 |
     # auto (bf16 where the GPU has it, else fp16 with a gradient scaler; fp32 on a CPU); compile: torch.compile
     # the UNet; workers: DataLoader processes that build the batches ahead of each step (0: the main thread,
-    # which is fastest on 2 CPU cores)
-    "runtime": {"device": "auto", "precision": "fp32", "compile": False, "workers": 0},
+    # which is fastest on 2 CPU cores); threads: torch's CPU threads, "auto" = the cores other processes leave
+    # free, checked again every 30 s of training (a busy core otherwise stalls OpenMP: README, "Timing"), or a count
+    # (0: torch's default)
+    "runtime": {"device": "auto", "precision": "fp32", "compile": False, "workers": 0, "threads": "auto"},
     "data": {"image_size": 64, "n_candidates": 6000, "render_size": 256, "seed": 0, "val_frac": 0.1},
     # the CLIP stage keeps images whose P(positive prompt vs the negatives) >= clip_min_score
     "filter": {"use_clip": True, "clip_min_score": 0.1},

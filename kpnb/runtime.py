@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -65,6 +66,63 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (Linux /proc/stat; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class ThreadPolicy:
+    """torch's CPU threads = the cores other processes leave free, checked again every ``every`` seconds.
+
+    With 2 threads on 2 cores and one other busy process, OpenMP threads wait for each other and training ran
+    4-25x slower (README, "Timing"); one thread on the free core runs at about half speed instead. Other
+    processes' load is the machine's busy CPU time minus this process's own, over the last interval."""
+
+    def __init__(self, max_threads: int | None = None, every: float = 30.0):
+        self.max = max_threads or os.cpu_count() or 1
+        self.every = every
+        self._last = (time.monotonic(), _busy_seconds(), _own_seconds())
+
+    def other_load(self, window: float = 0.0) -> float | None:
+        """Cores' worth of CPU used by other processes since the last call (after sleeping ``window`` s)."""
+        if window:
+            time.sleep(window)
+        now = (time.monotonic(), _busy_seconds(), _own_seconds())
+        (t0, b0, o0), (t1, b1, o1) = self._last, now
+        self._last = now
+        if b0 is None or b1 is None or t1 - t0 <= 0:
+            return None
+        return max(0.0, ((b1 - b0) - (o1 - o0)) / (t1 - t0))
+
+    def fit(self, window: float = 0.0) -> int:
+        """Set torch's threads to the free cores (at least 1); returns the count."""
+        other = self.other_load(window)
+        if other is None:
+            return torch.get_num_threads()
+        want = max(1, min(self.max, self.max - int(other + 0.5)))
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
+        return want
+
+    def maybe_fit(self) -> int | None:
+        """:meth:`fit` when ``every`` seconds have passed since the last look; the new count if it changed."""
+        if time.monotonic() - self._last[0] < self.every:
+            return None
+        before = torch.get_num_threads()
+        after = self.fit()
+        return after if after != before else None
+
+
 def dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
@@ -76,6 +134,7 @@ class Runtime:
     precision: str = "fp32"           # resolved: fp32 | bf16 | fp16
     compile: bool = False
     workers: int = 0                  # DataLoader worker processes that build the batches (0: main thread)
+    threads: ThreadPolicy | None = None  # CPU threads fitted to the free cores (runtime.threads "auto")
     rank: int = 0
     world_size: int = 1
 
@@ -83,7 +142,7 @@ class Runtime:
     def from_settings(cls, section: Mapping[str, Any] | None = None) -> "Runtime":
         """A preset's ``runtime`` section (device, precision, compile, workers); None = CPU fp32. Under
         torchrun this joins the process group once per process."""
-        s = section or {"device": "cpu", "precision": "fp32", "compile": False, "workers": 0}  # read by key
+        s = section or {"device": "cpu", "precision": "fp32", "compile": False, "workers": 0, "threads": 0}
         rank, world, local = dist_env()
         device = resolve_device(str(s["device"]))
         if world > 1 and device.type == "cuda":
@@ -97,10 +156,16 @@ class Runtime:
         workers = int(s["workers"])
         if workers < 0:
             raise RuntimeSettingError(f"runtime.workers must be >= 0, got {workers}")
+        threads, policy = s["threads"], None
+        if threads == "auto":
+            policy = ThreadPolicy()
+            policy.fit(window=0.3)
+        elif int(threads) > 0:
+            torch.set_num_threads(int(threads))
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(device=device, precision=precision, compile=bool(s["compile"]), workers=workers,
-                   rank=rank, world_size=world)
+                   threads=policy, rank=rank, world_size=world)
 
     # ---- precision ------------------------------------------------------------------------------------
     @property
@@ -221,7 +286,8 @@ class Runtime:
 
     def describe(self) -> str:
         ranks = f", {self.world_size} ranks" if self.distributed else ""
-        return f"{self.device} {self.precision}{' compiled' if self.compile else ''}{ranks}"
+        cpu = f", {torch.get_num_threads()} CPU threads" + (" (fitted to the free cores)" if self.threads else "")
+        return f"{self.device} {self.precision}{' compiled' if self.compile else ''}{ranks}{cpu}"
 
 
 class Method(nn.Module):

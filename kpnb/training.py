@@ -459,6 +459,8 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
                         f"{desc}: loss {bad[0]!r} is {means[bad[0]]} {when}; training stopped. Last good "
                         f"checkpoint in {ckpt_dir}: {where} (left untouched). Lower the learning rate or check "
                         f"the data of this step.")
+            if log_now and rt.threads is not None and (changed := rt.threads.maybe_fit()) is not None:
+                kprogress.note(f"{desc}: torch threads now {changed} (the cores other processes leave free)")
             if log_now:
                 now = time.perf_counter()
                 row = {"step": done, **means, "seconds": elapsed + now - t_call,

@@ -142,3 +142,22 @@ def test_latent_cache_holds_both_flips_and_is_rebuilt_for_another_vq(tmp_path):
     assert (tmp_path / "f8-train.npy").stat().st_mtime_ns == mtime  # reused
     diffusion.latent_cache(ae, ims, tmp_path / "f8-train.npy", identity={"vq": "b"}, progress=False)
     assert (tmp_path / "f8-train.npy").stat().st_mtime_ns != mtime  # another VQ: rebuilt
+
+
+def test_thread_policy_leaves_the_cores_other_processes_use(monkeypatch):
+    """runtime.threads "auto": another process busy on one core -> one thread fewer; idle -> all cores."""
+    clock = {"busy": 0.0, "own": 0.0, "t": 0.0}
+    monkeypatch.setattr(runtime, "_busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(runtime, "_own_seconds", lambda: clock["own"])
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock["t"])
+    before = torch.get_num_threads()
+    try:
+        policy = runtime.ThreadPolicy(max_threads=4, every=30)
+        clock.update(t=10.0, busy=10.0 * 3.0, own=10.0 * 2.0)  # we used 2 cores, someone else 1
+        assert policy.fit() == 3 and torch.get_num_threads() == 3
+        clock.update(t=20.0)  # 10 s later: not time to look again yet
+        assert policy.maybe_fit() is None
+        clock.update(t=45.0, busy=30.0 + 35.0 * 3.0, own=20.0 + 35.0 * 3.0)  # the other process has stopped
+        assert policy.maybe_fit() == 4 and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
