@@ -5,7 +5,7 @@ run`` sets it to ``<run>/progress.log`` and prints the file's new lines on the c
 each bar also appends a line there at its start, every ``$KPNB_PROGRESS_EVERY`` seconds (default 20) and at its
 end::
 
-    05:12:03  ldm[grid]  step 120/500 (24%)  loss 0.2114  91.3 images/s  elapsed 42s  left 2m13s
+    05:53:43  ldm[skeleton]  step 224/500 (45%)  loss 0.1207  images_per_s 74.03  elapsed 1m21s  left 1m39s
 
 Every loop of the package uses :func:`bar` (the training helper, latent encoding, dataset writing, sampling,
 CLIP tuning), so a person sees which model, step/total, the last losses, speed and time left.
