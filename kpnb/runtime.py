@@ -86,7 +86,9 @@ class ThreadPolicy:
 
     With 2 threads on 2 cores and one other busy process, OpenMP threads wait for each other and training ran
     4-25x slower (README, "Timing"); one thread on the free core runs at about half speed instead. Other
-    processes' load is the machine's busy CPU time minus this process's own, over the last interval."""
+    processes' load is the machine's busy CPU time minus this process's own, over the last interval; so this
+    run's own DataLoader workers, and other ranks of a torchrun on the same machine, count as other processes
+    (the ranks then share the cores instead of oversubscribing them)."""
 
     def __init__(self, max_threads: int | None = None, every: float = 30.0):
         self.max = max_threads or os.cpu_count() or 1
