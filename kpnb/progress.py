@@ -46,10 +46,12 @@ def _write(line: str) -> None:
 class Bar(tqdm):
     """A ``tqdm.auto`` bar (widget in a notebook, text in a terminal; ``disable`` hides it) that also reports
     to ``$KPNB_PROGRESS_LOG`` whatever ``disable`` says. ``set_postfix`` values (losses, speed) go into the
-    lines; ``unit_label`` names the counted thing in them ("step", "image")."""
+    lines; ``unit_label`` names the counted thing in them ("step", "image"); ``report=False`` writes none (e.g.
+    every rank but 0)."""
 
-    def __init__(self, iterable: Iterable | None = None, *args: Any, unit_label: str = "step", **kwargs: Any):
-        self._log = bool(os.environ.get(LOG_ENV))
+    def __init__(self, iterable: Iterable | None = None, *args: Any, unit_label: str = "step", report: bool = True,
+                 **kwargs: Any):
+        self._log = report and bool(os.environ.get(LOG_ENV))
         self._every = float(os.environ.get(EVERY_ENV, 20))
         self._label = unit_label
         self._desc = kwargs.get("desc") or "progress"  # a disabled tqdm keeps no desc of its own

@@ -430,8 +430,7 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
 
     # losses stay on the device between log rows on a GPU (a float() per step would stall it)
     check_every_step = rt.device.type == "cpu"
-    bar = kprogress.bar(total=steps, initial=start, desc=desc, disable=not (progress and main))
-    bar._log = bar._log and main  # one rank reports
+    bar = kprogress.bar(total=steps, initial=start, desc=desc, disable=not (progress and main), report=main)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     n_in_row, t_row, t_call, ran = 0, time.perf_counter(), time.perf_counter(), 0
