@@ -168,3 +168,26 @@ def limb_legend(path=None) -> Any:
     ax.axis("off")
     fig.tight_layout()
     return save(fig, path)
+
+
+def token_cells(pose: Pose, path=None, title: str | None = None) -> Any:
+    """The pose over the original tokeniser's 32x32 grid, each joint's token cell shaded and labelled
+    (``keypoints.grid_tokens``, faithful order): a joint's cell is the one it lies in."""
+    from .keypoints import GRID, grid_tokens
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(draw_skeleton(pose, 512), extent=(0, 512, 512, 0))
+    cell = 512 / GRID
+    for t in grid_tokens(pose):
+        y_cell, x_cell = int(t) % GRID, int(t) // GRID   # the original's transposed order: row is the fast index
+        ax.add_patch(plt.Rectangle((x_cell * cell, y_cell * cell), cell, cell, fill=True, alpha=0.35, color="w"))
+        ax.text(x_cell * cell + cell / 2, y_cell * cell - 2, str(int(t)), color="w", fontsize=5, ha="center")
+    ax.set_xticks(np.arange(0, 513, cell), minor=True)
+    ax.set_yticks(np.arange(0, 513, cell), minor=True)
+    ax.grid(which="minor", color="0.3", lw=0.3)
+    ax.set_xticks([0, 256, 512])
+    ax.set_yticks([0, 256, 512])
+    ax.set_title(title or "token cells (x // 16, y // 16)", fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)

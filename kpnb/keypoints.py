@@ -484,15 +484,17 @@ def read_pose_file(path: str | Path, *, min_joints: int = 4, person: int | None 
 def grid_tokens(pose: Pose, faithful_axes: bool = True) -> np.ndarray:
     """The original training code's tokens: 17 integers in [0, 1023].
 
-    The original read the release's ``[a, b]`` (= [y, x] in the 512 frame), divided by 16, rounded
-    (numpy/torch round-half-to-even), clamped each to [0, 31] and formed ``token = a + 32 * b``. So with
+    The original (``build_tensor_from_kps``) read the release's ``[a, b]`` (= [y, x] in the 512 frame),
+    floor-divided each by 16, clamped it to [0, 31] and formed ``token = a + 32 * b``. So with
     ``faithful_axes=True`` (the default, as the original) the *row* y is the fast index:
     ``token = y_cell + 32 * x_cell`` - the image axes are transposed relative to the usual row-major
     ``x + 32 * y``. ``faithful_axes=False`` gives the conventional ``x_cell + 32 * y_cell``.
-    Missing joints, which the release never has, tokenise from (0, 0).
+    A joint's cell is the one it lies in (floor), never the nearest cell corner (rounding would move 14 of
+    the 17 joints of ``data/poses/1000846.json`` by a cell). Missing joints, which the release never has,
+    tokenise from (0, 0).
     """
-    px = pose.xy * RELEASE_FRAME / (RELEASE_FRAME / GRID)  # cells, x then y
-    cells = np.clip(np.rint(px), 0, GRID - 1).astype(np.int64)
+    # float64 so that a coordinate on a cell border (e.g. 256 / 512) floors to that cell exactly
+    cells = np.clip(np.floor(pose.xy.astype(np.float64) * GRID), 0, GRID - 1).astype(np.int64)
     x_cell, y_cell = cells[:, 0], cells[:, 1]
     if faithful_axes:
         return y_cell + GRID * x_cell
@@ -500,11 +502,11 @@ def grid_tokens(pose: Pose, faithful_axes: bool = True) -> np.ndarray:
 
 
 def grid_tokens_to_pose(tokens: Iterable[int], faithful_axes: bool = True) -> Pose:
-    """Inverse of :func:`grid_tokens` up to the 16-pixel cell (cell centre-free: cell index * 16 / 512)."""
+    """Inverse of :func:`grid_tokens` up to the 16-pixel cell: each joint at the centre of its cell."""
     t = np.asarray(list(tokens), dtype=np.int64)
     fast, slow = t % GRID, t // GRID
     x_cell, y_cell = (slow, fast) if faithful_axes else (fast, slow)
-    xy = np.stack([x_cell, y_cell], 1).astype(np.float32) / GRID
+    xy = (np.stack([x_cell, y_cell], 1).astype(np.float32) + 0.5) / GRID
     return Pose(xy, np.full(N_JOINTS, VISIBLE, np.int8))
 
 

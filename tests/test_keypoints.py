@@ -7,6 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from kpnb import keypoints as kp
 
+POSES = Path(__file__).resolve().parents[1] / "data" / "poses"
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -166,21 +168,41 @@ def test_flip_swaps_left_right():
 
 
 def test_grid_tokens_hand_computed():
+    # the original: a // 16 and b // 16 of the release's [a, b] (= [y, x]), clamped to [0, 31], a + 32 * b
     obj = {n: [0.0, 0.0] for n in kp.JOINTS}
-    obj["nose"] = [100.0, 200.0]      # y=100 -> 6.25 -> 6 ; x=200 -> 12.5 -> 12 (half to even)
-    obj["eye_left"] = [600.0, -40.0]  # clamped: y -> 31, x -> 0
-    obj["eye_right"] = [24.0, 40.0]   # 1.5 -> 2 ; 2.5 -> 2
+    obj["nose"] = [100.0, 200.0]      # y=100 -> 6.25 -> 6 ; x=200 -> 12.5 -> 12
+    obj["eye_left"] = [600.0, -40.0]  # clamped: y -> 31, x -> -3 -> 0
+    obj["eye_right"] = [31.9, 47.9]   # 1.99 -> 1 ; 2.99 -> 2 (floor, not nearest)
+    obj["ear_left"] = [256.0, 15.99]  # on a cell border: 16 ; 0.999 -> 0
     p = kp.pose_from_release(obj)
     t = kp.grid_tokens(p)
     assert t[0] == 6 + 32 * 12        # faithful: row (y) is the fast index
     assert t[1] == 31 + 32 * 0
-    assert t[2] == 2 + 32 * 2
-    assert t[3] == 0
+    assert t[2] == 1 + 32 * 2
+    assert t[3] == 16 + 32 * 0
+    assert t[4] == 0
     tc = kp.grid_tokens(p, faithful_axes=False)
     assert tc[0] == 12 + 32 * 6
     assert t.min() >= 0 and t.max() <= 1023
     back = kp.grid_tokens_to_pose(t)
-    assert back.xy[0, 0] == pytest.approx(12 / 32) and back.xy[0, 1] == pytest.approx(6 / 32)
+    assert back.xy[0, 0] == pytest.approx(12.5 / 32) and back.xy[0, 1] == pytest.approx(6.5 / 32)
+    assert np.array_equal(kp.grid_tokens(back), t)
+
+
+# Worked by hand from the two example poses' JSON, joint by joint, as a // 16 + 32 * (b // 16).
+# 1000846: nose [93.2, 205.6] -> 5 + 32*12 = 389; knee_left [533.2, 245.2] -> 33 clamped 31 + 32*15 = 511;
+# elbow_left [256.0, 315.6] -> 16 + 32*19 = 624. 1001870: nose [194.1, 252.8] -> 12 + 32*15 = 492;
+# shoulder_left [312.5, 350.0] -> 19 + 32*21 = 691; ankle_left [460.5, 185.1] -> 28 + 32*11 = 380.
+EXAMPLE_TOKENS = {
+    "1000846": [389, 484, 389, 517, 389, 554, 426, 624, 367, 499, 371, 502, 406, 511, 478, 534, 479],
+    "1001870": [492, 586, 459, 652, 427, 691, 465, 633, 633, 348, 376, 570, 539, 635, 603, 380, 380],
+}
+
+
+@pytest.mark.parametrize("pose_id", sorted(EXAMPLE_TOKENS))
+def test_grid_tokens_of_the_example_poses(pose_id):
+    (_, pose), = kp.read_pose_file(POSES / f"{pose_id}.json")[0]
+    assert kp.grid_tokens(pose).tolist() == EXAMPLE_TOKENS[pose_id]
 
 
 def test_draw_skeleton_colours_sides():

@@ -42,7 +42,7 @@ def test_pose_tokens_faithful_order_and_own_tokens_for_missing_and_outside():
     np.testing.assert_array_equal(tok[0, keep].numpy(), want[keep])  # hidden joints keep their cell
     # the original's transposed order: the row (y) is the fast index
     x, y = p[1, 0, :2] * 32
-    assert tok[1, 0] == int(np.rint(y)) + 32 * int(np.rint(x))
+    assert tok[1, 0] == int(np.floor(y)) + 32 * int(np.floor(x))
     assert int(tok.max()) < T.POSE_VOCAB
 
 
