@@ -2,13 +2,14 @@
 of a run, also under ``torchrun``), ``kpnb sample`` (images for pose files), ``kpnb synth``, ``kpnb bench``, ``kpnb status`` (the README's status
 table from a run folder's metrics).
 
-``kpnb run [--preset P] [--out DIR | --resume DIR] [--only 01,02] [-p name=value ...]``
+``kpnb run [--preset P] [--out DIR | --resume DIR [--rerun]] [--only 01,02] [-p name=value ...]``
 
 * ``-p section.key=value`` overrides a preset setting (``-p vq.steps=200``); ``-p name=value`` sets a
   notebook parameter (``-p dataset_dir=/data/danbooru``). Values are JSON when they parse, else strings.
   Unknown presets, settings and parameters are refused before any work, with the valid ones listed.
 * Notebooks run in order into ``DIR/notebooks/``; the first failure stops the run and prints the failing
-  cell's error. ``--resume DIR`` skips notebooks that already finished (their metrics file exists).
+  cell's error. ``--resume DIR`` skips notebooks that already finished (their metrics file exists), unless
+  ``--rerun`` asks for them again.
 * While a notebook runs, its progress lines (:mod:`kpnb.progress`: model, step/total, losses, images/s, time
   left) are printed, and kept in ``DIR/progress.log``; after each notebook its wall time and headline
   metrics, at the end a table of all. ``--timeout S`` limits each cell (default :data:`kpnb.runs.CELL_TIMEOUT_S`
@@ -222,14 +223,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     except runs.ConfigError as e:
         print(f"kpnb run: {e}", file=sys.stderr)
         return 2
-    if args.resume and changed:  # recorded, so that every later notebook (and kpnb train) uses them
-        runs.write_json(root / "config.json", {**cfg, "overrides": overrides,
+    # notebook parameters are kept in config.json too, so that a later --resume passes them again
+    cfg = json.loads((root / "config.json").read_text())
+    saved_params = cfg.get("params", {})
+    new_params = {k: v for k, v in nb_params.items() if saved_params.get(k, object()) != v}
+    nb_params = {**saved_params, **nb_params}
+    if (args.resume and changed) or new_params:
+        runs.write_json(root / "config.json", {**cfg, "overrides": overrides, "params": nb_params,
                                                "settings": runs.preset_config(preset, overrides)})
+    if args.resume and (changed or new_params):  # name what they would change among the finished notebooks
         finished = [nb.stem for nb in list_notebooks() if (root / "metrics" / f"{nb.stem}.json").exists()
-                    and any(k.split(".")[0] in SECTION_READERS.get(nb.stem[:2], ()) for k in changed)]
-        print(f"kpnb run: recorded {', '.join(f'{k}={v!r}' for k, v in changed.items())} in {root / 'config.json'}"
-              + (f"; finished notebooks that read these settings and would change if rerun: {', '.join(finished)} "
-                 f"(delete their metrics/<notebook>.json to rerun them)" if finished else ""))
+                    and (any(k.split(".")[0] in SECTION_READERS.get(nb.stem[:2], ()) for k in changed)
+                         or set(new_params) & set(notebook_parameters(nb)))]
+        rerun = [s for s in finished if args.rerun and any(s == nb.stem for nb in nbs)]
+        stale = [s for s in finished if s not in rerun]
+        print(f"kpnb run: recorded {', '.join(f'{k}={v!r}' for k, v in {**changed, **new_params}.items())} in "
+              f"{root / 'config.json'}"
+              + (f"; finished notebooks that read these and would change if rerun: {', '.join(stale)} "
+                 f"(rerun them with --rerun --only ...)" if stale else ""))
     timeout = args.timeout if args.timeout is not None else runs.CELL_TIMEOUT_S.get(preset)
     timeout = timeout or None  # 0: no limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -240,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     done_rows: list[tuple[str, str, str]] = []
     for nb in nbs:
         done = root / "metrics" / f"{nb.stem}.json"
-        if args.resume and done.exists():
+        if args.resume and done.exists() and not args.rerun:
             print(f"  {nb.stem}: finished before, skipped")
             done_rows.append((nb.stem, "skipped", headline(root, nb.stem)))
             continue
@@ -380,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", help="run folder (default outputs/<timestamp>_<preset>)")
     g.add_argument("--resume", help="go on with an interrupted run folder")
     r.add_argument("--only", help="comma-separated notebook numbers, e.g. 01,02")
+    r.add_argument("--rerun", action="store_true", help="with --resume: run the selected notebooks again even if "
+                                                        "they finished (e.g. --only 05 with a new parameter)")
     r.add_argument("-p", "--param", action="append", metavar="NAME=VALUE")
     r.add_argument("--no-progress", dest="progress", action="store_false")
     r.add_argument("--timeout", type=float, help="seconds one cell may run (default per preset: "

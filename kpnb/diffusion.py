@@ -41,7 +41,7 @@ from . import progress as kprogress, runs, training
 from .runtime import Method, Runtime, current
 from .conditioning import Cond, PoseConditioner, check_poses, flip_batch, flip_poses, parse_modes
 from .images import to_model, to_uint8
-from .pose_estimator import pck, predict
+from .pose_estimator import pck, pose_ap, predict
 from .unet import SpatialTransformer, UNet, UNetConfig, timestep_embedding, unet_state_from_ldm
 
 __all__ = ["ARCH_KEYS", "PREDICTIONS", "TRAIN_KEYS", "KeypointLDM", "Schedule", "SpatialTransformer", "UNet",
@@ -542,19 +542,21 @@ def pose_fidelity(model: KeypointLDM, vq: nn.Module, estimator: nn.Module, poses
                   ceiling: Mapping[str, float] | None = None, batch_size: int = 50, seed: int = 0,
                   sampler: Callable[..., np.ndarray] | None = None, **kw: Any) -> tuple[np.ndarray, dict[str, float]]:
     """Generate one image per pose, estimate its pose, and score it against the conditioning pose
-    (``docs/metrics.md``): returns (images, metrics) with the :func:`kpnb.pose_estimator.pck` keys,
-    ``sample_images_per_s`` and, given the estimator's ``ceiling`` (a pck dict), ``<key>.ratio`` =
-    PCK / ceiling for the PCK keys. ``sampler(model, vq, poses, batch_size=, seed=, **kw) -> uint8 images``:
+    (``docs/metrics.md``): returns (images, metrics) with the :func:`kpnb.pose_estimator.pck` and
+    :func:`kpnb.pose_estimator.pose_ap` keys, ``sample_images_per_s`` and, given the estimator's ``ceiling``
+    (:func:`kpnb.pose_estimator.ceiling`'s dict), ``<key>.ratio`` = number / ceiling for the PCK keys and AP. ``sampler(model, vq, poses, batch_size=, seed=, **kw) -> uint8 images``:
     another generator to score (e.g. :func:`kpnb.transformer.sample_images`); None = :func:`sample_images`."""
     poses = check_poses(poses)
     t0 = time.perf_counter()
     images = (sampler or sample_images)(model, vq, poses, batch_size=batch_size, seed=seed, **kw)
     secs = time.perf_counter() - t0
-    metrics: dict[str, float] = dict(pck(predict(estimator, images), poses))
+    pred, scores = predict(estimator, images, with_scores=True)
+    metrics: dict[str, float] = dict(pck(pred, poses))
+    metrics.update({k: v for k, v in pose_ap(pred, poses, scores).items() if k != "n_images"})
     metrics["sample_images_per_s"] = len(images) / secs
     if ceiling:
         for k in list(metrics):
-            if k.startswith("pck@") and ceiling.get(k):
+            if (k.startswith("pck@") or k == "ap") and ceiling.get(k):
                 metrics[f"{k}.ratio"] = metrics[k] / ceiling[k]
     return images, metrics
 

@@ -29,6 +29,8 @@ comes from: renames (``encoder.down.{level}.block.{j}`` -> ``encoder.down.{posit
 ``quantize.embedding.weight`` -> ``quantizer.codebook``, the decoder's ``up.{level}`` counted from the top) and
 one concatenation (attention ``q``, ``k``, ``v`` 1x1 convs -> kpnb's fused ``qkv``). :func:`vq_state_to_original`
 is the inverse. taming's ``quant_conv``/``post_quant_conv`` are kept as such (``VQConfig(quant_conv=True)``).
+:func:`save_original_ldm` writes a kpnb ``grid`` model and its VQ in the released checkpoint's layout (what the
+tests feed ``kpnb sample`` and notebook 05 as "the released model").
 
 **What cannot be represented** (a clear :class:`CheckpointImportError` instead of a silently different
 model): attention inside the encoder/decoder levels (non-empty ``attn_resolutions``); ``double_z`` or
@@ -39,7 +41,7 @@ codebook term (its "legacy" loss), kpnb on the commitment term - only training d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -54,8 +56,9 @@ from .unet import UNetConfig, unet_state_from_ldm
 from .vq import VQConfig, VQModel
 
 __all__ = ["CheckpointImportError", "ImportReport", "LightningCheckpoint", "LightningPlaceholder", "UnsafeFileError",
-           "load_lightning_checkpoint", "load_original_ldm", "load_original_vq", "scan_pickle_globals",
-           "unet_config_from_state", "vq_config_from_state", "vq_key_map", "vq_state_to_original"]
+           "ldm_state_to_original", "load_lightning_checkpoint", "load_original_ldm", "load_original_vq",
+           "save_original_ldm", "scan_pickle_globals", "unet_config_from_state", "vq_config_from_state", "vq_key_map",
+           "vq_state_to_original"]
 
 SUGGESTED_DIR = Path("data/checkpoints")
 DOWNLOADS = {
@@ -530,3 +533,66 @@ def load_original_ldm(path: str | Path, *, ema: bool = True, heads: int = 8, ima
     if verbose:
         print(report)
     return model.eval(), vq
+
+
+# ---- the other way: kpnb's models in the original layout ---------------------------------------------
+def _training_only(cfg: VQConfig) -> dict[str, Any]:  # VQ settings that only training reads: not in the weights
+    return {"beta": cfg.beta, "usage_decay": cfg.usage_decay, "dead_threshold": cfg.dead_threshold}
+
+
+def ldm_state_to_original(ldm: KeypointLDM, vq: VQModel) -> dict[str, torch.Tensor]:
+    """A kpnb ``grid``-mode :class:`~kpnb.diffusion.KeypointLDM` and its VQ as one latent-diffusion state dict,
+    laid out as the original project's released keypoint checkpoint: the UNet as ``model.diffusion_model.*``
+    and (the same weights) ``model_ema.diffusion_model*``, the VQ as ``first_stage_model.*``
+    (:func:`vq_state_to_original`), ldm's schedule buffers and ``scale_factor``.
+
+    Only what the original could be: the ``grid`` conditioning alone, epsilon prediction, a UNet with
+    self-attention (ldm always has it), a VQ in taming's layout. Anything else raises ``ValueError`` naming
+    what differs, rather than writing a file the original code (and :func:`load_original_ldm`) would read
+    as a different model."""
+    why = []
+    if tuple(ldm.cond.modes) != ("grid",):
+        why.append(f"conditioning {ldm.cond.modes} (the original has only 'grid')")
+    if ldm.prediction != "eps":
+        why.append(f"prediction {ldm.prediction!r} (the original predicts eps)")
+    unet = {k: v.detach().clone() for k, v in ldm.unet.state_dict().items()}
+    if not why:
+        try:
+            got = unet_config_from_state(unet, heads=ldm.unet.cfg.heads)
+        except CheckpointImportError as e:
+            got = e
+        if got != ldm.unet.cfg:
+            why.append(f"UNet {ldm.unet.cfg} reads back as {got}")
+        vq_sd = vq_state_to_original(vq)
+        try:
+            back = vq_config_from_state(vq_sd, image_size=vq.cfg.image_size)
+        except CheckpointImportError as e:
+            back = e
+        if not isinstance(back, VQConfig) or replace(back, **_training_only(vq.cfg)) != vq.cfg:
+            why.append(f"VQ {vq.cfg.to_dict()} reads back as {back}")
+    if why:
+        raise ValueError("not representable in the original layout: " + "; ".join(why))
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
+    sd.update({f"model_ema.diffusion_model{k.replace('.', '')}": v.clone() for k, v in unet.items()})
+    sd.update({f"first_stage_model.{k}": v for k, v in vq_sd.items()})
+    s = ldm.schedule
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), s.alphas_cumprod[:-1]])
+    buffers = {"betas": s.betas, "alphas_cumprod": s.alphas_cumprod, "alphas_cumprod_prev": ac_prev,
+               "sqrt_alphas_cumprod": s.alphas_cumprod.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - s.alphas_cumprod).sqrt(),
+               "posterior_variance": s.betas * (1 - ac_prev) / (1 - s.alphas_cumprod)}
+    sd.update({k: v.float() for k, v in buffers.items()})  # ldm computes them in float64 and stores float32
+    sd["scale_factor"] = torch.tensor(float(ldm.scale_factor))
+    return sd
+
+
+def save_original_ldm(ldm: KeypointLDM, vq: VQModel, path: str | Path, *, step: int = 0) -> Path:
+    """Write :func:`ldm_state_to_original` as a Lightning-shaped ``.ckpt`` (``state_dict``, ``global_step``,
+    ``epoch``) that :func:`load_original_ldm` and ``kpnb sample --model`` read as a released checkpoint.
+    Written to a temporary name and renamed, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": ldm_state_to_original(ldm, vq), "global_step": int(step), "epoch": 0,
+                "pytorch-lightning_version": "exported by kpnb"}, tmp)
+    tmp.replace(path)
+    return path

@@ -35,7 +35,7 @@ from . import synth, training
 from .runtime import Runtime, current
 from .conditioning import check_poses, flip_batch
 from .images import to_model
-from .keypoints import HIDDEN, JOINT_GROUPS, MISSING, N_JOINTS, OUTSIDE, VISIBLE
+from .keypoints import HIDDEN, JOINT_GROUPS, JOINTS, MISSING, N_JOINTS, OUTSIDE, VISIBLE
 
 # visibility classes of the estimator's head -> kpnb visibility codes
 VIS_CLASSES = (OUTSIDE, HIDDEN, VISIBLE)
@@ -84,6 +84,74 @@ def pck(pred: Any, target: Any, alphas: Sequence[float] = (0.05, 0.1, 0.2)) -> d
     out["n_images"] = int((counted.sum(1) > 0).sum())
     out["n_joints"] = int(counted.sum())
     return out
+
+
+# ======================================================================================================
+# COCO keypoint AP (docs/metrics.md)
+# ======================================================================================================
+AP_FRAME = 256  # pixels of the square frame the poses are placed in for COCOeval (OKS is scale-free)
+
+
+def pose_ap(pred: Any, target: Any, scores: Any = None) -> dict[str, float]:
+    """COCO keypoint AP (object keypoint similarity) with ``pycocotools``' COCOeval, as pose-conditioned
+    generation papers report it: one image per conditioning pose, the estimator's pose of it as the one
+    detection (``scores`` its confidence, :func:`predict` ``with_scores=True``; None scores every detection
+    1, so AP then ranks by nothing), the conditioning pose as the ground truth.
+
+    Ground truth: joints VISIBLE -> COCO v=2, HIDDEN -> v=1 (labelled but occluded, counted by OKS as COCO
+    does), OUTSIDE/MISSING -> v=0 (not counted); the box and area are those of the pose's in-frame joints
+    (the pose's bbox, w x h, in a :data:`AP_FRAME`-pixel frame), so OKS is stricter than COCO's, whose
+    area is the person's segmentation. The 17 COCO sigmas (kpnb's joint order is COCO's).
+    Returns ``ap`` (mean over OKS 0.50:0.05:0.95), ``ap@0.5``, ``ap@0.75``, ``ar``, ``oks`` (mean OKS of
+    the detections against their own pose) and ``n_images`` (poses with a labelled joint)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    target = np.asarray(check_poses(target, name="pose_ap target"), dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    n = target.shape[0]
+    if pred.ndim != 3 or pred.shape[0] != n or pred.shape[1] != N_JOINTS or pred.shape[2] not in (2, 3):
+        raise ValueError(f"pose_ap: pred must be [N, 17, 2 or 3] with N = {n}, got {list(pred.shape)}")
+    scores = np.ones(n) if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
+    if scores.shape[0] != n or not np.isfinite(scores).all():
+        raise ValueError(f"pose_ap: scores must be {n} finite numbers, got shape {list(scores.shape)}")
+    vis = target[..., 2]
+    v = np.where(vis == VISIBLE, 2, np.where(vis == HIDDEN, 1, 0))
+    txy = target[..., :2] * AP_FRAME
+    images, gts, dts = [], [], []
+    for i in range(n):
+        lab = v[i] > 0
+        if lab.any():
+            (x0, y0), (x1, y1) = txy[i][lab].min(0), txy[i][lab].max(0)
+        else:
+            x0 = y0 = x1 = y1 = 0.0
+        kps = np.stack([np.where(lab, txy[i, :, 0], 0), np.where(lab, txy[i, :, 1], 0), v[i]], 1)
+        images.append({"id": i + 1, "width": AP_FRAME, "height": AP_FRAME})
+        # ids from 1: COCOeval takes a matched id of 0 for "unmatched"
+        gts.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((x1 - x0) * (y1 - y0)),
+                    "keypoints": kps.reshape(-1).tolist(), "num_keypoints": int(lab.sum())})
+        dkp = np.concatenate([pred[i, :, :2] * AP_FRAME, np.ones((N_JOINTS, 1))], 1)
+        dts.append({"image_id": i + 1, "category_id": 1, "keypoints": dkp.reshape(-1).tolist(),
+                    "score": float(scores[i])})
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": gts,
+                      "categories": [{"id": 1, "name": "person", "keypoints": list(JOINTS)}]}
+        gt.createIndex()
+        dt = gt.loadRes(dts) if dts else COCO()
+        ev = COCOeval(gt, dt, iouType="keypoints")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    oks = [float(np.max(o)) for o in ev.ious.values() if len(o)]
+    st = ev.stats  # -1 where nothing was counted
+    nan = lambda x: float(x) if x >= 0 else float("nan")  # noqa: E731
+    return {"ap": nan(st[0]), "ap@0.5": nan(st[1]), "ap@0.75": nan(st[2]), "ar": nan(st[5]),
+            "oks": float(np.mean(oks)) if oks else float("nan"), "n_images": int((v > 0).any(1).sum())}
 
 
 # ======================================================================================================
@@ -158,19 +226,41 @@ def _to_input(images: Any, size: int, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: PoseNet, images: Any, batch_size: int = 256) -> np.ndarray:
+def predict(model: PoseNet, images: Any, batch_size: int = 256, with_scores: bool = False) -> Any:
     """Estimate poses of uint8 images [N, H, W, 3]: float32 [N, 17, 3] = (x, y, visibility code), codes
-    from the visibility head (OUTSIDE, HIDDEN or VISIBLE); x, y always the heatmap position."""
+    from the visibility head (OUTSIDE, HIDDEN or VISIBLE); x, y always the heatmap position.
+
+    ``with_scores=True`` returns (poses, scores [N]): a detection confidence for keypoint AP, the mean over
+    joints of (the heatmap's softmax mass within 1.5 heatmap cells of the read-out position) x (the
+    visibility head's probability that the joint is in the frame). A sharp, single-peaked map of a joint
+    the head places in the frame scores near 1; a diffuse or doubled map, or a joint it thinks is outside,
+    scores low."""
     model.eval()
     dev = next(model.parameters()).device
-    out = []
+    out, scores = [], []
     n = len(images)
     for i in range(0, n, batch_size):
         hm, vl = model(_to_input(images[i:i + batch_size], model.image_size, dev))
         xy = soft_argmax(hm)
         code = torch.tensor(VIS_CLASSES, device=dev)[vl.argmax(-1)].float()
         out.append(torch.cat([xy, code[..., None]], -1).cpu())
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, N_JOINTS, 3), np.float32)
+        if with_scores:
+            scores.append(_confidence(hm.float(), xy.float(), vl.float()).cpu())
+    poses = torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, N_JOINTS, 3), np.float32)
+    if not with_scores:
+        return poses
+    return poses, (torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0))
+
+
+def _confidence(logits: torch.Tensor, xy: torch.Tensor, vis_logits: torch.Tensor) -> torch.Tensor:
+    B, J, h, w = logits.shape
+    p = logits.flatten(2).softmax(-1).view(B, J, h, w)
+    xs = (torch.arange(w, device=p.device, dtype=p.dtype) + 0.5) / w
+    ys = (torch.arange(h, device=p.device, dtype=p.dtype) + 0.5) / h
+    d2 = ((xs.view(1, 1, 1, w) - xy[..., 0, None, None]) * w) ** 2 + ((ys.view(1, 1, h, 1) - xy[..., 1, None, None]) * h) ** 2
+    mass = (p * (d2 <= 1.5 ** 2)).sum((2, 3))                                  # [B, J]
+    in_frame = 1 - vis_logits.softmax(-1)[..., VIS_CLASSES.index(OUTSIDE)]    # [B, J]
+    return (mass * in_frame).mean(1)
 
 
 # ======================================================================================================
@@ -337,8 +427,11 @@ def fit_keeper(cfg: Mapping[str, Any], keeper_seed: int, ckpt_dir: str | Path, *
 
 def ceiling(model: PoseNet, images: Any = None, poses: Any = None, *, n: int = 500, seed: int = 12345,
             render_size: int = 256, alphas: Sequence[float] = (0.05, 0.1, 0.2)) -> dict[str, float]:
-    """The estimator's PCK on held-out ground-truth renders: on ``images``/``poses`` when given, else on
-    ``n`` fresh :func:`render_truth` renders (``seed`` must differ from the training renders')."""
+    """The estimator's PCK and keypoint AP (:func:`pose_ap`) on held-out ground-truth renders: on
+    ``images``/``poses`` when given, else on ``n`` fresh :func:`render_truth` renders (``seed`` must differ
+    from the training renders')."""
     if images is None:
         images, poses = render_truth(n, seed, model.image_size, render_size)
-    return pck(predict(model, images), poses, alphas)
+    pred, scores = predict(model, images, with_scores=True)
+    ap = pose_ap(pred, poses, scores)
+    return {**pck(pred, poses, alphas), **{k: v for k, v in ap.items() if k != "n_images"}}

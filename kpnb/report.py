@@ -72,32 +72,55 @@ def training_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
 
 
 def systems_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
-    """The original's three-way comparison (f16 transformer, f4 diffusion, f8 diffusion) with PCK and times."""
+    """The original's three-way comparison (f16 transformer, f4 diffusion, f8 diffusion) with PCK, keypoint AP
+    and times."""
     ldm, smp, tr = m.get("04_ldm_training", {}), m.get("05_sampling", {}), m.get("07_cond_transformer", {})
-    ceiling = smp.get("pck_ceiling@0.1")
+    ceiling, ap_ceiling = smp.get("pck_ceiling@0.1"), smp.get("ap_ceiling")
     rows = []
 
-    def row(system: str, spec: str, pck: Any, seconds: Any, per_s: Any) -> None:
+    def row(system: str, spec: str, got: Mapping[str, Any], prefix: str, seconds: Any) -> None:
+        pck, ap = got.get(f"{prefix}pck@0.1"), got.get(f"{prefix}ap")
         ratio = None if pck is None or not ceiling else float(pck) / float(ceiling)
         rows.append({"system": system, "spec": spec, "PCK@0.1": _fmt(pck), "of ceiling": _fmt(ratio),
-                     "train time": _minutes(seconds), "images/s (sampling)": _fmt(per_s)})
+                     "AP (OKS)": _fmt(ap), "AP of ceiling": _fmt(None if ap is None or not ap_ceiling
+                                                                else float(ap) / float(ap_ceiling)),
+                     "train time": _minutes(seconds), "images/s (sampling)": _fmt(got.get(f"{prefix}sample_images_per_s"))})
 
     if "pck@0.1" in tr:
-        row("conditional transformer", "vq-f16", tr.get("pck@0.1"), tr.get("train_seconds"), tr.get("sample_images_per_s"))
+        row("conditional transformer", "vq-f16", tr, "", tr.get("train_seconds"))
     best = smp.get("best_mode")
     if best is not None:
         mode = ldm.get("best_mode") if best == "long" else best
-        secs = ldm.get(f"{best}.train_seconds")
         row(f"diffusion ({mode}{', trained further' if best == 'long' else ''})", f"vq-{ldm.get('spec', 'f4')}",
-            smp.get(f"{best}.pck@0.1"), secs, smp.get(f"{best}.sample_images_per_s"))
+            smp, f"{best}.", ldm.get(f"{best}.train_seconds"))
     for s in ("f8", "f16"):
         if f"{s}.pck@0.1" in smp:
-            row(f"diffusion ({ldm.get(f'{s}.mode')})", f"vq-{s}", smp[f"{s}.pck@0.1"], ldm.get(f"{s}.train_seconds"),
-                smp.get(f"{s}.sample_images_per_s"))
+            row(f"diffusion ({ldm.get(f'{s}.mode')})", f"vq-{s}", smp, f"{s}.", ldm.get(f"{s}.train_seconds"))
     return rows
 
 
-GENERATOR_COLUMNS = ("train_images_per_s", "train_seconds", "pck@0.05", "pck@0.1", "pck@0.2", "sample_images_per_s")
+def pose_accuracy_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Notebook 05's pose accuracy of every diffusion model: PCK beside COCO keypoint AP, the estimator's own
+    numbers on exact renders (its ceiling) first."""
+    smp = m.get("05_sampling", {})
+    if not smp.get("best_mode"):
+        return []
+    cols = {"pck@0.05": "PCK@0.05", "pck@0.1": "PCK@0.1", "pck@0.2": "PCK@0.2", "ap": "AP", "ap@0.5": "AP@0.5",
+            "ap@0.75": "AP@0.75"}
+    ceiling = {c: smp.get(f"pck_ceiling@{c[4:]}" if c.startswith("pck") else f"{c}_ceiling") for c in cols}
+    rows = [{"model": "estimator on exact renders (ceiling)", **{cols[c]: _fmt(v) for c, v in ceiling.items()}}]
+    for mode in _scored_modes(smp):
+        label = f"diffusion {mode}" + (f" ({smp['long.mode']} trained further)" if mode == "long" and "long.mode" in smp else "")
+        rows.append({"model": label, **{cols[c]: _fmt(smp.get(f"{mode}.{c}")) for c in cols}})
+    return rows
+
+
+def _scored_modes(smp: Mapping[str, Any]) -> list[str]:
+    return sorted({k.split(".")[0] for k in smp if k.endswith(".pck@0.1") and not k.startswith(("examples", "guidance"))})
+
+
+GENERATOR_COLUMNS = ("train_images_per_s", "train_seconds", "pck@0.05", "pck@0.1", "pck@0.2", "ap",
+                     "sample_images_per_s")
 
 
 def generators_table(m: Mapping[str, Mapping[str, Any]], transformer: Mapping[str, Any] | None = None,
@@ -105,8 +128,7 @@ def generators_table(m: Mapping[str, Mapping[str, Any]], transformer: Mapping[st
     """Every diffusion model of notebooks 04/05 (training speed and time, PCK, sampling speed) and, given its
     row, the transformer: ``{name: {column: value}}`` with the columns of :data:`GENERATOR_COLUMNS`."""
     ldm, smp = m.get("04_ldm_training", {}), m.get("05_sampling", {})
-    modes = sorted({k.split(".")[0] for k in smp if k.endswith(".pck@0.1")
-                    and not k.startswith(("examples", "guidance"))})
+    modes = _scored_modes(smp)
 
     def name(mode: str) -> str:
         return f"diffusion {smp['long.mode']} longer" if mode == "long" and "long.mode" in smp else f"diffusion {mode}"
@@ -139,8 +161,14 @@ def write_report(root: str | Path, extra_figures: Mapping[str, str] | None = Non
            f"Preset `{cfg.get('preset', '?')}`, overrides `{json.dumps(cfg.get('overrides', {}))}`. "
            "Every number below is read from this folder's `metrics/*.json`; every figure is in `figures/`.", ""]
     out += ["## The three systems (the original's comparison)", "",
-            "PCK@0.1 of the pose estimator on samples for held-out poses, against the conditioning pose; "
-            "'of ceiling' divides by the estimator's PCK on exact renders.", "", markdown_table(systems_table(m))]
+            "PCK@0.1 and COCO keypoint AP (OKS) of the pose estimator on samples for held-out poses, against the "
+            "conditioning pose; 'of ceiling' divides by the estimator's own number on exact renders.", "",
+            markdown_table(systems_table(m))]
+    out += ["## Pose accuracy per model", "",
+            "Notebook 05, held-out poses: PCK (share of visible joints within a x the pose's size) beside COCO "
+            "keypoint AP (pycocotools' COCOeval: the estimator's pose and confidence as the detection, the "
+            "conditioning pose as ground truth, its joints' bbox as the area; docs/metrics.md).", "",
+            markdown_table(pose_accuracy_table(m))]
     out += ["## Training table", "", markdown_table(training_table(m))]
     out += ["## Notebooks", "", "| notebook | seconds | torch threads |", "|---|---|---|"]
     for stem in NOTEBOOKS:

@@ -73,12 +73,13 @@ def _diffusion(m: Mapping[str, Any]) -> str:
 def _sampling(m: Mapping[str, Any]) -> str:
     best = m.get("best_mode")
     modes = [k[: -len(".pck@0.1.ratio")] for k in m if k.endswith(".pck@0.1.ratio")]
-    equal = ", ".join(f"{mode} {_f(m.get(f'{mode}.pck@0.1'))}" for mode in modes
+    equal = ", ".join(f"{mode} {_f(m.get(f'{mode}.pck@0.1'))} (AP {_f(m.get(f'{mode}.ap'))})" for mode in modes
                       if mode not in (FURTHER, best, "f8", "f16"))
     label = f"{m.get(f'{FURTHER}.mode')} trained further" if best == FURTHER else best
     sweep = "/".join(_f(m[k]) for k in m if k.startswith("guidance_sweep."))
     return (f"PCK@0.1 on {m.get('n_eval')} held-out poses: {label} **{_f(m.get(f'{best}.pck@0.1'))}** "
-            f"({_f(m.get(f'{best}.pck@0.1.ratio'), 2)} of the ceiling); at the equal budget {equal}; "
+            f"({_f(m.get(f'{best}.pck@0.1.ratio'), 2)} of the ceiling), keypoint AP **{_f(m.get(f'{best}.ap'))}** "
+            f"(estimator's own {_f(m.get('ap_ceiling'))}); at the equal budget {equal}; "
             f"f8 {_f(m.get('f8.pck@0.1'))}; real-world example poses {_f(m.get('examples.pck@0.1'))}; guidance "
             f"sweep {sweep}; DDIM 50 steps {_f(m.get('ddim50_images_per_s'), 1)} images/s "
             f"({_f(m.get('ddim50_images_per_s_guided'), 1)} guided)")

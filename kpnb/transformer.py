@@ -388,7 +388,7 @@ def sample_images(model: CondTransformer, vq: nn.Module, poses: Any, *, batch_si
 def pose_fidelity(model: CondTransformer, vq: nn.Module, estimator: nn.Module, poses: Any, *,
                   ceiling: Mapping[str, float] | None = None, batch_size: int = 50, seed: int = 0,
                   **kw: Any) -> tuple[np.ndarray, dict[str, float]]:
-    """As :func:`kpnb.diffusion.pose_fidelity` (the same PCK keys, ``sample_images_per_s`` and ``.ratio``
+    """As :func:`kpnb.diffusion.pose_fidelity` (the same PCK and AP keys, ``sample_images_per_s`` and ``.ratio``
     to the ceiling), with the transformer's :func:`sample_images` as the sampler."""
     return _pose_fidelity(model, vq, estimator, poses, ceiling=ceiling, batch_size=batch_size, seed=seed,
                           sampler=sample_images, **kw)

@@ -89,6 +89,36 @@ def test_resume_skips_finished_notebooks(smoke_run, capsys):
     assert before == {p.name: p.stat().st_mtime for p in (smoke_run / "metrics").iterdir()}
 
 
+def test_rerun_runs_a_finished_notebook_again(smoke_run, capsys):
+    before = (smoke_run / "metrics" / "02_keypoint_inspection.json").stat().st_mtime_ns
+    assert cli.main(["run", "--resume", str(smoke_run), "--only", "02", "--rerun", "--no-progress"]) == 0
+    assert "finished before" not in capsys.readouterr().out
+    assert (smoke_run / "metrics" / "02_keypoint_inspection.json").stat().st_mtime_ns > before
+
+
+def test_notebook_05_samples_the_released_model_in_a_fresh_run_folder(tmp_path, capsys):
+    """Only a released checkpoint (here one written by kpnb's exporter in the original layout) and a fresh run
+    folder: notebook 05 samples it for the example poses with the original script's settings."""
+    import test_original as T
+
+    ckpt, _, _ = T.exported_checkpoint(tmp_path / "released.ckpt")
+    root = tmp_path / "fresh"
+    assert cli.main(["run", "--preset", "smoke", "--out", str(root), "--only", "05", "--no-progress",
+                     "-p", f"original_checkpoint={ckpt}"]) == 0
+    m = runs.read_metrics(root, "05_sampling")
+    assert (m["original.steps"], m["original.eta"], m["original.guidance"]) == (50, 1.0, 1.0)
+    assert "best_mode" not in m and "only the released model" in m["notes"]
+    assert (root / "figures" / "05_sampling_original_checkpoint.png").stat().st_size > 1000
+    assert json.loads((root / "config.json").read_text())["params"]["original_checkpoint"] == str(ckpt)
+    capsys.readouterr()
+    # a new value on --resume is recorded, and the finished notebook it would change is named
+    assert cli.main(["run", "--resume", str(root), "--only", "05", "--no-progress",
+                     "-p", "original_checkpoint=other.ckpt"]) == 0
+    out = capsys.readouterr().out
+    assert "recorded original_checkpoint='other.ckpt'" in out and "05_sampling" in out and "finished before" in out
+    assert json.loads((root / "config.json").read_text())["params"]["original_checkpoint"] == "other.ckpt"
+
+
 def test_failing_notebook_reports_cell_error(tmp_path, capsys):
     # notebook 02 needs the subset of 01: run alone in an empty folder it must fail with a clear message
     rc = cli.main(["run", "--preset", "smoke", "--out", str(tmp_path / "r"), "--only", "02", "--no-progress"])

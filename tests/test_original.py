@@ -491,3 +491,48 @@ def test_garbage_file_is_refused(tmp_path):
     p.write_bytes(b"this is not a checkpoint")
     with pytest.raises(UnsafeFileError, match="junk.ckpt"):
         O.load_original_vq(p)
+
+
+# ---- kpnb's exporter: a grid model in the released checkpoint's layout -------------------------------
+def exported_checkpoint(path, seed=0):
+    """A small kpnb grid-mode LDM and taming-layout VQ written by original.save_original_ldm: (path, ldm, vq)."""
+    from kpnb.conditioning import PoseConditioner
+    from kpnb.vq import VQConfig, VQModel
+
+    torch.manual_seed(seed)
+    vq = VQModel(VQConfig(factor=4, image_size=16, latent_channels=3, n_codes=16, base_width=64,
+                          channel_mult=(1, 2, 2), res_blocks=1, dec_res_blocks=2, quant_conv=True)).eval()
+    ldm = D.KeypointLDM(D.UNetConfig(**UCFG), PoseConditioner("grid", latent_size=4), (3, 4, 4), 0.7).eval()
+    with torch.no_grad():
+        for p in ldm.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return O.save_original_ldm(ldm, vq, path, step=42), ldm, vq
+
+
+def test_exported_grid_model_reads_back_as_the_same_model(tmp_path):
+    path, ldm, vq = exported_checkpoint(tmp_path / "exported.ckpt")
+    back, back_vq = O.load_original_ldm(path, heads=UCFG["heads"], image_size=16, verbose=False)
+    assert back.unet.cfg == ldm.unet.cfg and back.scale_factor == pytest.approx(0.7)
+    assert set(back.import_report.missing) == {"cond.null_grid"}
+    for k, v in ldm.unet.state_dict().items():
+        torch.testing.assert_close(back.unet.state_dict()[k], v, rtol=0, atol=0)
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(back_vq.encode(img), vq.encode(img))
+    poses = torch.rand(2, 17, 3)
+    poses[..., 2] = 2
+    torch.testing.assert_close(D.ddim_sample(back, poses, steps=3, seed=1), D.ddim_sample(ldm, poses, steps=3, seed=1))
+
+
+def test_exporter_refuses_what_the_original_could_not_be(tmp_path):
+    from kpnb.conditioning import PoseConditioner
+
+    _, ldm, vq = exported_checkpoint(tmp_path / "a.ckpt")
+    cfg = {**UCFG, "context_dim": None, "in_channels": 3 + PoseConditioner("skeleton", latent_size=8).concat_channels}
+    skel = D.KeypointLDM(D.UNetConfig(**cfg), PoseConditioner("skeleton", latent_size=8), (3, 8, 8))
+    with pytest.raises(ValueError, match="conditioning"):
+        O.save_original_ldm(skel, vq, tmp_path / "b.ckpt")
+    v = D.KeypointLDM(D.UNetConfig(**UCFG), PoseConditioner("grid", latent_size=8), (3, 8, 8), prediction="v")
+    with pytest.raises(ValueError, match="prediction"):
+        O.save_original_ldm(v, vq, tmp_path / "c.ckpt")
+    assert not (tmp_path / "b.ckpt").exists() and not (tmp_path / "c.ckpt").exists()

@@ -1,4 +1,4 @@
-"""PCK on hand-made cases (docs/metrics.md), and the estimator end to end on a few renders."""
+"""PCK and COCO keypoint AP on hand-made cases (docs/metrics.md), and the estimator end to end on a few renders."""
 import numpy as np
 import pytest
 import torch
@@ -73,6 +73,47 @@ def test_mean_over_joints_then_images_and_found_flag():
         E.pck(np.zeros((2, 17, 2)), b[None])
 
 
+COCO_SIGMAS = np.array([.026, .025, .025, .035, .035, .079, .079, .072, .072, .062, .062, .107, .107, .087, .087,
+                        .089, .089])
+
+
+def test_ap_of_one_pose_follows_its_oks_by_hand():
+    """One pose, every joint moved by 3 px in a 256 px frame: OKS = mean_j exp(-d^2 / (2 area (2 sigma_j)^2)),
+    area = the joints' bbox (0.4 x 0.2 of the frame), and with one detection for one pose AP is the share of
+    the ten thresholds 0.50:0.05:0.95 that OKS reaches."""
+    tgt = box_pose()[None]
+    pred = tgt[..., :2] + 3 / 256
+    area = (0.4 * 256) * (0.2 * 256)
+    d2 = 2 * 3.0 ** 2
+    oks = float(np.mean(np.exp(-d2 / (2 * area * (2 * COCO_SIGMAS) ** 2))))
+    out = E.pose_ap(pred, tgt)
+    assert out["oks"] == pytest.approx(oks, rel=1e-4)
+    assert 0.5 < oks < 0.95  # the test means something: some thresholds met, some not
+    assert out["ap"] == pytest.approx(np.mean(oks >= np.arange(0.5, 0.951, 0.05)), abs=1e-6)
+    assert E.pose_ap(tgt[..., :2], tgt)["ap"] == pytest.approx(1.0)
+
+
+def test_ap_counts_hidden_joints_not_outside_ones_and_ranks_by_score():
+    tgt = box_pose()[None]
+    tgt[0, 3, 2] = HIDDEN
+    tgt[0, 16, 2] = OUTSIDE
+    pred = tgt[..., :2].copy()
+    pred[0, 16] = (0.95, 0.05)          # an outside joint is not scored
+    assert E.pose_ap(pred, tgt)["ap"] == pytest.approx(1.0)
+    pred[0, 3] += 0.2                   # a hidden joint is
+    assert E.pose_ap(pred, tgt)["oks"] < 0.95
+    good, bad = box_pose(), box_pose()
+    two = np.stack([good, bad])
+    guess = two[..., :2].copy()
+    guess[1] += 0.3                     # the second detection is far off
+    right = E.pose_ap(guess, two, scores=[0.9, 0.1])["ap"]
+    wrong = E.pose_ap(guess, two, scores=[0.1, 0.9])["ap"]
+    # COCO interpolates precision at 101 recall points: recall 0.5 at precision 1 covers 51 of them
+    assert right == pytest.approx(51 / 101) and wrong < right   # a confident miss costs precision
+    with pytest.raises(ValueError, match="scores"):
+        E.pose_ap(guess, two, scores=[1.0])
+
+
 def test_soft_argmax_reads_the_peak():
     hm = torch.full((1, 2, 16, 16), -30.0)
     hm[0, 0, 4, 10] = 30.0
@@ -101,6 +142,10 @@ def test_estimator_on_a_few_renders(tmp_path):
     np.testing.assert_allclose(E.predict(again, imgs), pred, atol=1e-5)
     c = E.ceiling(model, imgs, poses)
     assert 0.0 <= c["pck@0.1"] <= 1.0 and c["n_images"] == 6
+    assert 0.0 <= c["ap"] <= 1.0 and c["n_images"] == 6
+    scored, scores = E.predict(model2, imgs, with_scores=True)
+    np.testing.assert_array_equal(scored, pred)
+    assert scores.shape == (6,) and np.all((scores > 0) & (scores <= 1))
 
 
 def test_keeper_is_trained_apart_from_the_judge(tmp_path):

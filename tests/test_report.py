@@ -15,12 +15,18 @@ def test_report_tables_come_from_the_metrics_files(tmp_path):
              **{"estimator.train_seconds": 30.0, "grid.train_seconds": 60.0, "skeleton.train_seconds": 60.0, "long.train_seconds": 180.0,
                 "f8.train_seconds": 30.0, "f8.mode": "skeleton"})
     _metrics(root, "05_sampling", best_mode="long", **{"pck_ceiling@0.1": 0.9, "long.pck@0.1": 0.72,
-                                                       "f8.pck@0.1": 0.45, "grid.pck@0.1": 0.1})
+                                                       "f8.pck@0.1": 0.45, "grid.pck@0.1": 0.1, "long.mode": "skeleton",
+                                                       "ap_ceiling": 0.8, "long.ap": 0.6, "grid.ap": 0.05})
     (root / "figures" / "03_vq_training_reconstructions.png").write_bytes(b"png")
     (root / "figures" / "08_blog_figures_systems.png").write_bytes(b"png")
     systems = report.systems_table(report.collect_metrics(root))
     assert [r["spec"] for r in systems] == ["vq-f4", "vq-f8"]  # no transformer metrics: no invented row
     assert systems[0]["PCK@0.1"] == "0.72" and systems[0]["of ceiling"] == "0.8" and systems[0]["train time"] == "3.0 min"
+    assert systems[0]["AP (OKS)"] == "0.6" and systems[0]["AP of ceiling"] == "0.75" and systems[1]["AP (OKS)"] == "-"
+    acc = report.pose_accuracy_table(report.collect_metrics(root))
+    assert [r["model"] for r in acc] == ["estimator on exact renders (ceiling)", "diffusion f8", "diffusion grid",
+                                         "diffusion long (skeleton trained further)"]
+    assert acc[0]["AP"] == "0.8" and acc[2]["AP"] == "0.05" and acc[2]["PCK@0.1"] == "0.1"
     train = report.training_table(report.collect_metrics(root))
     assert ("vq-f4", "2.0 min") in [(r["spec"], r["time"]) for r in train]
     systems_trained = [r["system"] for r in train]
@@ -30,6 +36,7 @@ def test_report_tables_come_from_the_metrics_files(tmp_path):
     text = path.read_text()
     assert "| 02_keypoint_inspection | not run | - |" in text
     assert "![samples per system](figures/08_blog_figures_systems.png)" in text
+    assert "## Pose accuracy per model" in text and "| diffusion grid | - | 0.1 | - | 0.05 |" in text
     assert "figures/03_vq_training_reconstructions.png" in text and "| f4.psnr | 27.5 |" in text
     assert json.loads((root / "config.json").read_text())["preset"] == "smoke" and "Preset `smoke`" in text
 

@@ -90,8 +90,7 @@ def test_bad_pose_file_is_named_with_its_field(run, tmp_path, capsys):
 def test_released_checkpoint_uses_the_original_scripts_defaults(pose_files, tmp_path, capsys):
     import test_original as T
 
-    sd, _, _ = T.ldm_state()
-    ckpt = T.save(T.lightning(sd), tmp_path / "released.ckpt")
+    ckpt, _, _ = T.exported_checkpoint(tmp_path / "released.ckpt")  # kpnb's exporter, the original's layout
     release, _, _ = pose_files
     assert sample.main(["--pose", str(release), "--model", str(ckpt), "--n", "1", "--steps", "2", "--no-progress",
                         "--out", str(tmp_path / "o")]) == 0
