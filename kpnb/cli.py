@@ -106,8 +106,9 @@ def split_params(pairs: list[str], preset: str, nbs: list[Path]) -> tuple[dict[s
 # the preset sections each notebook reads (runtime aside: all read it); tests/test_notebooks.py checks this
 # against the settings the smoke run's notebooks actually read
 SECTION_READERS = {
-    "01": ("data", "filter", "clip"), "02": ("data",), "03": ("vq",), "04": ("diffusion", "estimator", "data"),
-    "05": ("diffusion",), "06": ("clip", "vq", "estimator", "data"), "07": ("transformer",),
+    "01": ("data", "filter", "clip"), "02": ("data",), "03": ("vq", "quality", "clip", "data"),
+    "04": ("diffusion", "estimator", "data"), "05": ("diffusion", "quality", "clip", "data"),
+    "06": ("clip", "vq", "estimator", "data", "quality"), "07": ("transformer", "quality", "clip", "data"),
     "08": ("diffusion", "transformer", "vq"),
 }
 

@@ -84,6 +84,7 @@ def systems_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
         rows.append({"system": system, "spec": spec, "PCK@0.1": _fmt(pck), "of ceiling": _fmt(ratio),
                      "AP (OKS)": _fmt(ap), "AP of ceiling": _fmt(None if ap is None or not ap_ceiling
                                                                 else float(ap) / float(ap_ceiling)),
+                     "FID": _fmt(got.get(f"{prefix}fid")),
                      "train time": _minutes(seconds), "images/s (sampling)": _fmt(got.get(f"{prefix}sample_images_per_s"))})
 
     if "pck@0.1" in tr:
@@ -112,6 +113,33 @@ def pose_accuracy_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, st
     for mode in _scored_modes(smp):
         label = f"diffusion {mode}" + (f" ({smp['long.mode']} trained further)" if mode == "long" and "long.mode" in smp else "")
         rows.append({"model": label, **{cols[c]: _fmt(smp.get(f"{mode}.{c}")) for c in cols}})
+    return rows
+
+
+def quality_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    """FID and KID (with the spread over sample seeds where there are several, and n) of everything that makes
+    images: the VQ reconstructions (the floor), every diffusion model, the transformer, the CLIP-tuned images."""
+    vq, smp, tun, tr = (m.get(k, {}) for k in ("03_vq_training", "05_sampling", "06_clip_tuning",
+                                               "07_cond_transformer"))
+    rows = []
+
+    def row(name: str, got: Mapping[str, Any], prefix: str, n: Any) -> None:
+        if got.get(f"{prefix}fid") is None:
+            return
+        rows.append({"images": name, "FID": _fmt(got.get(f"{prefix}fid")), "+-": _fmt(got.get(f"{prefix}fid_spread")),
+                     "KID": _fmt(got.get(f"{prefix}kid")), "KID +-": _fmt(got.get(f"{prefix}kid_spread")), "n": _fmt(n)})
+
+    for s in ("f4", "f8", "f16"):
+        row(f"vq-{s} reconstructions (floor)", vq, f"{s}.", vq.get("n_val"))
+    for mode in _scored_modes(smp):
+        label = f"diffusion {mode}" + (f" ({smp['long.mode']} trained further)" if mode == "long" and "long.mode" in smp else "")
+        row(label, smp, f"{mode}.", smp.get("fid_n_fake"))
+    row(f"transformer ({tr.get('spec', 'f16')})", tr, "", tr.get("n_eval"))
+    row("diffusion samples before CLIP tuning", tun, "samples.", tun.get("fid_n_fake"))
+    for s in ("f4", "f8", "f16"):
+        if f"{s}.fid_tuned" in tun:
+            rows.append({"images": f"CLIP-tuned through vq-{s}", "FID": _fmt(tun[f"{s}.fid_tuned"]), "+-": "-",
+                         "KID": "-", "KID +-": "-", "n": _fmt(tun.get("fid_n_fake"))})
     return rows
 
 
@@ -169,6 +197,12 @@ def write_report(root: str | Path, extra_figures: Mapping[str, str] | None = Non
             "keypoint AP (pycocotools' COCOeval: the estimator's pose and confidence as the detection, the "
             "conditioning pose as ground truth, its joints' bbox as the area; docs/metrics.md).", "",
             markdown_table(pose_accuracy_table(m))]
+    smp = m.get("05_sampling", {})
+    out += ["## Image quality", "",
+            f"FID and KID against all {_fmt(smp.get('fid_n_real'))} held-out images in {smp.get('fid_features', 'CLIP')} "
+            f"features (kpnb.quality; docs/metrics.md); '+-' is half the range over the sample seeds "
+            f"{smp.get('fid_seeds', '')}. Numbers with different n are not comparable: FID grows as n shrinks.", "",
+            markdown_table(quality_table(m))]
     out += ["## Training table", "", markdown_table(training_table(m))]
     out += ["## Notebooks", "", "| notebook | seconds | torch threads |", "|---|---|---|"]
     for stem in NOTEBOOKS:

@@ -84,6 +84,10 @@ BASE: dict[str, dict[str, Any]] = {
     "transformer": {"spec": "f16", "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.1, "lr": 5e-4,
                     "warmup": 100, "weight_decay": 0.01, "steps": 2000, "batch_size": 32, "ckpt_every": 500,
                     "seed": 0, "flip": True, "top_k": 100, "top_p": 1.0, "temperature": 1.0, "n_eval": 200},
+    # quality: FID/KID of generated images against all held-out images (kpnb.quality), in the run's CLIP
+    # features, or Inception's when inception_weights names torch-fidelity's local weights file; seeds: the
+    # sample draws FID is averaged over (the first is the PCK samples' own), spread = half their range
+    "quality": {"inception_weights": "", "seeds": [0, 1], "kid_subset_size": 100},
 }
 
 # Each delta names only what differs from BASE (nested sections merge key by key).

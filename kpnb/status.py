@@ -79,7 +79,8 @@ def _sampling(m: Mapping[str, Any]) -> str:
     sweep = "/".join(_f(m[k]) for k in m if k.startswith("guidance_sweep."))
     return (f"PCK@0.1 on {m.get('n_eval')} held-out poses: {label} **{_f(m.get(f'{best}.pck@0.1'))}** "
             f"({_f(m.get(f'{best}.pck@0.1.ratio'), 2)} of the ceiling), keypoint AP **{_f(m.get(f'{best}.ap'))}** "
-            f"(estimator's own {_f(m.get('ap_ceiling'))}); at the equal budget {equal}; "
+            f"(estimator's own {_f(m.get('ap_ceiling'))}), FID **{_f(m.get(f'{best}.fid'), 2)}** against the f4 "
+            f"reconstructions' {_f(m.get('fid_floor.f4'), 2)}; at the equal budget {equal}; "
             f"f8 {_f(m.get('f8.pck@0.1'))}; real-world example poses {_f(m.get('examples.pck@0.1'))}; guidance "
             f"sweep {sweep}; DDIM 50 steps {_f(m.get('ddim50_images_per_s'), 1)} images/s "
             f"({_f(m.get('ddim50_images_per_s_guided'), 1)} guided)")

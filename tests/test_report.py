@@ -36,9 +36,24 @@ def test_report_tables_come_from_the_metrics_files(tmp_path):
     text = path.read_text()
     assert "| 02_keypoint_inspection | not run | - |" in text
     assert "![samples per system](figures/08_blog_figures_systems.png)" in text
+    assert "## Image quality" in text
     assert "## Pose accuracy per model" in text and "| diffusion grid | - | 0.1 | - | 0.05 |" in text
     assert "figures/03_vq_training_reconstructions.png" in text and "| f4.psnr | 27.5 |" in text
     assert json.loads((root / "config.json").read_text())["preset"] == "smoke" and "Preset `smoke`" in text
+
+
+def test_quality_table_has_the_floor_every_generator_and_n():
+    m = {"03_vq_training": {"f4.fid": 1.5, "f8.fid": 3.0, "n_val": 300},
+         "05_sampling": {"best_mode": "skeleton", "skeleton.pck@0.1": 0.8, "skeleton.fid": 4.0,
+                         "skeleton.fid_spread": 0.2, "skeleton.kid": 0.01, "grid.pck@0.1": 0.1, "fid_n_fake": 128},
+         "07_cond_transformer": {"fid": 9.0, "n_eval": 200, "spec": "f16"},
+         "06_clip_tuning": {"samples.fid": 5.0, "f4.fid_tuned": 6.0, "fid_n_fake": 32}}
+    rows = {r["images"]: r for r in report.quality_table(m)}
+    assert list(rows) == ["vq-f4 reconstructions (floor)", "vq-f8 reconstructions (floor)", "diffusion skeleton",
+                          "transformer (f16)", "diffusion samples before CLIP tuning", "CLIP-tuned through vq-f4"]
+    assert rows["diffusion skeleton"]["FID"] == "4" and rows["diffusion skeleton"]["+-"] == "0.2"
+    assert rows["diffusion skeleton"]["n"] == "128" and rows["vq-f4 reconstructions (floor)"]["n"] == "300"
+    assert "diffusion grid" not in rows  # no FID measured: no row, nothing filled in
 
 
 def test_status_table_reads_the_metrics_files(tmp_path):
