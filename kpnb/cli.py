@@ -1,6 +1,7 @@
 """The ``kpnb`` command: ``kpnb run`` (notebooks headless with papermill), ``kpnb train`` (one training stage
-of a run, also under ``torchrun``), ``kpnb sample`` (images for pose files), ``kpnb synth``, ``kpnb bench``, ``kpnb status`` (the README's status
-table from a run folder's metrics).
+of a run, also under ``torchrun``), ``kpnb sample`` (images for pose files), ``kpnb synth``, ``kpnb data pack``
+(a candidate pool as resumable WebDataset shards, :mod:`kpnb.shards`), ``kpnb bench``, ``kpnb status`` (the
+README's status table from a run folder's metrics).
 
 ``kpnb run [--preset P] [--out DIR | --resume DIR [--rerun]] [--only 01,02] [-p name=value ...]``
 
@@ -316,6 +317,12 @@ def cmd_sample(argv: list[str]) -> int:
     return sample.main(argv) or 0
 
 
+def cmd_data(argv: list[str]) -> int:
+    from . import shards
+
+    return shards.main(argv) or 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     from . import bench
 
@@ -384,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(argv[1:])
     if argv and argv[0] == "sample":
         return cmd_sample(argv[1:])
-    p = argparse.ArgumentParser(prog="kpnb", description="kpnb workbook: run | train | sample | synth | bench | status")
+    if argv and argv[0] == "data":
+        return cmd_data(argv[1:])
+    p = argparse.ArgumentParser(prog="kpnb", description="kpnb workbook: run | train | sample | synth | data | bench | status")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute the notebooks headless with papermill")
     r.add_argument("--preset", default="cpu", help=f"one of {', '.join(runs.PRESETS)}")
@@ -410,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-progress", dest="progress", action="store_false")
     sub.add_parser("sample", help="images for pose files from a run or the released model (kpnb sample --help)")
     sub.add_parser("synth", help="write the synthetic dataset (kpnb synth --help)")
+    sub.add_parser("data", help="pack a candidate pool (kpnb's or Danbooru2021's layout) into resumable WebDataset "
+                                "shards (kpnb data pack --help)")
     sub.add_parser("bench", help="measure training/sampling speed (kpnb bench --help)")
     st = sub.add_parser("status", help="the README's status table from a run folder's metrics")
     st.add_argument("run", help="run folder")
