@@ -216,3 +216,42 @@ def diversity(features: nn.Module, samples: Any, real_images: Any, real_poses: A
     rp = np.asarray(real_poses, np.float64)[idx]
     near = float(np.mean(np.linalg.norm(rp[..., :2] - np.asarray(pose, np.float64)[None, :, :2], axis=-1)))
     return {"samples": ds, "real": dr, "ratio": ds / dr if dr > 0 else float("nan"), "real_pose_distance": near}
+
+
+# ---- the head region: where f8 is said to lose what f4 keeps -----------------------------------------
+def head_boxes(poses: Any, min_side: float = 0.2, scale: float = 2.5) -> np.ndarray:
+    """One square box per pose around its head joints (nose, eyes, ears in the frame), in frame units:
+    float [N, 4] = (x0, y0, x1, y1), side ``scale`` x the head joints' extent but at least ``min_side`` (the
+    hair around the face is part of what is judged), kept inside the frame; NaN for a pose with fewer than
+    two head joints in the frame."""
+    from .keypoints import HIDDEN, JOINT_GROUPS, VISIBLE
+
+    p = np.asarray(poses, np.float64)
+    head = p[:, JOINT_GROUPS["head"]]
+    ok = np.isin(head[..., 2], (VISIBLE, HIDDEN)) & (head[..., :2] >= 0).all(-1) & (head[..., :2] < 1).all(-1)
+    out = np.full((len(p), 4), np.nan)
+    for i in np.flatnonzero(ok.sum(1) >= 2):
+        xy = head[i, ok[i], :2]
+        lo, hi = xy.min(0), xy.max(0)
+        side = min(1.0, max(min_side, scale * float((hi - lo).max())))
+        c = np.clip((lo + hi) / 2, side / 2, 1 - side / 2)
+        out[i] = (c[0] - side / 2, c[1] - side / 2, c[0] + side / 2, c[1] + side / 2)
+    return out
+
+
+def crop_boxes(images: Any, boxes: np.ndarray, size: int = 32) -> np.ndarray:
+    """uint8 [N, H, W, 3] images cut to ``boxes`` (frame units, from :func:`head_boxes`) and resized to
+    ``size``: uint8 [M, size, size, 3] for the M boxes that are not NaN (bilinear, antialiased)."""
+    import torch.nn.functional as F
+
+    keep = ~np.isnan(boxes).any(1)
+    ims = np.asarray(images)[keep]
+    out = []
+    for im, (x0, y0, x1, y1) in zip(ims, boxes[keep]):
+        h, w = im.shape[:2]
+        a, b = int(round(y0 * h)), max(int(round(y1 * h)), int(round(y0 * h)) + 1)
+        c, d = int(round(x0 * w)), max(int(round(x1 * w)), int(round(x0 * w)) + 1)
+        t = torch.from_numpy(np.ascontiguousarray(im[a:b, c:d])).permute(2, 0, 1)[None].float()
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(t[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy())
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)

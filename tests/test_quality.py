@@ -113,3 +113,19 @@ def test_diversity_tells_the_same_character_from_varied_ones():
     assert varied["ratio"] > 0.5
     idx = quality.nearest_poses(pose, real_poses, 5)
     assert list(idx) == [0, 1, 2, 3, 4]  # the least disturbed poses are the nearest
+
+
+def test_head_boxes_follow_the_head_and_skip_poses_without_one():
+    p = np.zeros((3, 17, 3))
+    p[..., 2] = VISIBLE
+    p[0, :5, :2] = [[0.5, 0.2], [0.52, 0.18], [0.48, 0.18], [0.55, 0.2], [0.45, 0.2]]  # head at the top middle
+    p[1, :5, :2] = [[0.02, 0.02], [0.03, 0.01], [0.01, 0.01], [0.04, 0.02], [0.0, 0.02]]  # in the corner
+    p[2, :5, 2] = 3  # OUTSIDE: no head in the frame
+    b = quality.head_boxes(p)
+    # side max(0.2, 2.5 x the 0.1 extent) = 0.25 around the centre (0.5, 0.19)
+    assert b[0] == pytest.approx([0.375, 0.065, 0.625, 0.315])
+    assert (b[1, :2] >= 0).all() and np.isnan(b[2]).all()
+    im = np.zeros((2, 40, 40, 3), np.uint8)
+    im[0, 4:12, 16:24] = 255  # a white head where box 0 is
+    crops = quality.crop_boxes(np.concatenate([im, im[:1]]), b, size=8)
+    assert crops.shape == (2, 8, 8, 3) and crops[0].mean() > 100 and crops[1].mean() < 50
