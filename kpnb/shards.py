@@ -396,7 +396,9 @@ def iter_shards(folder: str | Path, shards: Iterable[int | str] | None = None, *
 # ---- command line ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """``kpnb data pack SRC --out DIR ...`` (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="kpnb data", description="candidate pools as WebDataset shards")
+    p = argparse.ArgumentParser(prog="kpnb data", description="candidate pools as WebDataset shards",
+                                epilog="kpnb data filter SHARD_DIR --out DIR: the filter stages over the shards "
+                                       "(kpnb.stream_filter; kpnb data filter --help)")
     sub = p.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("pack", help="write a source's candidates as resumable tar shards",
                        description="Pack kpnb's or Danbooru2021's layout into WebDataset shards (kpnb.shards).")
