@@ -233,3 +233,30 @@ def test_cli(packed, filtered, tmp_path, capsys):
     assert e.value.code == 2 and "--clip-run" in capsys.readouterr().err
     assert cli.main(["data", "filter", str(tmp_path / "nowhere"), "--out", str(out), "--no-clip"]) == 2
     assert "no shard manifest" in capsys.readouterr().err
+
+
+def test_messy_pool_empty_shard_and_problems(tmp_path):
+    """kpnb's layout with bad files (no labels): an empty shard, and n_skipped_files as load_candidates counts."""
+    from PIL import Image
+    from test_data import _write_pose
+
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "keypoints").mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((40, 30, 3), 60 + i * 30, np.uint8)).save(root / "images" / f"{i}.png")
+        _write_pose(root / "keypoints" / f"{i}.json", i)
+    (root / "images" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (root / "keypoints" / "3.json").write_text("{oops")
+    (root / "metadata.jsonl").write_text('{"id": "0", "tag_string": "solo", "rating": "s"}\n'
+                                         '{"id": "2", "tag_string": "comic", "rating": "s"}\nnot json\n')
+    cands = data.load_candidates(root, 16, progress=False)
+    results = filtering.run_chain(cands, sf.default_stages())
+    shards.pack(root, tmp_path / "shards", size=16, shard_size=1, workers=1, progress=False)
+    s = sf.filter_shards(tmp_path / "shards", tmp_path / "f", sf.default_stages(), progress=False)
+    assert s["shards_filtered"] == 5  # ids 0..4, shards of 1: "1" and "3" are empty
+    index = sf.merge(tmp_path / "f")
+    assert index["report"] == filtering.report(cands, results) and index["report"]["n_skipped_files"] == 3
+    assert index["kept_ids"] == [i for i, k in zip(cands.ids, filtering.chain_keep(results)) if k]
+    assert "precision" in index["report"] and index["report"]["precision"] is None
+    assert sf.read_results(tmp_path / "f")[0][1]["tags.reason"] == "tag: comic"
