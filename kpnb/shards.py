@@ -194,6 +194,9 @@ def _done_record(out: Path, index: int, ids: list[str], settings: dict[str, Any]
 def _clean(out: Path, n_shards: int) -> list[str]:
     """Delete what a killed pack left (``.tmp`` files) and the shards of an earlier, larger pack."""
     gone = []
+    for p in sorted(out.glob(".shard-*.tmp")):  # a done-record being written (runs.atomic_write_bytes' temp name)
+        p.unlink()
+        gone.append(p.name)
     for p in sorted(out.glob("shard-*")):
         stem = p.name.split(".", 1)[0]
         idx = stem[len("shard-"):]
