@@ -1,6 +1,7 @@
 """The ``kpnb`` command: ``kpnb run`` (notebooks headless with papermill), ``kpnb train`` (one training stage
 of a run, also under ``torchrun``), ``kpnb sample`` (images for pose files), ``kpnb synth``, ``kpnb data pack``
-(a candidate pool as resumable WebDataset shards, :mod:`kpnb.shards`), ``kpnb bench``, ``kpnb status`` (the
+(a candidate pool as resumable WebDataset shards, :mod:`kpnb.shards`), ``kpnb data filter`` (notebook 01's
+filter over those shards, :mod:`kpnb.stream_filter`), ``kpnb bench``, ``kpnb status`` (the
 README's status table from a run folder's metrics).
 
 ``kpnb run [--preset P] [--out DIR | --resume DIR [--rerun]] [--only 01,02] [-p name=value ...]``
@@ -318,6 +319,10 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
+    if argv and argv[0] == "filter":
+        from . import stream_filter
+
+        return stream_filter.main(argv[1:]) or 0
     from . import shards
 
     return shards.main(argv) or 0
@@ -420,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sample", help="images for pose files from a run or the released model (kpnb sample --help)")
     sub.add_parser("synth", help="write the synthetic dataset (kpnb synth --help)")
     sub.add_parser("data", help="pack a candidate pool (kpnb's or Danbooru2021's layout) into resumable WebDataset "
-                                "shards (kpnb data pack --help)")
+                                "shards (kpnb data pack --help), filter them (kpnb data filter --help)")
     sub.add_parser("bench", help="measure training/sampling speed (kpnb bench --help)")
     st = sub.add_parser("status", help="the README's status table from a run folder's metrics")
     st.add_argument("run", help="run folder")

@@ -194,6 +194,9 @@ def _done_record(out: Path, index: int, ids: list[str], settings: dict[str, Any]
 def _clean(out: Path, n_shards: int) -> list[str]:
     """Delete what a killed pack left (``.tmp`` files) and the shards of an earlier, larger pack."""
     gone = []
+    for p in sorted(out.glob(".shard-*.tmp")):  # a done-record being written (runs.atomic_write_bytes' temp name)
+        p.unlink()
+        gone.append(p.name)
     for p in sorted(out.glob("shard-*")):
         stem = p.name.split(".", 1)[0]
         idx = stem[len("shard-"):]
@@ -396,7 +399,9 @@ def iter_shards(folder: str | Path, shards: Iterable[int | str] | None = None, *
 # ---- command line ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """``kpnb data pack SRC --out DIR ...`` (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="kpnb data", description="candidate pools as WebDataset shards")
+    p = argparse.ArgumentParser(prog="kpnb data", description="candidate pools as WebDataset shards",
+                                epilog="kpnb data filter SHARD_DIR --out DIR: the filter stages over the shards "
+                                       "(kpnb.stream_filter; kpnb data filter --help)")
     sub = p.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("pack", help="write a source's candidates as resumable tar shards",
                        description="Pack kpnb's or Danbooru2021's layout into WebDataset shards (kpnb.shards).")

@@ -69,6 +69,7 @@ def test_resume_rewrites_only_the_missing_shard(synth, packed, tmp_path):
     (out / "shard-000001.tar").unlink()
     (out / "shard-000001.json").unlink()
     (out / "shard-000001.tar.tmp").write_bytes(b"half a shard")  # as a killed pack leaves it
+    (out / ".shard-000001.json.k1ll3d.tmp").write_text("{")  # killed while writing the done-record
     old = 1_000_000_000
     for p in out.iterdir():
         os.utime(p, ns=(old, old))
