@@ -245,9 +245,20 @@ def save_subset(run_dir: str | Path, split: str, *, ids: list[str], images: np.n
 
 def load_subset(run_dir: str | Path, split: str = "train") -> dict[str, Any]:
     """The packed subset of a run: ``ids``, ``images`` uint8 [N,S,S,3], ``poses`` [N,17,3], ``captions``,
-    ``attrs`` (list of dicts)."""
+    ``attrs`` (list of dicts). From ``subset/<split>.npz`` (notebook 01), else from the memory-mapped
+    ``subset/<split>.npy`` that :func:`kpnb.stream_filter.write_run_subset` writes for pools too big to hold:
+    then ``images`` is a read-only memmap, read from disk as it is indexed."""
     path = Path(run_dir) / "subset" / f"{split}.npz"
     if not path.exists():
+        mm = path.with_suffix(".npy")
+        if mm.exists():
+            from .stream_filter import load_subset_memmap
+
+            got = load_subset_memmap(mm)
+            labels = [(m or {}).get("labels") or {} for m in got["meta"]]
+            return {"ids": np.array(got["ids"], dtype=str), "images": got["images"], "poses": got["poses"],
+                    "captions": np.array([lab.get("caption", "") for lab in labels], dtype=str),
+                    "attrs": [lab.get("attributes", {}) for lab in labels]}
         raise DataError(f"{path}: no subset yet - run notebook 01_dataset_filtering first")
     with np.load(path, allow_pickle=False) as z:
         out = {k: z[k] for k in z.files}

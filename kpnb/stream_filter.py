@@ -521,6 +521,26 @@ def load_subset_memmap(out_path: str | Path) -> dict[str, Any]:
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
+def write_run_subset(shard_dir: str | Path, kept: Mapping[str, Any] | str | Path, run_dir: str | Path, *,
+                     val_frac: float, seed: int = 0, progress: bool = False) -> dict[str, int]:
+    """The kept images as a run folder's subset, without holding them: split by :func:`kpnb.data.split_of`
+    (the hash of the id, as notebook 01 splits) and written as ``<run>/subset/{train,val}.npy`` memmaps with
+    their sidecars (:func:`write_subset_memmap`), which :func:`kpnb.data.load_subset` reads in place of the
+    ``.npz`` of notebook 01's in-memory path. Returns the count per split."""
+    from .data import split_of
+
+    if isinstance(kept, (str, Path)):
+        kept = json.loads(Path(kept).read_text())
+    ids, shards_of = list(kept["kept_ids"]), list(kept["kept_shard"])
+    counts = {}
+    for split in ("train", "val"):
+        pick = [i for i, k in enumerate(ids) if split_of(k, val_frac, seed) == split]
+        sub = {"kept_ids": [ids[i] for i in pick], "kept_shard": [shards_of[i] for i in pick]}
+        write_subset_memmap(shard_dir, sub, Path(run_dir) / "subset" / f"{split}.npy", progress=progress)
+        counts[split] = len(pick)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     """``kpnb data filter SHARD_DIR --out DIR`` (see the module docstring); also under torchrun."""
     p = argparse.ArgumentParser(prog="kpnb data filter", description=(
@@ -535,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
                    "clip settings; a domain CLIP not trained yet is trained there first)")
     p.add_argument("--clip-min-score", type=float, help="default: the run's filter.clip_min_score")
     p.add_argument("--device", default="auto", help="device for the CLIP stage (default auto)")
+    p.add_argument("--to-run", metavar="RUN", help="then write the kept images as RUN's subset (memory-mapped "
+                   "subset/{train,val}.npy, split by RUN's data.val_frac and data.seed), for notebooks 02-08; "
+                   "a new RUN folder is made with --preset")
+    p.add_argument("--preset", default="gpu", help="preset of a new --to-run folder (default gpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
     if a.clip and not a.clip_run:
@@ -567,4 +591,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kpnb data filter: {summary['shards_filtered']} shards filtered now, {summary['shards_skipped']} "
           f"already done (rank 0 of {summary['world_size']}); kept index in {Path(a.out) / KEPT}")
     print(report_table(index))
+    if a.to_run:
+        from .runs import ConfigError, run_config, run_dir
+
+        try:
+            if not (Path(a.to_run) / "config.json").exists():
+                run_dir(a.to_run, a.preset)
+            d = run_config(a.to_run)["data"]
+            counts = write_run_subset(a.shard_dir, index, a.to_run, val_frac=d["val_frac"], seed=d["seed"],
+                                      progress=a.progress)
+        except (DataError, ValueError, OSError, ConfigError) as e:
+            print(f"kpnb data filter: {e}", file=sys.stderr)
+            return 2
+        print(f"kpnb data filter: subset of {a.to_run}: {counts['train']} train, {counts['val']} val images "
+              f"(memory-mapped subset/*.npy)")
     return 0

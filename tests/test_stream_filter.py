@@ -197,6 +197,24 @@ def test_subset_memmap_round_trip(packed, reference, filtered, tmp_path):
     assert not (tmp_path / "none.npy").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_run_subset_from_shards_reads_like_notebook_01s(packed, reference, filtered, tmp_path):
+    """pack -> filter -> write_run_subset gives a run folder whose load_subset equals what notebook 01's in-memory
+    path packs (the same ids per split, images, poses, captions, attributes), held as a memmap."""
+    cands, results, _ = reference
+    keep = np.flatnonzero(filtering.chain_keep(results))
+    counts = sf.write_run_subset(packed, filtered[0] / sf.KEPT, tmp_path / "run", val_frac=0.25, seed=3)
+    for split in ("train", "val"):
+        sel = [i for i in keep if data.split_of(cands.ids[i], 0.25, 3) == split]
+        data.save_subset(tmp_path / "ref", split, ids=[cands.ids[i] for i in sel], images=cands.images[sel],
+                         poses=cands.poses[sel], captions=[cands.labels[i].get("caption", "") for i in sel],
+                         attrs=[cands.labels[i].get("attributes", {}) for i in sel])
+        got, want = data.load_subset(tmp_path / "run", split), data.load_subset(tmp_path / "ref", split)
+        assert isinstance(got["images"], np.memmap) and counts[split] == len(sel) > 0
+        for k in ("ids", "images", "poses", "captions"):
+            np.testing.assert_array_equal(got[k], want[k])
+        assert got["attrs"] == want["attrs"]
+
+
 def test_killed_filter_resumes_to_identical_index(packed, filtered, tmp_path):
     out = tmp_path / "f"
     env = {**os.environ, "PYTHONPATH": str(REPO), sf.DELAY_ENV: "0.5"}
@@ -228,6 +246,15 @@ def test_cli(packed, filtered, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "5 shards filtered now" in text and "kept" in text
     assert json.loads((out / sf.KEPT).read_text())["kept_ids"] == filtered[2]["kept_ids"]
+    from kpnb import runs
+
+    run = tmp_path / "run"  # made by the command, with the preset given
+    assert cli.main(["data", "filter", str(packed), "--out", str(out), "--no-clip", "--workers", "0",
+                     "--no-progress", "--to-run", str(run), "--preset", "smoke"]) == 0
+    assert runs.run_config(run)["data"]["val_frac"] == runs.preset_config("smoke")["data"]["val_frac"]
+    assert "0 shards filtered now" in capsys.readouterr().out  # resumed: all done before
+    got = data.load_subset(run, "train")
+    assert len(got["ids"]) + len(data.load_subset(run, "val")["ids"]) == len(filtered[2]["kept_ids"])
     with pytest.raises(SystemExit) as e:
         cli.main(["data", "filter", str(packed), "--out", str(out)])
     assert e.value.code == 2 and "--clip-run" in capsys.readouterr().err
