@@ -131,6 +131,10 @@ def quality_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
 
     for s in ("f4", "f8", "f16"):
         row(f"vq-{s} reconstructions (floor)", vq, f"{s}.", vq.get("n_val"))
+    if smp.get("fid_real_same_n") is not None:
+        rows.append({"images": "training images, as many as the samples (a perfect generator)",
+                     "FID": _fmt(smp["fid_real_same_n"]), "+-": "-", "KID": _fmt(smp.get("kid_real_same_n")),
+                     "KID +-": "-", "n": _fmt(smp.get("fid_n_fake"))})
     for mode in _scored_modes(smp):
         label = f"diffusion {mode}" + (f" ({smp['long.mode']} trained further)" if mode == "long" and "long.mode" in smp else "")
         row(label, smp, f"{mode}.", smp.get("fid_n_fake"))

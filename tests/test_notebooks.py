@@ -20,7 +20,7 @@ EXPECTED = {
     "05_sampling": ["grid.pck@0.1", "tokens.pck@0.1", "skeleton.pck@0.05", "pck_ceiling@0.1",
                     "ddim50_images_per_s", "ddim50_images_per_s_guided", "grid.ap", "ap_ceiling", "examples.ap",
                     "skeleton.fid", "skeleton.fid_spread", "f8.kid", "fid_floor.f4", "diversity.ratio",
-                    "f8.head_fid"],
+                    "f8.head_fid", "fid_real_same_n"],
     "06_clip_tuning": ["zero_shot.hair_colour", "attributes.hair_colour_accuracy", "f4.red_hair.rate_before",
                        "f4.red_hair.rate_after", "f4.red_hair.pck@0.1_after", "f4.colorful.clip_score_after",
                        "f4.red_hair.iterations_per_s", "samples.fid", "f4.fid_tuned"],
