@@ -76,7 +76,7 @@ def _sampling(m: Mapping[str, Any]) -> str:
     equal = ", ".join(f"{mode} {_f(m.get(f'{mode}.pck@0.1'))} (AP {_f(m.get(f'{mode}.ap'))})" for mode in modes
                       if mode not in (FURTHER, best, "f8", "f16"))
     label = f"{m.get(f'{FURTHER}.mode')} trained further" if best == FURTHER else best
-    sweep = "/".join(_f(m[k]) for k in m if k.startswith("guidance_sweep."))
+    sweep = "/".join(_f(m[k]) for k in m if k.startswith("guidance_sweep.") and k.endswith(".pck@0.1"))
     return (f"PCK@0.1 on {m.get('n_eval')} held-out poses: {label} **{_f(m.get(f'{best}.pck@0.1'))}** "
             f"({_f(m.get(f'{best}.pck@0.1.ratio'), 2)} of the ceiling), keypoint AP **{_f(m.get(f'{best}.ap'))}** "
             f"(estimator's own {_f(m.get('ap_ceiling'))}), FID **{_f(m.get(f'{best}.fid'), 2)}** against the f4 "
