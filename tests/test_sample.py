@@ -59,7 +59,7 @@ def test_three_formats_from_a_run_folder_same_seed_same_images(run, pose_files, 
     info = json.loads((tmp_path / "a" / "sample.json").read_text())
     labels = [p["label"] for p in info["poses"]]
     assert labels == ["release", "coco-coco7-0", "openpose-person0"]
-    assert info["sampler"] == {"steps": 3, "eta": 0.0, "guidance": 5.0} and info["model"]["model"] == "skeleton"
+    assert info["sampler"] == {"steps": 3, "eta": 0.0, "guidance": 2.0} and info["model"]["model"] == "skeleton"
     assert info["model"]["ldm"]["step"] == 6 and len(info["model"]["ldm"]["sha1"]) == 16
     pngs = sorted(p.name for p in (tmp_path / "a").glob("*_[0-9].png"))
     assert pngs == sorted(f"{label}_{k}.png" for label in labels for k in (0, 1))
