@@ -300,17 +300,23 @@ def _counts(problems: Problems, shards: list[dict[str, Any]]) -> dict[str, int]:
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
+def read_format_json(path: str | Path, fmt: str, missing: str) -> dict[str, Any]:
+    """A JSON file this package wrote, checked for its ``format`` tag; a clear DataError naming the file when it
+    is missing (``missing`` says what to run first), not JSON, or of another format."""
+    path = Path(path)
     try:
         m = json.loads(path.read_text())
     except OSError as e:
-        raise DataError(f"{path}: no shard manifest ({e.__class__.__name__}); pack first with kpnb data pack") from e
+        raise DataError(f"{path}: {missing} ({e.__class__.__name__})") from e
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
-    if m.get("format") != FORMAT:
-        raise DataError(f"{path}: format {m.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        raise DataError(f"{path}: format {m.get('format') if isinstance(m, dict) else None!r}, expected {fmt!r}")
     return m
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    return read_format_json(Path(folder) / MANIFEST, FORMAT, "no shard manifest; pack first with kpnb data pack")
 
 
 def _samples(path: Path, fmt: str) -> Iterator[tuple[str, dict[str, bytes]]]:

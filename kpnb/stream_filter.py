@@ -326,16 +326,8 @@ def filter_shards(shard_dir: str | Path, out_dir: str | Path, stages: Sequence[S
 
 # ---- merging -------------------------------------------------------------------------------------------------
 def read_config(out_dir: str | Path) -> dict[str, Any]:
-    path = Path(out_dir) / CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except OSError as e:
-        raise DataError(f"{path}: no filter configuration ({e.__class__.__name__}); run kpnb data filter first") from e
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-    if cfg.get("format") != FORMAT:
-        raise DataError(f"{path}: format {cfg.get('format')!r}, expected {FORMAT!r}")
-    return cfg
+    return kshards.read_format_json(Path(out_dir) / CONFIG, FORMAT,
+                                    "no filter configuration; run kpnb data filter first")
 
 
 def read_results(out_dir: str | Path, shard_dir: str | Path | None = None

@@ -15,7 +15,11 @@ def _write_pose(path, seed):
 
 @pytest.fixture
 def messy_dataset(tmp_path):
-    root = tmp_path / "ds"
+    return make_messy_dataset(tmp_path / "ds")
+
+
+def make_messy_dataset(root):
+    """A dataset folder with one of each kind of bad file (also used by tests/test_shards.py)."""
     (root / "images").mkdir(parents=True)
     (root / "keypoints").mkdir()
     for i in range(6):

@@ -227,28 +227,18 @@ def test_cli_argument_errors(tmp_path, capsys):
 
 
 def test_kpnb_layout_problems_match_load_candidates(tmp_path):
-    from test_data import _write_pose  # the messy folder of tests/test_data.py, built the same way
+    from test_data import make_messy_dataset  # one of each kind of bad file
 
-    root = tmp_path / "ds"
-    (root / "images").mkdir(parents=True)
-    (root / "keypoints").mkdir()
-    for i in range(5):
-        Image.fromarray(np.full((40, 30, 3), i * 40, np.uint8)).save(root / "images" / f"{i}.png")
-        _write_pose(root / "keypoints" / f"{i}.json", i)
-    (root / "images" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    (root / "keypoints" / "3.json").write_text("{oops")
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "9.png")
-    _write_pose(root / "keypoints" / "77.json", 77)
-    (root / "metadata.jsonl").write_text('{"id": "0", "tag_string": "solo", "rating": "s"}\nnot json\n')
+    root = make_messy_dataset(tmp_path / "ds")
     ref = data.load_candidates(root, 16, progress=False)
     m = shards.pack(root, tmp_path / "shards", size=16, shard_size=3, workers=1, progress=False)
     got = list(shards.iter_shards(tmp_path / "shards"))
-    assert [k for k, *_ in got] == ref.ids == ["0", "2", "4"]
+    assert [k for k, *_ in got] == ref.ids == ["0", "5"]
     assert all(np.array_equal(g[1], im) for g, im in zip(got, ref.images))
-    assert got[0][3]["tag_names"] == ["solo"] and got[1][3]["tag_names"] == []
+    assert [g[3]["tag_names"] for g in got] == [m["tag_names"] for m in ref.meta] == [["1girl"], ["solo", "red_hair"]]
     problems = [(p["kind"], Path(p["file"]).name) for s in m["shards"] for p in s["problems"]]
     problems += [(p["kind"], Path(p["file"].rsplit(":", 1)[0]).name) for p in m["source_problems"]]
     want = [(k, Path(x if isinstance(x, str) else x[0]).name) for k, v in ref.problems.__dict__.items() for x in v]
     want = [(k, n.rsplit(":", 1)[0]) for k, n in want]
     assert sorted(problems) == sorted(want)
-    assert m["n_no_metadata"] == 5  # of the 6 keypoint ids, only "0" has a metadata line
+    assert m["n_no_metadata"] == 5  # of the 7 keypoint ids, only "0" and "5" have a metadata line
