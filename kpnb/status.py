@@ -55,7 +55,9 @@ def _vq(m: Mapping[str, Any]) -> str:
              f"**{_f(m[f'{s}.psnr'], 2)} dB**, codes used {_pct(m.get(f'{s}.codebook_used_fraction'))}, "
              f"{_s(m.get(f'{s}.train_seconds'))} ({_f(m.get(f'{s}.train_images_per_s'), 0)} images/s)" for s in specs]
     total = sum(float(m.get(f"{s}.train_seconds") or 0) for s in specs)
-    return "held-out PSNR " + "; ".join(parts) + f"; {total / 60:.1f} min of training"
+    head = ", ".join(f"{s} {_f(m.get(f'{s}.head_psnr'), 2)} dB" for s in specs if f"{s}.head_psnr" in m)
+    return ("held-out PSNR " + "; ".join(parts) + f"; {total / 60:.1f} min of training"
+            + (f"; head region PSNR {head}" if head else ""))
 
 
 def _diffusion(m: Mapping[str, Any]) -> str:
@@ -79,8 +81,9 @@ def _sampling(m: Mapping[str, Any]) -> str:
     sweep = "/".join(_f(m[k]) for k in m if k.startswith("guidance_sweep.") and k.endswith(".pck@0.1"))
     return (f"PCK@0.1 on {m.get('n_eval')} held-out poses: {label} **{_f(m.get(f'{best}.pck@0.1'))}** "
             f"({_f(m.get(f'{best}.pck@0.1.ratio'), 2)} of the ceiling), keypoint AP **{_f(m.get(f'{best}.ap'))}** "
-            f"(estimator's own {_f(m.get('ap_ceiling'))}), FID **{_f(m.get(f'{best}.fid'), 2)}** against the f4 "
-            f"reconstructions' {_f(m.get('fid_floor.f4'), 2)}; at the equal budget {equal}; "
+            f"(estimator's own {_f(m.get('ap_ceiling'))}), FID **{_f(m.get(f'{best}.fid'), 2)}** (as many training "
+            f"images: {_f(m.get('fid_real_same_n'), 2)}; the f4 reconstructions: {_f(m.get('fid_floor.f4'), 2)}); "
+            f"at the equal budget {equal}; "
             f"f8 {_f(m.get('f8.pck@0.1'))}; real-world example poses {_f(m.get('examples.pck@0.1'))}; guidance "
             f"sweep {sweep}; DDIM 50 steps {_f(m.get('ddim50_images_per_s'), 1)} images/s "
             f"({_f(m.get('ddim50_images_per_s_guided'), 1)} guided)")
@@ -104,7 +107,8 @@ def _transformer(m: Mapping[str, Any]) -> str:
     return (f"GPT over {m.get('spec')} codes ({float(m.get('n_params') or 0) / 1e6:.2f}M parameters), "
             f"{m.get('train_steps')} steps in {_s(m.get('train_seconds'))} "
             f"({_f(m.get('train_images_per_s'), 0)} images/s): PCK@0.1 **{_f(m.get('pck@0.1'))}** (its own "
-            f"reconstructions: {_f(m.get('recon.pck@0.1'))}); held-out loss {_f(m.get('val_loss'), 2)} nats/code "
+            f"reconstructions: {_f(m.get('recon.pck@0.1'))}), FID {_f(m.get('fid'), 2)} (reconstructions "
+            f"{_f(m.get('recon.fid'), 2)}); held-out loss {_f(m.get('val_loss'), 2)} nats/code "
             f"against {_f(m.get('val_loss_shuffled_poses'), 2)} with shuffled poses")
 
 
