@@ -386,6 +386,35 @@ def stage_results(lines: list[dict[str, Any]], names: list[str]) -> list[filteri
                                   [line[f"{n}.reason"] for line in lines]) for n in names]
 
 
+def pool_results(out_dir: str | Path) -> tuple[list[filtering.StageResult], np.ndarray | None, dict[str, int]]:
+    """The whole pool's stage results from the shards' results, for what notebook 01 computes beyond the report
+    (e.g. the chain without its CLIP stage): (results per stage, ground-truth "suitable" or None, the manifest's
+    problem counts)."""
+    lines, names, manifest = read_results(out_dir)
+    pool = _Pool(lines, manifest)
+    return stage_results(lines, names), pool.suitable, dict(manifest.get("problem_counts", {}))
+
+
+def preview(shard_dir: str | Path, n: int) -> Candidates:
+    """The first ``n`` candidates of a packed pool (whole shards in manifest order, cut at ``n``), in memory: what
+    notebook 01 draws its figures from when the pool itself stays in its shards."""
+    manifest = kshards.read_manifest(shard_dir)
+    size, parts, got = int(manifest["size"]), [], 0
+    for index in range(manifest["n_shards"]):
+        if got >= n:
+            break
+        c = shard_candidates(ShardDataset(shard_dir, [index], size)[0], shard_dir)
+        parts.append(c)
+        got += len(c)
+    ids = [i for c in parts for i in c.ids][:n]
+    k = len(ids)
+    labels = [lab for c in parts for lab in (c.labels or [{}] * len(c))][:k] if any(c.labels for c in parts) else None
+    return Candidates(root=Path(shard_dir), ids=ids,
+                      images=np.concatenate([c.images for c in parts])[:k] if parts else np.zeros((0, size, size, 3), np.uint8),
+                      poses=np.concatenate([c.poses for c in parts])[:k] if parts else np.zeros((0, 17, 3), np.float32),
+                      meta=[m for c in parts for m in c.meta][:k], labels=labels, problems=Problems())
+
+
 def merge(out_dir: str | Path, shard_dir: str | Path | None = None) -> dict[str, Any]:
     """The kept index from every shard's result (call on rank 0 after the barrier): writes ``kept.json``
     atomically and returns it: ``kept_ids`` (shard order) with ``kept_shard`` (the shard index of each),

@@ -122,6 +122,30 @@ def test_notebook_05_samples_the_released_model_in_a_fresh_run_folder(tmp_path, 
     assert json.loads((root / "config.json").read_text())["params"]["original_checkpoint"] == "other.ckpt"
 
 
+def test_notebook_01_over_packed_shards_equals_the_pool_in_memory(smoke_run, tmp_path):
+    """The smoke run's synthetic pool packed into shards and filtered shard by shard (shards_dir): the same
+    stage table, precision, recall and split as notebook 01 in memory, the subset memory-mapped and equal."""
+    import numpy as np
+
+    from kpnb import data, shards
+
+    size = runs.run_config(smoke_run)["data"]["image_size"]
+    shards.pack(smoke_run / "dataset", tmp_path / "shards", size=size, shard_size=64, workers=1, progress=False)
+    out = tmp_path / "r"
+    assert cli.main(["run", "--preset", "smoke", "--out", str(out), "--only", "01", "--no-progress",
+                     "-p", f"shards_dir={tmp_path / 'shards'}"]) == 0
+    a, b = runs.read_metrics(smoke_run, "01_dataset_filtering"), runs.read_metrics(out, "01_dataset_filtering")
+    assert b["pool_in"] == "shards" and b["n_kept"] > 0
+    run_specific = {"seconds", "dataset", "pool_in", "torch_threads"}
+    assert {k: v for k, v in a.items() if k not in run_specific} == \
+        {k: v for k, v in b.items() if k not in run_specific}
+    for split in ("train", "val"):
+        x, y = data.load_subset(smoke_run, split), data.load_subset(out, split)
+        assert isinstance(y["images"], np.memmap)
+        for k in ("ids", "images", "poses", "captions"):
+            np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_failing_notebook_reports_cell_error(tmp_path, capsys):
     # notebook 02 needs the subset of 01: run alone in an empty folder it must fail with a clear message
     rc = cli.main(["run", "--preset", "smoke", "--out", str(tmp_path / "r"), "--only", "02", "--no-progress"])
