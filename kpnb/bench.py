@@ -382,7 +382,13 @@ def bench_all(preset: str = "cpu", **kw: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kpnb bench", description="measure training speed (JSON on stdout)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["data"]:  # the data path (pack, filter) on synthetic pools: kpnb.bench_data
+        from . import bench_data
+
+        return bench_data.main(argv[1:])
+    p = argparse.ArgumentParser(prog="kpnb bench", description="measure training speed (JSON on stdout); "
+                                "`kpnb bench data --help` for the data path")
     p.add_argument("what", nargs="?", default="vq", choices=sorted(BENCHES) + ["all"], help="which model family")
     p.add_argument("--preset", default="cpu", help=f"one of {', '.join(runs.PRESETS)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")

@@ -214,14 +214,20 @@ def _lines(cands: Candidates, index: int, results: list[filtering.StageResult]) 
     return out
 
 
-def run_shard(item: Mapping[str, Any], stages: Sequence[Stage], shard_dir: str | Path
+def run_shard(item: Mapping[str, Any], stages: Sequence[Stage], shard_dir: str | Path, timings: dict | None = None
               ) -> tuple[list[dict[str, Any]], list[str] | None]:
-    """The stage chain on one decoded shard: its result lines and the stage names (None for an empty shard,
-    whose stages are not called)."""
+    """The stage chain on one decoded shard (each stage on every image, as :func:`kpnb.filtering.run_chain`):
+    its result lines and the stage names (None for an empty shard, whose stages are not called). ``timings``,
+    when given, gets each stage's seconds added under its name."""
     cands = shard_candidates(item, shard_dir)
     if not len(cands):
         return [], None
-    results = filtering.run_chain(cands, list(stages))
+    results = []
+    for stage in stages:
+        t0 = time.perf_counter()
+        results.append(stage(cands))
+        if timings is not None:
+            timings[results[-1].name] = timings.get(results[-1].name, 0.0) + time.perf_counter() - t0
     where = Path(shard_dir) / f"{kshards.shard_name(item['index'])}.tar"
     for r in results:
         if len(r.keep) != len(cands) or len(r.reasons) != len(cands):
@@ -230,14 +236,16 @@ def run_shard(item: Mapping[str, Any], stages: Sequence[Stage], shard_dir: str |
 
 
 def _write_result(out: Path, index: int, entry: Mapping[str, Any], fingerprint: str, lines: list[dict[str, Any]],
-                  names: list[str] | None, rank: int, seconds: float) -> dict[str, Any]:
+                  names: list[str] | None, rank: int, seconds: float, stage_seconds: Mapping[str, float]
+                  ) -> dict[str, Any]:
     name = result_name(index)
     body = "".join(json.dumps(line) + "\n" for line in lines).encode()
     atomic_write_bytes(out / f"{name}.jsonl", body)
     record = {"format": FORMAT, "index": index, "shard_file": entry["file"], "shard_sha1": entry["sha1"],
               "fingerprint": fingerprint, "stages": names, "n": len(lines),
               "n_kept": sum(1 for line in lines if line["keep"]), "file": f"{name}.jsonl", "bytes": len(body),
-              "sha1": hashlib.sha1(body).hexdigest(), "rank": rank, "seconds": round(seconds, 3)}
+              "sha1": hashlib.sha1(body).hexdigest(), "rank": rank, "seconds": round(seconds, 3),
+              "stage_seconds": {k: round(v, 4) for k, v in stage_seconds.items()}}
     write_json(out / f"{name}.json", record)  # last: the shard is done once this exists
     return record
 
@@ -309,11 +317,12 @@ def filter_shards(shard_dir: str | Path, out_dir: str | Path, stages: Sequence[S
                 multiprocessing_context=mp_context if workers else None)
             for item in loader:
                 t_shard = time.time()
-                lines, names = run_shard(item, stages, shard_dir)
+                timings: dict[str, float] = {}
+                lines, names = run_shard(item, stages, shard_dir, timings)
                 if delay:
                     time.sleep(delay)
                 _write_result(out, item["index"], entries[item["index"]], fingerprint, lines, names, rank,
-                              time.time() - t_shard)
+                              time.time() - t_shard, timings)
                 n_images += len(lines)
                 bar.set_postfix(images_per_s=f"{n_images / max(time.time() - t0, 1e-6):.1f}", refresh=False)
                 bar.update(1)

@@ -242,3 +242,18 @@ def test_kpnb_layout_problems_match_load_candidates(tmp_path):
     want = [(k, n.rsplit(":", 1)[0]) for k, n in want]
     assert sorted(problems) == sorted(want)
     assert m["n_no_metadata"] == 5  # of the 7 keypoint ids, only "0" and "5" have a metadata line
+
+
+@pytest.mark.slow
+def test_bench_data_measures_each_step(capsys):
+    """kpnb bench data on two tiny pools: every step runs, with images/s, a peak memory and per-stage speed."""
+    from kpnb import bench
+
+    assert bench.main(["data", "--sizes", "12,24", "--size", "32", "--workers", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["n"] for r in res["pools"]] == [12, 24]
+    for r in res["pools"]:
+        for step in ("pack", "filter_and_subset"):
+            assert r[step]["rc"] == 0 and r[step]["peak_rss_mb"] > 10 and r[step]["images_per_s"] > 0
+        assert set(r["stage_images_per_s"]) == {"tags", "image", "pose"}
+    assert set(res["peak_ratio"]) == {"pack", "filter_and_subset"}
