@@ -56,6 +56,20 @@ def test_quality_table_has_the_floor_every_generator_and_n():
     assert "diffusion grid" not in rows  # no FID measured: no row, nothing filled in
 
 
+def test_claims_compare_the_numbers_and_say_what_is_not_measured():
+    m = {"03_vq_training": {"f4.head_psnr": 24.0, "f8.head_psnr": 19.0, "f4.head_fid": 1.0, "f8.head_fid": 3.0,
+                            "f4.psnr": 26.0, "f8.psnr": 20.0},
+         "05_sampling": {"best_mode": "skeleton", "skeleton.pck@0.1": 0.8, "f8.pck@0.1": 0.9, "skeleton.fid": 5.0,
+                         "f8.fid": 6.0},
+         "07_cond_transformer": {"pck@0.1": 0.2, "fid": 9.0}}
+    text = "\n".join(report.claims(m))
+    assert "detail that f4 keeps**: supported" in text and "24 dB vs f8 19 dB" in text
+    assert "best diffusion results**: mixed" in text  # f8 had the higher PCK here
+    assert "transformer over f16 codes**: supported" in text
+    assert "overfits after about 20 epochs**: not measured" in text
+    assert report.claims({})[-2:] == report.claims(m)[-2:]  # nothing measured: only the unmeasured claims
+
+
 def test_status_table_reads_the_metrics_files(tmp_path):
     from kpnb import runs, status
 
