@@ -105,7 +105,7 @@ def bench_pool(n: int, size: int, workers: int, folder: Path) -> dict[str, Any]:
         step["images_per_s"] = round(n / step["seconds"], 1)
     return {"n": n, "size": size, "workers": workers, "generate_seconds": round(gen, 1), "pack": pack,
             "filter_and_subset": filt_run,
-            "stage_images_per_s": {k: round(n / v, 1) for k, v in stage_s.items() if v > 0}}
+            "stage_images_per_s": {k: round(n / v, 1) if v > 0 else None for k, v in stage_s.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

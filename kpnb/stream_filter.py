@@ -245,7 +245,7 @@ def _write_result(out: Path, index: int, entry: Mapping[str, Any], fingerprint: 
               "fingerprint": fingerprint, "stages": names, "n": len(lines),
               "n_kept": sum(1 for line in lines if line["keep"]), "file": f"{name}.jsonl", "bytes": len(body),
               "sha1": hashlib.sha1(body).hexdigest(), "rank": rank, "seconds": round(seconds, 3),
-              "stage_seconds": {k: round(v, 4) for k, v in stage_seconds.items()}}
+              "stage_seconds": {k: round(v, 6) for k, v in stage_seconds.items()}}
     write_json(out / f"{name}.json", record)  # last: the shard is done once this exists
     return record
 
