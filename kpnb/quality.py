@@ -14,7 +14,7 @@ feature network), not re-implemented here. The features:
   clothes, pose), so its embedding separates what a person looking at these characters would; the attribute
   classifier's penultimate layer knows only its few attributes. Nothing is downloaded.
 * Inception-v3 (the FID of the papers), only from a local weights file (:func:`inception_features`): the
-  torch-fidelity ``pt_inception-2015-12-05`` file a person downloads once. A missing file or a missing
+  torch-fidelity Inception weights file (:data:`INCEPTION_FILE`) a person downloads once. A missing file or a missing
   ``torch-fidelity`` raises an error naming what to get.
 
 Numbers from different feature networks, image sizes or numbers of images are not comparable: every result

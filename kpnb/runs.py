@@ -59,7 +59,7 @@ BASE: dict[str, dict[str, Any]] = {
     # diffusion: every mode trains `steps` (one equal budget), the best of them (chosen on the last n_select
     # held-out poses) goes on to best_steps, then trains on each of extra_specs' latents; v prediction and a
     # constant lr after warm-up, so training on continues the same schedule; guidance 2: at 5 the samples got
-    # speckled colour noise and 2.4x the FID for +0.04 PCK (docs/experiments.md, 2026-12-04, issue 21)
+    # speckled colour noise and 2.4x the FID for +0.04 PCK (docs/experiments.md, the guidance probe)
     "diffusion": {"steps": 500, "batch_size": 32, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
                   "lr": 1e-3, "warmup": 100, "ema_decay": 0.999, "p_uncond": 0.1, "min_snr": 5.0, "flip": True,
                   "ckpt_every": 250, "seed": 0, "base": 32, "mults": [1, 2, 2], "num_res_blocks": 2,
