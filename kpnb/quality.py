@@ -123,7 +123,6 @@ class ImageDistance:
     def __init__(self, real_images: Any, features: nn.Module, *, batch_size: int = 128, kid_subsets: int = 50,
                  kid_subset_size: int = 100):
         from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
 
         real = _nchw_uint8(real_images, "real images")
         if len(real) < 2:
@@ -132,11 +131,10 @@ class ImageDistance:
         self.name = getattr(features, "name", type(features).__name__)
         self.n_real = len(real)
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
-        self._fid = FrechetInceptionDistance(feature=features, reset_real_features=False)
-        self._kid_real = self._feats(real)
-        for i in range(0, len(real), batch_size):
-            self._fid.update(real[i:i + batch_size], real=True)
-        self._KID = KernelInceptionDistance
+        # every image goes through the feature network once; FID and KID are handed the features
+        self._real = self._feats(real)
+        self._fid = FrechetInceptionDistance(feature=_Identity(self._real.shape[1]), reset_real_features=False)
+        self._fid.update(self._real, real=True)
 
     def _feats(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.features(x[i:i + self.batch_size]).double().cpu()
@@ -144,17 +142,20 @@ class ImageDistance:
 
     def score(self, images: Any, seed: int = 0) -> dict[str, float]:
         """``{"fid", "kid", "kid_std", "n_fake"}`` of ``images`` (uint8 [N, H, W, 3]) against the real set."""
+        from torchmetrics.image.kid import KernelInceptionDistance
+
         fake = _nchw_uint8(images, "generated images")
         if len(fake) < 2:
             raise ValueError(f"FID needs at least 2 generated images, got {len(fake)}")
+        feats = self._feats(fake)
         self._fid.reset()
-        for i in range(0, len(fake), self.batch_size):
-            self._fid.update(fake[i:i + self.batch_size], real=False)
+        self._fid.update(feats, real=False)
         fid = float(self._fid.compute())
         size = min(self.kid_subset_size, self.n_real, len(fake))
-        kid = self._KID(feature=_Identity(self._kid_real.shape[1]), subsets=self.kid_subsets, subset_size=size)
-        kid.update(self._kid_real, real=True)
-        kid.update(self._feats(fake), real=False)
+        kid = KernelInceptionDistance(feature=_Identity(self._real.shape[1]), subsets=self.kid_subsets,
+                                      subset_size=size)
+        kid.update(self._real, real=True)
+        kid.update(feats, real=False)
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # KID's subsets are drawn with torch's global generator
             mean, std = kid.compute()
@@ -162,7 +163,7 @@ class ImageDistance:
 
 
 class _Identity(nn.Module):
-    """Features computed already: KID is handed them directly."""
+    """Features computed already: FID and KID are handed them directly."""
 
     def __init__(self, n: int):
         super().__init__()
