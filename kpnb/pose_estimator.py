@@ -202,13 +202,19 @@ class PoseNet(nn.Module):
         return self.heatmap(u4), self.vis(pooled).view(-1, N_JOINTS, len(VIS_CLASSES))
 
 
-def soft_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Heatmap logits [B, J, h, w] -> expected (x, y) [B, J, 2] in normalised image coordinates (pixel
-    centres at (i + 0.5) / w)."""
+def _heatmap_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each heatmap's softmax [B, J, h, w] and the pixel centres (i + 0.5) / w along x and y."""
     B, J, h, w = logits.shape
     p = logits.flatten(2).softmax(-1).view(B, J, h, w)
     xs = (torch.arange(w, device=logits.device, dtype=logits.dtype) + 0.5) / w
     ys = (torch.arange(h, device=logits.device, dtype=logits.dtype) + 0.5) / h
+    return p, xs, ys
+
+
+def soft_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Heatmap logits [B, J, h, w] -> expected (x, y) [B, J, 2] in normalised image coordinates (pixel
+    centres at (i + 0.5) / w)."""
+    p, xs, ys = _heatmap_probs(logits)
     return torch.stack([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], -1)
 
 
@@ -253,10 +259,8 @@ def predict(model: PoseNet, images: Any, batch_size: int = 256, with_scores: boo
 
 
 def _confidence(logits: torch.Tensor, xy: torch.Tensor, vis_logits: torch.Tensor) -> torch.Tensor:
-    B, J, h, w = logits.shape
-    p = logits.flatten(2).softmax(-1).view(B, J, h, w)
-    xs = (torch.arange(w, device=p.device, dtype=p.dtype) + 0.5) / w
-    ys = (torch.arange(h, device=p.device, dtype=p.dtype) + 0.5) / h
+    h, w = logits.shape[-2:]
+    p, xs, ys = _heatmap_probs(logits)
     d2 = ((xs.view(1, 1, 1, w) - xy[..., 0, None, None]) * w) ** 2 + ((ys.view(1, 1, h, 1) - xy[..., 1, None, None]) * h) ** 2
     mass = (p * (d2 <= 1.5 ** 2)).sum((2, 3))                                  # [B, J]
     in_frame = 1 - vis_logits.softmax(-1)[..., VIS_CLASSES.index(OUTSIDE)]    # [B, J]
