@@ -77,10 +77,21 @@ def _bordered_runs(white: np.ndarray, line: np.ndarray) -> np.ndarray:
     return out
 
 
+IMAGE_CHUNK = 64  # images per float32 block: bounds memory to ~16 copies of 64 images, whatever the shard size
+
+
 def image_features(images: np.ndarray) -> dict[str, np.ndarray]:
     """Per-image numbers: ``border_frac`` (share of the frame in near-black full rows/columns at the edges),
     ``saturation`` (mean HSV saturation), ``gutters`` (white full-length rows/columns with a dark panel line
-    on both sides: the gutters between a comic page's panels), ``content_std`` (luminance spread)."""
+    on both sides: the gutters between a comic page's panels), ``content_std`` (luminance spread).
+    Computed in blocks of :data:`IMAGE_CHUNK` images (per-image numbers, so the blocks do not interact)."""
+    if len(images) > IMAGE_CHUNK:
+        parts = [_image_features(images[i:i + IMAGE_CHUNK]) for i in range(0, len(images), IMAGE_CHUNK)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return _image_features(images)
+
+
+def _image_features(images: np.ndarray) -> dict[str, np.ndarray]:
     x = images.astype(np.float32) / 255.0
     n, h, w, _ = x.shape
     lum = x.mean(-1)

@@ -314,7 +314,9 @@ def filter_shards(shard_dir: str | Path, out_dir: str | Path, stages: Sequence[S
             ds = ShardDataset(shard_dir, todo, manifest["size"], verify=verify)
             loader = torch.utils.data.DataLoader(
                 ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
-                multiprocessing_context=mp_context if workers else None)
+                multiprocessing_context=mp_context if workers else None,
+                # one decoded shard waiting per worker: a shard of 256 px images is ~200 MB
+                prefetch_factor=1 if workers else None)
             for item in loader:
                 t_shard = time.time()
                 timings: dict[str, float] = {}

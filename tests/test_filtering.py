@@ -54,3 +54,14 @@ def test_tag_stage_and_clip_hook():
     assert r.reasons[1] == "tag: comic" and r.reasons[2] == "rating explicit"
     c = filtering.stage_clip(C, lambda ims: np.array([0.9, 0.2, 0.5]), min_score=0.5)
     assert list(c.keep) == [True, False, True]
+
+
+def test_image_features_in_blocks_equal_one_pass():
+    # the blocks bound memory on big shards; per-image numbers must not depend on them
+    rng = np.random.default_rng(0)
+    ims = (rng.random((filtering.IMAGE_CHUNK * 2 + 5, 24, 24, 3)) * 255).astype(np.uint8)
+    ims[3, :4] = 0  # a black border on one image
+    blocked, whole = filtering.image_features(ims), filtering._image_features(ims)
+    assert set(blocked) == set(whole)
+    for k in whole:
+        np.testing.assert_array_equal(blocked[k], whole[k])
