@@ -443,8 +443,10 @@ def _train_record(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_dir: str | Path,
               modes: str | Sequence[str], *, scale_factor: float | None = None, progress: bool = True,
               resume: bool = True, on_log: Callable[[dict[str, float]], None] | None = None,
-              runtime: Runtime | None = None) -> tuple[KeypointLDM, Any]:
+              runtime: Runtime | None = None, rows: Any = None) -> tuple[KeypointLDM, Any]:
     """Train a KeypointLDM on unscaled pre-quantisation ``latents`` [N, C, h, w] and ``poses`` [N, 17, 3].
+    ``rows``: train on these rows only (e.g. a stricter subset), read from ``latents`` as it is (a memory map
+    stays one), with the same scale factor unless ``scale_factor`` is given.
 
     ``cfg``: a preset's ``diffusion`` section (every key of :data:`ARCH_KEYS` and :data:`TRAIN_KEYS`). Each
     step: a batch by :func:`kpnb.training.batch_indices`, half the samples flipped together with their poses
@@ -469,6 +471,10 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
     if len(latents) != len(poses):
         raise ValueError(f"train_ldm: {len(latents)} latents but {len(poses)} poses")
     sf = scale_factor_of(latents[:, 0] if mirrored else latents) if scale_factor is None else float(scale_factor)
+    rows = np.arange(len(latents)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= len(latents):
+        raise ValueError(f"train_ldm: rows must be a non-empty list of indices into the {len(latents)} latents")
+    poses = poses[torch.as_tensor(rows)]
     seed = int(cfg["seed"])
     torch.manual_seed(seed)  # the same initial weights for the same seed, in any process (a resume overwrites them)
     model = ldm_from_settings(cfg, modes, latents.shape[2 if mirrored else 1:], scale_factor=sf).to(rt.device)
@@ -485,14 +491,15 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
     def batch_fn(step: int) -> tuple[torch.Tensor, ...]:
         """The global batch of ``step`` with every random draw of its samples (flips, timesteps, noise, pose
         dropout), so that a rank's slice of it is exactly its part of a one-process step."""
-        idx = training.batch_indices(len(latents), bs, step, seed=seed)
+        idx = training.batch_indices(len(rows), bs, step, seed=seed)
         g = training.seeded_generator(seed, step, 1)
         which = torch.rand(bs, generator=g) < 0.5 if flip else torch.zeros(bs, dtype=torch.bool)
+        at = rows[idx.numpy()]
         if mirrored:  # the mirror image's latents (read from the memory map, row by row)
-            z = torch.as_tensor(np.stack([latents[i, int(w)] for i, w in zip(idx.tolist(), which.tolist())]))
+            z = torch.as_tensor(np.stack([latents[i, int(w)] for i, w in zip(at.tolist(), which.tolist())]))
             p = torch.where(which[:, None, None], flip_poses(poses[idx]), poses[idx])
         else:  # the latents mirrored in place
-            z, p = flip_batch(torch.as_tensor(latents[idx]).float(), poses[idx], which)
+            z, p = flip_batch(torch.as_tensor(latents[at]).float(), poses[idx], which)
         z = z.float() * sf
         return (z, p, *model.draw(z.shape, p_uncond, g))
 
@@ -507,7 +514,7 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
         return {"loss": loss}
 
     # "steps" at the top level: kpnb.training allows resuming with more (or fewer) steps, nothing else changed
-    config = {"ldm": model.config(), "train": _train_record(cfg), "steps": steps, "n_train": len(latents)}
+    config = {"ldm": model.config(), "train": _train_record(cfg), "steps": steps, "n_train": len(rows)}
     result = training.train({"model": model, "ema": ema}, {"opt": opt}, step_fn, batch_fn, steps=steps,
                             ckpt_dir=ckpt_dir, config=config, batch_size=bs, ckpt_every=int(cfg["ckpt_every"]),
                             seed=seed, desc=f"ldm[{'+'.join(modes)}]", resume=resume, progress=progress,

@@ -59,10 +59,12 @@ class RunFiles:
     def transformer(self, spec: str) -> Path:
         return self.checkpoints(f"transformer-{spec}")
 
-    def ldm(self, spec: str, mode: str, further: bool = False) -> Path:
+    def ldm(self, spec: str, mode: str, further: bool = False, subset: str = "") -> Path:
         """A diffusion model's folder: ``ldm-<spec>-<mode>``, or with ``further`` the best mode trained on
-        past the equal budget (``ldm-<spec>-<mode>-long``)."""
-        return self.checkpoints(f"ldm-{spec}-{mode}" + (f"-{FURTHER}" if further else ""))
+        past the equal budget (``ldm-<spec>-<mode>-long``), or with ``subset`` one trained on a part of the
+        training subset (``ldm-<spec>-<mode>-strict``)."""
+        return self.checkpoints(f"ldm-{spec}-{mode}" + (f"-{FURTHER}" if further else "")
+                                + (f"-{subset}" if subset else ""))
 
     def latents(self, spec: str, split: str) -> Path:
         """The memory-mapped latent cache of a subset under a VQ spec (:func:`kpnb.stages.ldm_latents`)."""

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import data, diffusion, pose_estimator, training, transformer, vq
+from . import data, diffusion, filtering, pose_estimator, training, transformer, vq
 from .layout import RunFiles
 from .runtime import Runtime, current
 
@@ -54,22 +54,34 @@ def ldm_latents(root: str | Path, spec: str, split: str = "train", *, images: np
                                   runtime=rt)
 
 
+SUBSETS = ("strict",)  # parts of the training subset a diffusion model can be trained on (train_ldm)
+
+
+def subset_rows(poses: np.ndarray, subset: str) -> np.ndarray:
+    """Rows of the training subset in ``subset``: "strict" = :func:`kpnb.filtering.strict_keep`."""
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown training subset {subset!r}; valid: {', '.join(SUBSETS)}")
+    return np.flatnonzero(filtering.strict_keep(poses))
+
+
 def train_ldm(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str, mode: str, *,
-              further: bool = False, progress: bool = True, runtime: Runtime | None = None):
+              further: bool = False, subset: str = "", progress: bool = True, runtime: Runtime | None = None):
     """One diffusion model of a run: ``mode`` on ``spec``'s latents into ``RunFiles.ldm(spec, mode)``, with the
     preset's ``diffusion`` settings; ``further``: the best mode's longer run (forked from the equal-budget
-    checkpoint, ``best_steps`` steps). Returns (EMA model, TrainResult)."""
+    checkpoint, ``best_steps`` steps); ``subset``: trained on that part of the training subset only
+    (:func:`subset_rows`; the same steps and the whole subset's latent scale). Returns (EMA model, TrainResult)."""
     files = RunFiles(Path(root))
     d = cfg["diffusion"]
     train = data.load_subset(root, "train")
     z = ldm_latents(root, spec, "train", images=train["images"], progress=progress, runtime=runtime)
     scale = diffusion.scale_factor_of(z[:, 0])
-    out = files.ldm(spec, mode, further=further)
+    rows = subset_rows(train["poses"], subset) if subset else None
+    out = files.ldm(spec, mode, further=further, subset=subset)
     if further:
-        training.fork_checkpoint(files.ldm(spec, mode), out)
+        training.fork_checkpoint(files.ldm(spec, mode, subset=subset), out)
         d = {**d, "steps": d["best_steps"]}
     return diffusion.train_ldm(z, train["poses"], d, out, mode, scale_factor=scale, progress=progress,
-                               runtime=runtime)
+                               runtime=runtime, rows=rows)
 
 
 def train_vq(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str, *, progress: bool = True,

@@ -417,6 +417,9 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
         info = load_checkpoint(last, modules, optimizers=optimizers)
         _set_rng_state(info["rng"])
         start, elapsed = int(info["step"]), float(info.get("seconds", 0.0))
+        if start > steps:
+            raise CheckpointError(f"{last}: this folder's model is already trained {start} steps, past the {steps} "
+                                  f"asked; ask for at least {start} steps or use another checkpoint folder")
         history = [r for r in _read_csv(csv_path) if r["step"] <= start]  # rows logged after it are redone
     else:
         torch.manual_seed(seed)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import bench, runs, unet
+from kpnb import bench, runs, training, unet
 from kpnb import diffusion as D
 from kpnb.keypoints import MISSING, VISIBLE, PoseError
 from kpnb.pose_estimator import PoseNet
@@ -345,3 +345,16 @@ def test_prediction_conversion_round_trip():
         eps, x0_back = D.eps_and_x0(prediction, out, x_t, a)
         torch.testing.assert_close(eps, noise, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(x0_back, x0, atol=2e-3, rtol=1e-3)  # eps at t=999: x0 / sqrt(abar) amplifies
+
+
+def test_train_on_rows_reads_only_those_rows(tmp_path):
+    # the rows outside the subset are NaN: one of them in a batch would stop training with a non-finite loss
+    z, p = torch.randn(12, 3, 8, 8), poses(12)
+    rows = np.array([1, 4, 5, 9])
+    z[np.setdiff1d(np.arange(12), rows)] = float("nan")
+    cfg = settings(steps=4, batch_size=4, mults=[1], attn_ds=[], token_dim=8)
+    model, res = D.train_ldm(z, p, cfg, tmp_path / "a", "skeleton", progress=False, scale_factor=1.0, rows=rows)
+    assert res.step == 4 and all(torch.isfinite(q).all() for q in model.parameters())
+    assert training.read_checkpoint_info(tmp_path / "a")["config"]["n_train"] == 4
+    with pytest.raises(ValueError, match="rows"):
+        D.train_ldm(z, p, cfg, tmp_path / "b", "skeleton", progress=False, scale_factor=1.0, rows=[12])

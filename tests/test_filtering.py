@@ -65,3 +65,13 @@ def test_image_features_in_blocks_equal_one_pass():
     assert set(blocked) == set(whole)
     for k in whole:
         np.testing.assert_array_equal(blocked[k], whole[k])
+
+
+def test_strict_keeps_only_whole_unoccluded_figures():
+    from kpnb.keypoints import HIDDEN, MISSING, OUTSIDE, VISIBLE
+    p = np.zeros((4, 17, 3), np.float32)
+    p[..., :2], p[..., 2] = 0.5, VISIBLE
+    p[1, 15, 2] = OUTSIDE   # an ankle out of the frame: a crop
+    p[2, 3, 2] = HIDDEN     # the far ear hidden
+    p[3, 9, 2] = MISSING
+    assert filtering.strict_keep(p).tolist() == [True, False, False, False]

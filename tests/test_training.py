@@ -180,6 +180,13 @@ def test_resume_with_another_config_is_refused(tmp_path):
                        ckpt_dir=tmp_path, config={"kind": "other"}, progress=False)
 
 
+def test_resume_past_the_asked_steps_is_refused(tmp_path):
+    # a folder trained 10 steps asked for 5: a clear error, not a silent 10-step model called a 5-step one
+    _fit(tmp_path, 10, [])
+    with pytest.raises(training.CheckpointError, match="already trained 10 steps, past the 5"):
+        _fit(tmp_path, 5, [])
+
+
 def test_nan_loss_stops_cleanly_and_keeps_last_checkpoint(tmp_path):
     _fit(tmp_path, 10, [])  # a good checkpoint at step 10
     good_tensors, _ = runs.load_tensors(tmp_path / "ckpt-0000010.safetensors")
