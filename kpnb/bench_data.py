@@ -1,9 +1,10 @@
 """``kpnb bench data``: the Danbooru-scale data path on synthetic pools of growing size - images/s and peak memory.
 
-``kpnb bench data [--sizes 5000,50000] [--size 256] [--workers 2] [--dir DIR] [--keep]`` writes a synthetic pool of
-each size (kpnb's layout, ``kpnb.synth``), then runs, each as its own process as a person would:
+``kpnb bench data [--sizes 5000,50000] [--size 256] [--workers 2] [--shard-size 1000] [--kill-test] [--dir DIR]
+[--keep]`` writes a synthetic pool of each size (kpnb's layout, ``kpnb.synth``), then runs, each as its own
+process as a person would:
 
-1. ``kpnb data pack`` (WebDataset shards, ``--workers`` processes),
+1. ``kpnb data pack`` (WebDataset shards of ``--shard-size`` images, ``--workers`` processes),
 2. ``kpnb data filter --no-clip --to-run`` (tags, image and pose stages shard by shard, then the kept subset as
    memory-mapped ``subset/{train,val}.npy``).
 
@@ -11,13 +12,25 @@ For each step it reports wall seconds, images/s, and the peak resident memory of
 (the main process and its workers, summed, polled from ``/proc`` every 0.1 s); for the filter also images/s of
 each stage (from the per-shard records' ``stage_seconds``). The claim to check: peak memory does not grow with
 the pool (50k within 1.3x of 5k). Prints JSON; the pools are deleted unless ``--keep``.
+
+``--kill-test`` (:func:`kill_test`) then checks that a killed filter resumes to the same result: the same
+``kpnb data filter`` command (same stages, ``--no-clip``, same workers) into a second folder, SIGKILLed - its
+whole process group, the main process and its DataLoader workers - once at least half of the shards have a
+done-record, then rerun to completion (seconds and peak memory measured as above). What a kill loses is the work
+in flight: at most one shard in the main process's stages plus one decoded shard per worker (prefetch factor
+1); a shard counts as done only once its record is renamed into place, so the rerun must filter exactly the
+shards without a record (``lost_shards``, the finished shards it redid, is 0) and both folders must merge to the
+same kept index (every field but the shard folder's path) with byte-identical per-shard results. Reported per
+pool under ``kill_test``; the command exits 1 when a kept index differs or a finished shard was redone.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,8 +89,114 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
             "output_tail": out[-2000:]}
 
 
-def bench_pool(n: int, size: int, workers: int, folder: Path) -> dict[str, Any]:
-    """Write, pack and filter one synthetic pool of ``n`` images at ``size`` px under ``folder``."""
+def _records(out: Path) -> dict[str, tuple[int, int]]:
+    """The done-records in a filter folder: name -> (inode, mtime ns) (a rewrite renames a new file in)."""
+    found = {}
+    for p in out.glob("filter-*.json"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        found[p.name] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+def _group_alive(pgid: int) -> int:
+    """Processes of process group ``pgid`` still running (zombies not counted)."""
+    alive = 0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+                alive += 1
+    return alive
+
+
+def _comparable(index: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in index.items() if k != "shard_dir"}
+
+
+def kill_test(shard_dir: str | Path, reference: str | Path, out: str | Path, workers: int,
+              env: dict[str, str] | None = None, timeout: float | None = None, poll_s: float = 0.02
+              ) -> dict[str, Any]:
+    """SIGKILL ``kpnb data filter SHARD_DIR --out OUT --no-clip --workers W`` once at least half of the shards
+    have a done-record, rerun it to completion, and compare its kept index with ``reference`` (the folder of an
+    uninterrupted run with the same stages over the same shards). See the module docstring.
+
+    ``timeout``: seconds to wait for half of the shards (None: no limit). Raises RuntimeError when the filter
+    fails, or ends before it could be killed mid-run (a pool of one shard, a too fast filter: more shards, or
+    ``kpnb.stream_filter.DELAY_ENV`` in ``env`` to slow each shard down)."""
+    from .stream_filter import merge, read_config, result_name
+
+    shard_dir, reference, out = Path(shard_dir), Path(reference), Path(out)
+    n_shards = int(read_config(reference)["n_shards"])
+    if n_shards < 2:
+        raise ValueError(f"{shard_dir}: the kill test needs at least 2 shards, the pool has {n_shards} "
+                         "(a smaller --shard-size)")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "kpnb.cli", "data", "filter", str(shard_dir), "--out", str(out), "--no-clip",
+           "--workers", str(workers), "--no-progress"]
+    log = out.with_name(out.name + ".killed.log")
+    t0 = time.time()
+    with open(log, "wb") as f:
+        # its own session: the kill reaches the DataLoader workers too
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            while 2 * len(_records(out)) < n_shards:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"kpnb data filter ended (exit code {proc.returncode}) before half of the {n_shards} "
+                        f"shards were done, so it could not be killed mid-run:\n{log.read_text()[-2000:]}")
+                if timeout is not None and time.time() - t0 > timeout:
+                    raise RuntimeError(f"fewer than half of the {n_shards} shards done after {timeout} s")
+                time.sleep(poll_s)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the main process and its DataLoader workers
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    killed_after = time.time() - t0
+    deadline = time.time() + 10
+    while _group_alive(proc.pid) and time.time() < deadline:  # workers die a moment after the main process
+        time.sleep(0.05)
+    survivors = _group_alive(proc.pid)
+    at_kill = _records(out)
+    if (out / "kept.json").exists() or len(at_kill) >= n_shards:
+        raise RuntimeError(f"kpnb data filter finished all {n_shards} shards before the kill landed")
+    rerun = run_measured(cmd, env)
+    if rerun["rc"]:
+        raise RuntimeError(f"kpnb data filter (the rerun after the kill) failed:\n{rerun['output_tail']}")
+    m = re.search(r"(\d+) shards filtered now, (\d+) already done", rerun["output_tail"])
+    if not m:
+        raise RuntimeError(f"no summary line in the rerun's output:\n{rerun['output_tail']}")
+    redone, skipped = int(m.group(1)), int(m.group(2))
+    after = _records(out)
+    rewritten = sum(1 for k, v in at_kill.items() if after.get(k) != v)
+    new = sum(1 for k in after if k not in at_kill)
+    if redone + skipped != n_shards or new + rewritten != redone:
+        raise RuntimeError(f"the rerun says {redone} shards filtered and {skipped} skipped, but {new} records are "
+                           f"new, {rewritten} rewritten and the pool has {n_shards} shards")
+    ref_index, got_index = merge(reference, shard_dir), merge(out, shard_dir)
+
+    def sha1s(folder: Path) -> list[str]:
+        return [json.loads((folder / f"{result_name(i)}.json").read_text())["sha1"] for i in range(n_shards)]
+
+    return {"n_shards": n_shards, "records_at_kill": len(at_kill), "killed_after_seconds": round(killed_after, 2),
+            "survivors_after_kill": survivors, "shards_redone_by_rerun": redone,
+            "lost_shards": redone - (n_shards - len(at_kill)), "finished_records_rewritten": rewritten,
+            "kept_equal": _comparable(got_index) == _comparable(ref_index),
+            "results_equal": sha1s(out) == sha1s(reference), "kept_n": got_index["n_kept"],
+            "rerun_seconds": rerun["seconds"], "rerun_peak_rss_mb": rerun["peak_rss_mb"]}
+
+
+def bench_pool(n: int, size: int, workers: int, folder: Path, shard_size: int = 1000, kill: bool = False
+               ) -> dict[str, Any]:
+    """Write, pack (shards of ``shard_size``) and filter one synthetic pool of ``n`` images at ``size`` px under
+    ``folder``; with ``kill`` also :func:`kill_test` into ``folder/filter-killed-N``."""
     from . import synth
     from .stream_filter import read_config, result_name
 
@@ -88,7 +207,7 @@ def bench_pool(n: int, size: int, workers: int, folder: Path) -> dict[str, Any]:
     py = [sys.executable, "-m", "kpnb.cli", "data"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     pack = run_measured(py + ["pack", str(pool), "--out", str(shard_dir), "--size", str(size), "--workers", str(workers),
-                              "--no-progress"], env)
+                              "--shard-size", str(shard_size), "--no-progress"], env)
     if pack["rc"]:
         raise RuntimeError(f"kpnb data pack failed:\n{pack['output_tail']}")
     filt_run = run_measured(py + ["filter", str(shard_dir), "--out", str(filt), "--no-clip", "--workers", str(workers),
@@ -103,9 +222,12 @@ def bench_pool(n: int, size: int, workers: int, folder: Path) -> dict[str, Any]:
     for step in (pack, filt_run):
         step.pop("output_tail")
         step["images_per_s"] = round(n / step["seconds"], 1)
-    return {"n": n, "size": size, "workers": workers, "generate_seconds": round(gen, 1), "pack": pack,
-            "filter_and_subset": filt_run,
-            "stage_images_per_s": {k: round(n / v, 1) if v > 0 else None for k, v in stage_s.items()}}
+    row = {"n": n, "size": size, "workers": workers, "shard_size": shard_size, "generate_seconds": round(gen, 1),
+           "pack": pack, "filter_and_subset": filt_run,
+           "stage_images_per_s": {k: round(n / v, 1) if v > 0 else None for k, v in stage_s.items()}}
+    if kill:
+        row["kill_test"] = kill_test(shard_dir, filt, folder / f"filter-killed-{n}", workers, env)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="5000,50000", help="comma-separated pool sizes")
     p.add_argument("--size", type=int, default=256, help="image size in pixels")
     p.add_argument("--workers", type=int, default=2, help="processes for pack and filter")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (kpnb data pack --shard-size)")
+    p.add_argument("--kill-test", action="store_true", help="also SIGKILL a second filter run halfway, rerun it and "
+                   "check it keeps exactly what the uninterrupted run kept")
     p.add_argument("--dir", help="work folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the pools, shards and subsets")
     a = p.parse_args(argv)
@@ -120,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="kpnb-bench-data-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        rows = [bench_pool(n, a.size, a.workers, folder) for n in sizes]
+        rows = [bench_pool(n, a.size, a.workers, folder, a.shard_size, a.kill_test) for n in sizes]
     finally:
         if not a.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -130,4 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         res["peak_ratio"] = {step: round(last[step]["peak_rss_mb"] / max(first[step]["peak_rss_mb"], 1e-9), 3)
                              for step in ("pack", "filter_and_subset")}
     print(json.dumps(res, indent=2))
+    bad = [r["n"] for r in rows if "kill_test" in r and not (r["kill_test"]["kept_equal"]
+                                                             and r["kill_test"]["results_equal"]
+                                                             and r["kill_test"]["lost_shards"] == 0)]
+    if bad:
+        print(f"kpnb bench data: kill test failed for pools of {bad}: after the kill and the rerun the kept index "
+              "differs from the uninterrupted run's, or finished shards were redone", file=sys.stderr)
+        return 1
     return 0

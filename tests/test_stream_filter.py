@@ -287,3 +287,44 @@ def test_messy_pool_empty_shard_and_problems(tmp_path):
     assert index["kept_ids"] == [i for i, k in zip(cands.ids, filtering.chain_keep(results)) if k]
     assert "precision" in index["report"] and index["report"]["precision"] is None
     assert sf.read_results(tmp_path / "f")[0][1]["tags.reason"] == "tag: comic"
+
+
+def test_bench_kill_test_resumes_to_identical_index(tmp_path):
+    """kpnb bench data --kill-test's check on a tiny pool: killed (process group) with some shards done, the rerun
+    filters exactly the others, and the kept index equals the uninterrupted run's."""
+    from kpnb import bench_data
+
+    write_dataset(tmp_path / "ds", 120, image_size=SIZE, render_size=SIZE, seed=2, workers=1, progress=False)
+    shards.pack(tmp_path / "ds", tmp_path / "shards", size=SIZE, shard_size=20, workers=1, progress=False)
+    sf.filter_shards(tmp_path / "shards", tmp_path / "ref", sf.default_stages(), progress=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO), sf.DELAY_ENV: "0.3"}
+    r = bench_data.kill_test(tmp_path / "shards", tmp_path / "ref", tmp_path / "killed", workers=1, env=env,
+                             timeout=90)
+    assert r["n_shards"] == 6 and 3 <= r["records_at_kill"] < 6 and r["survivors_after_kill"] == 0
+    assert r["shards_redone_by_rerun"] == 6 - r["records_at_kill"]
+    assert r["lost_shards"] == 0 and r["finished_records_rewritten"] == 0
+    assert r["kept_equal"] and r["results_equal"] and 0 < r["kept_n"] < 120
+    assert r["rerun_seconds"] > 0 and r["rerun_peak_rss_mb"] > 10
+    shards.pack(tmp_path / "ds", tmp_path / "one", size=SIZE, shard_size=200, workers=1, progress=False)
+    sf.filter_shards(tmp_path / "one", tmp_path / "ref1", sf.default_stages(), progress=False)
+    with pytest.raises(ValueError, match="at least 2 shards"):  # one shard cannot be killed halfway
+        bench_data.kill_test(tmp_path / "one", tmp_path / "ref1", tmp_path / "k1", workers=1, env=env)
+
+
+def test_bench_data_flags_and_kill_test_failure(monkeypatch, tmp_path, capsys):
+    """--shard-size and --kill-test reach each pool's bench; a kept index that differs after the kill exits 1."""
+    from kpnb import bench_data
+
+    calls = []
+
+    def fake(n, size, workers, folder, shard_size, kill):
+        calls.append((n, shard_size, kill))
+        row = {"n": n, "pack": {"peak_rss_mb": 1.0}, "filter_and_subset": {"peak_rss_mb": 1.0}}
+        row["kill_test"] = {"kept_equal": n == 10, "results_equal": True, "lost_shards": 0}
+        return row
+
+    monkeypatch.setattr(bench_data, "bench_pool", fake)
+    argv = ["--sizes", "10", "--shard-size", "20", "--kill-test", "--dir", str(tmp_path / "b")]
+    assert bench_data.main(argv) == 0 and calls == [(10, 20, True)]
+    assert bench_data.main(["--sizes", "10,30", "--dir", str(tmp_path / "b")]) == 1
+    assert "kill test failed for pools of [30]" in capsys.readouterr().err
