@@ -317,14 +317,14 @@ def test_bench_data_flags_and_kill_test_failure(monkeypatch, tmp_path, capsys):
 
     calls = []
 
-    def fake(n, size, workers, folder, shard_size, kill):
-        calls.append((n, shard_size, kill))
+    def fake(n, size, workers, folder, shard_size, kill, filter_workers):
+        calls.append((n, shard_size, kill, filter_workers))
         row = {"n": n, "pack": {"peak_rss_mb": 1.0}, "filter_and_subset": {"peak_rss_mb": 1.0}}
         row["kill_test"] = {"kept_equal": n == 10, "results_equal": True, "lost_shards": 0}
         return row
 
     monkeypatch.setattr(bench_data, "bench_pool", fake)
-    argv = ["--sizes", "10", "--shard-size", "20", "--kill-test", "--dir", str(tmp_path / "b")]
-    assert bench_data.main(argv) == 0 and calls == [(10, 20, True)]
+    argv = ["--sizes", "10", "--shard-size", "20", "--kill-test", "--filter-workers", "1", "--dir", str(tmp_path / "b")]
+    assert bench_data.main(argv) == 0 and calls == [(10, 20, True, 1)]
     assert bench_data.main(["--sizes", "10,30", "--dir", str(tmp_path / "b")]) == 1
     assert "kill test failed for pools of [30]" in capsys.readouterr().err
