@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -153,6 +153,28 @@ def loss_curves(csv_paths: dict[str, str | Path], keys: Sequence[str] = ("loss",
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def training_curve(points: Sequence[Mapping[str, float]], path=None, title: str = "") -> Any:
+    """Losses on held-out and on training latents (left axis) and FID (right axis) against epochs, from
+    ``points`` with ``epochs``, ``val_loss``, ``train_loss`` and ``fid`` (the overfitting check)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ep = [p["epochs"] for p in points]
+    ax.plot(ep, [p["val_loss"] for p in points], "o-", label="loss, held-out latents")
+    ax.plot(ep, [p["train_loss"] for p in points], "s--", label="loss, training latents")
+    ax.set_xlabel("epochs")
+    ax.set_ylabel("loss (same noise and timesteps)")
+    ax2 = ax.twinx()
+    ax2.plot(ep, [p["fid"] for p in points], "^-", color="tab:red", label="FID")
+    ax2.set_ylabel("FID", color="tab:red")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return save(fig, path)
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from . import data, diffusion, filtering, pose_estimator, training, transformer, vq
 from .layout import RunFiles
+from .runs import atomic_write_bytes
 from .runtime import Runtime, current
 
 STAGES = ("vq", "estimator", "ldm", "transformer", "clip")
@@ -82,6 +83,38 @@ def train_ldm(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str,
         d = {**d, "steps": d["best_steps"]}
     return diffusion.train_ldm(z, train["poses"], d, out, mode, scale_factor=scale, progress=progress,
                                runtime=runtime, rows=rows)
+
+
+def curve_stops(d: Mapping[str, Any]) -> list[int]:
+    """Where the best mode's longer run stops to be scored: ``curve_points`` equal stretches from ``steps`` to
+    ``best_steps`` of a ``diffusion`` section (none when it is not trained further)."""
+    lo, hi, n = int(d["steps"]), int(d["best_steps"]), max(1, int(d["curve_points"]))
+    return sorted({lo + round((hi - lo) * k / n) for k in range(1, n + 1)} - {lo}) if hi > lo else []
+
+
+def train_further(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str, mode: str, *,
+                  score: Callable[[Any, int], Mapping[str, float]] | None = None, progress: bool = True,
+                  runtime: Runtime | None = None) -> tuple[Any, Any, list[dict[str, float]]]:
+    """The best mode trained on past the equal budget (:func:`train_ldm` with ``further``), in the stretches of
+    :func:`curve_stops`: the same run as one stretch (a constant learning rate after warm-up, every random draw
+    a function of the step), scored after each by ``score(model, step) -> dict``. The points are kept in the
+    folder's ``curve.json`` as they come, so a rerun reads them back instead of retraining. Returns (EMA model,
+    TrainResult, points by step)."""
+    d = cfg["diffusion"]
+    out = RunFiles(Path(root)).ldm(spec, mode, further=True)
+    path = out / "curve.json"
+    points = {int(p["step"]): p for p in json.loads(path.read_text())} if path.exists() else {}
+    model = res = None
+    for stop in curve_stops(d):
+        last = training.latest_checkpoint(out)
+        if last is not None and training.read_checkpoint_info(last)["step"] > stop and stop != d["best_steps"]:
+            continue  # trained past this stop before: its point is in curve.json (or was never scored)
+        model, res = train_ldm(root, {**cfg, "diffusion": {**d, "best_steps": stop}}, spec, mode, further=True,
+                               progress=progress, runtime=runtime)
+        if score is not None and stop not in points:
+            points[stop] = {"step": stop, **{k: float(v) for k, v in score(model, stop).items()}}
+            atomic_write_bytes(path, json.dumps([points[s] for s in sorted(points)], indent=1).encode())
+    return model, res, [points[s] for s in sorted(points)]
 
 
 def train_vq(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str, *, progress: bool = True,

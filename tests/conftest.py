@@ -1,0 +1,21 @@
+"""Fixtures shared by several test modules."""
+from __future__ import annotations
+
+import pytest
+
+from kpnb import data, pose_estimator, runs, stages
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """A smoke run folder with a trained f4 autoencoder and a (6-step) skeleton diffusion model. Shared: a
+    test that changes it works on a copy."""
+    root = tmp_path_factory.mktemp("run") / "run"
+    runs.run_dir(root, "smoke")
+    images, poses = pose_estimator.render_truth(32, seed=5, image_size=32, render_size=64)
+    data.save_subset(root, "train", ids=[f"r{i}" for i in range(32)], images=images, poses=poses,
+                     captions=[""] * 32, attrs=[{}] * 32)
+    cfg = runs.run_config(root)
+    stages.train_vq(root, cfg, "f4", progress=False)
+    stages.train_ldm(root, cfg, "f4", "skeleton", progress=False)
+    return root

@@ -1,0 +1,63 @@
+"""kpnb.stages: the longer run in scored stretches, a diffusion model on the strict part of the subset."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from kpnb import runs, stages, training
+from kpnb.layout import RunFiles
+
+
+@pytest.fixture
+def run(smoke_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(smoke_run, root)
+    return root
+
+
+def test_curve_stops():
+    assert stages.curve_stops({"steps": 500, "best_steps": 2000, "curve_points": 3}) == [1000, 1500, 2000]
+    assert stages.curve_stops({"steps": 6, "best_steps": 8, "curve_points": 3}) == [7, 8]  # no stop twice
+    assert stages.curve_stops({"steps": 10, "best_steps": 10, "curve_points": 3}) == []
+
+
+def test_train_further_in_stretches_is_one_run_and_a_rerun_reads_the_points(run, tmp_path):
+    cfg = runs.run_config(run)
+    cfg["diffusion"] = {**cfg["diffusion"], "steps": 6, "best_steps": 10, "curve_points": 2}
+    calls = []
+
+    def score(model, step):
+        calls.append(step)
+        return {"w": float(next(model.parameters()).double().sum())}
+
+    model, res, points = stages.train_further(run, cfg, "f4", "skeleton", score=score)
+    assert calls == [8, 10] and [p["step"] for p in points] == [8, 10] and res.step == 10
+    # one stretch from the same equal-budget checkpoint gives the same weights
+    one = tmp_path / "one"
+    shutil.copytree(run, one)
+    shutil.rmtree(RunFiles(one).ldm("f4", "skeleton", further=True))
+    m1, _ = stages.train_ldm(one, cfg, "f4", "skeleton", further=True)
+    for a, b in zip(model.state_dict().values(), m1.state_dict().values()):
+        assert torch.equal(a, b)
+    # a rerun trains nothing and scores nothing: the points come from curve.json
+    calls.clear()
+    _, res2, points2 = stages.train_further(run, cfg, "f4", "skeleton", score=score)
+    assert calls == [] and points2 == points and res2.step == 10
+    saved = json.loads((RunFiles(run).ldm("f4", "skeleton", further=True) / "curve.json").read_text())
+    assert [p["step"] for p in saved] == [8, 10]
+
+
+def test_strict_subset_model_trains_on_whole_figures_only(run):
+    cfg = runs.run_config(run)
+    train = stages.data.load_subset(run, "train")
+    rows = stages.subset_rows(train["poses"], "strict")
+    assert 0 < len(rows) < len(train["poses"])  # the renders include crops and hidden ears
+    _, res = stages.train_ldm(run, cfg, "f4", "skeleton", subset="strict")
+    folder = RunFiles(run).ldm("f4", "skeleton", subset="strict")
+    assert folder.name == "ldm-f4-skeleton-strict" and res.step == cfg["diffusion"]["steps"]
+    assert training.read_checkpoint_info(training.latest_checkpoint(folder))["config"]["n_train"] == len(rows)
+    with pytest.raises(ValueError, match="unknown training subset"):
+        stages.subset_rows(train["poses"], "loose")
