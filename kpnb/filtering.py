@@ -243,7 +243,7 @@ def report(cands: Any, results: list[StageResult]) -> dict[str, Any]:
 # The original kept 363k images with plausible poses and trained its f8 model on a stricter 101k; its write-up
 # blamed that model's weakness on too little data. kpnb's strict variant keeps, of the loose subset, the
 # figures drawn whole: every joint inside the frame and none hidden (about a third of the synthetic subset).
-STRICT_RULE = "every joint inside the frame and visible (a whole, unoccluded figure)"
+STRICT_RULE = "every joint inside the frame and visible: whole, unoccluded figures"
 
 
 def strict_keep(poses: np.ndarray) -> np.ndarray:

@@ -68,6 +68,18 @@ def test_claims_compare_the_numbers_and_say_what_is_not_measured():
     assert "transformer over f16 codes**: supported" in text
     assert "overfits after about 20 epochs**: not measured" in text
     assert report.claims({})[-2:] == report.claims(m)[-2:]  # nothing measured: only the unmeasured claims
+    # the curve turns: held-out loss up after its minimum while the training loss goes on down
+    curve = {"curve.epochs": [5.0, 10.0, 20.0], "curve.val_loss": [0.30, 0.28, 0.31],
+             "curve.train_loss": [0.30, 0.27, 0.22], "curve.fid": [9.0, 7.0, 8.0], "curve.n_fid": 64, "curve.n_train": 300}
+    assert "overfitting seen here from about epoch 10" in report._overfit_claim(curve)
+    assert "no overfitting up to epoch 20" in report._overfit_claim({**curve, "curve.val_loss": [0.3, 0.28, 0.27]})
+    strict = {"strict_compare.loose.pck@0.1": 0.80, "strict_compare.strict.pck@0.1": 0.70,
+              "strict_compare.n_train.loose": 3000, "strict_compare.n_train.strict": 1000}
+    assert "hurt** (363k vs 101k images): supported here - PCK@0.1 on the held-out poses 0.8" in report._strict_claim(strict)
+    assert "no clear difference" in report._strict_claim({**strict, "strict_compare.strict.pck@0.1": 0.79})
+    assert "not supported" in report._strict_claim({**strict, "strict_compare.strict.pck@0.1": 0.9})
+    rows = report.strict_table({"04_ldm_training": strict})
+    assert [r["trained on"] for r in rows] == ["loose", "strict"] and rows[1]["images"] == "1000"
 
 
 def test_status_table_reads_the_metrics_files(tmp_path):
