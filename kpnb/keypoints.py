@@ -365,6 +365,34 @@ def read_coco(obj_or_path: Any) -> list[dict[str, Any]]:
     return people
 
 
+def coco_person_problem(ann: Any, min_joints: int = 8, min_height: float = 64.0) -> str | None:
+    """Why a COCO person annotation is not usable as a pose condition, or None when it is.
+
+    Usable: not a crowd region (``iscrowd`` 0), at least ``min_joints`` labelled joints (v = 1 or 2), both
+    shoulders and at least one hip among them (a torso to place the body by), and a bounding box at least
+    ``min_height`` pixels high (smaller people's joints are labelled too coarsely to score against)."""
+    if not isinstance(ann, dict) or "keypoints" not in ann:
+        return "no keypoints"
+    if ann.get("iscrowd", 0):
+        return "crowd region"
+    kps = ann["keypoints"]
+    if not isinstance(kps, (list, tuple)) or len(kps) != 3 * N_JOINTS:
+        return "keypoints are not 51 numbers"
+    v = [kps[3 * i + 2] for i in range(N_JOINTS)]
+    n = sum(1 for x in v if x in (1, 2))
+    if n < min_joints:
+        return f"{n} labelled joints, fewer than {min_joints}"
+    J = JOINT_INDEX
+    if not (v[J["shoulder_left"]] and v[J["shoulder_right"]]):
+        return "a shoulder is not labelled"
+    if not (v[J["hip_left"]] or v[J["hip_right"]]):
+        return "no hip is labelled"
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not bbox[3] >= min_height:
+        return f"bounding box lower than {min_height:g} px (or none)"
+    return None
+
+
 def coco_to_frame(person: dict[str, Any], margin: float = 0.1) -> Pose:
     """A COCO person mapped into the square frame by its bounding box (aspect kept), for use as a condition."""
     pose: Pose = person["pose"]

@@ -35,7 +35,7 @@ from . import synth, training
 from .runtime import Runtime, current
 from .conditioning import check_poses, flip_batch
 from .images import to_model
-from .keypoints import HIDDEN, JOINT_GROUPS, JOINTS, MISSING, N_JOINTS, OUTSIDE, VISIBLE
+from .keypoints import HIDDEN, JOINT_GROUPS, JOINTS, MISSING, N_JOINTS, OUTSIDE, VISIBLE, Pose
 
 # visibility classes of the estimator's head -> kpnb visibility codes
 VIS_CLASSES = (OUTSIDE, HIDDEN, VISIBLE)
@@ -282,12 +282,31 @@ def render_truth(n: int, seed: int, image_size: int = 64, render_size: int = 256
         pose, kind = synth.sample_pose(rng, facing=attrs["facing"])
         attrs["seat"] = kind == "sitting"
         attrs["framing"] = synth.framing_of(pose)
-        im = synth.render_character(pose, attrs, render_size, rng).convert("RGB")
-        if image_size != render_size:
-            im = im.resize((image_size, image_size), Image.LANCZOS, reducing_gap=2.0)
-        imgs[i] = np.asarray(im)
+        imgs[i] = _render(pose, attrs, rng, image_size, render_size)
         poses[i] = pose.to_array()
     return imgs, poses
+
+
+def render_poses(poses: Any, seed: int, image_size: int = 64, render_size: int = 256) -> np.ndarray:
+    """Exact renders of given poses [N, 17, 3] (e.g. real ones): uint8 [N, S, S, 3], pose i drawn as a
+    character of :func:`kpnb.synth.sample_attributes` from ``default_rng([seed, 1_000_033, i])``, rendered
+    like :func:`render_truth`'s (``render_size``, Lanczos to ``image_size``), never on a seat. The painter
+    guesses a MISSING shoulder or hip where the body needs one and leaves out a limb to any other MISSING
+    joint. With the poses as the truth, :func:`ceiling` of these renders is the estimator's ceiling on them."""
+    arr = check_poses(poses, name="render_poses poses").numpy()
+    imgs = np.zeros((len(arr), image_size, image_size, 3), np.uint8)
+    for i, p in enumerate(arr):
+        rng = np.random.default_rng([int(seed), 1_000_033, i])
+        attrs = synth.sample_attributes(rng)
+        imgs[i] = _render(Pose.from_array(p), attrs, rng, image_size, render_size)
+    return imgs
+
+
+def _render(pose: Pose, attrs: dict[str, Any], rng: np.random.Generator, image_size: int, render_size: int) -> np.ndarray:
+    im = synth.render_character(pose, attrs, render_size, rng).convert("RGB")
+    if image_size != render_size:
+        im = im.resize((image_size, image_size), Image.LANCZOS, reducing_gap=2.0)
+    return np.asarray(im)
 
 
 # ======================================================================================================

@@ -74,17 +74,20 @@ def _diffusion(m: Mapping[str, Any]) -> str:
 
 def _sampling(m: Mapping[str, Any]) -> str:
     best = m.get("best_mode")
-    modes = [k[: -len(".pck@0.1.ratio")] for k in m if k.endswith(".pck@0.1.ratio")]
+    modes = [k[: -len(".pck@0.1.ratio")] for k in m if k.endswith(".pck@0.1.ratio") and not k.startswith("real_poses")]
     equal = ", ".join(f"{mode} {_f(m.get(f'{mode}.pck@0.1'))} (AP {_f(m.get(f'{mode}.ap'))})" for mode in modes
                       if mode not in (FURTHER, best, "f8", "f16"))
     label = f"{m.get(f'{FURTHER}.mode')} trained further" if best == FURTHER else best
     sweep = "/".join(_f(m[k]) for k in m if k.startswith("guidance_sweep.") and k.endswith(".pck@0.1"))
+    real = (f"{m.get('real_poses.n')} real COCO poses **{_f(m['real_poses.pck@0.1'])}** "
+            f"(**{_f(m.get('real_poses.ratio_to_heldout'), 2)}** x held-out; the estimator on exact renders of "
+            f"them {_f(m.get('real_poses.ceiling.pck@0.1'))}); " if "real_poses.pck@0.1" in m else "")
     return (f"PCK@0.1 on {m.get('n_eval')} held-out poses: {label} **{_f(m.get(f'{best}.pck@0.1'))}** "
             f"({_f(m.get(f'{best}.pck@0.1.ratio'), 2)} of the ceiling), keypoint AP **{_f(m.get(f'{best}.ap'))}** "
             f"(estimator's own {_f(m.get('ap_ceiling'))}), FID **{_f(m.get(f'{best}.fid'), 2)}** (as many training "
             f"images: {_f(m.get('fid_real_same_n'), 2)}; the f4 reconstructions: {_f(m.get('fid_floor.f4'), 2)}); "
             f"at the equal budget {equal}; "
-            f"f8 {_f(m.get('f8.pck@0.1'))}; real-world example poses {_f(m.get('examples.pck@0.1'))}; guidance "
+            f"f8 {_f(m.get('f8.pck@0.1'))}; real-world example poses {_f(m.get('examples.pck@0.1'))}; {real}guidance "
             f"sweep {sweep}; DDIM 50 steps {_f(m.get('ddim50_images_per_s'), 1)} images/s "
             f"({_f(m.get('ddim50_images_per_s_guided'), 1)} guided)")
 
@@ -123,7 +126,7 @@ ROWS: list[tuple[str, str, Callable[[Mapping[str, Any]], str], str]] = [
     ("02 keypoints", "02_keypoint_inspection", _keypoints, "-"),
     ("03 VQ", "03_vq_training", _vq, "f4 >= 26 dB, >= 50% codes, ~15 min"),
     ("04 diffusion", "04_ldm_training", _diffusion, "ceiling >= 0.90, <= 45 min"),
-    ("05 sampling", "05_sampling", _sampling, "best >= 0.75 and >= 0.8 x ceiling"),
+    ("05 sampling", "05_sampling", _sampling, "best >= 0.75 and >= 0.8 x ceiling; real poses >= 0.8 x held-out"),
     ("06 CLIP", "06_clip_tuning", _clip, "zero-shot hair >= 0.9; tuning rate >= 0.8 with PCK drop <= 0.1"),
     ("07 transformer", "07_cond_transformer", _transformer, "-"),
 ]

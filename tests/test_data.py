@@ -95,3 +95,96 @@ def test_flip_images_mirrors_width():
     # poses are flipped by kpnb.conditioning.flip_poses (tested there against kpnb.keypoints.flip)
     ims = np.random.default_rng(2).integers(0, 255, (2, 4, 5, 3)).astype(np.uint8)
     assert np.array_equal(data.flip_images(ims)[:, :, 0], ims[:, :, -1])
+
+
+# ---- the real-pose evaluation set ---------------------------------------------------------------------
+def _person(n_labelled=17, *, crowd=0, height=100.0, drop=(), v=2, ann_id=1, image_id=1):
+    """A COCO person annotation: joint j at (20 + 3j, 30 + 4j), the first ``n_labelled`` joints labelled (v),
+    the joints in ``drop`` not labelled."""
+    kps = []
+    for j in range(17):
+        lab = j < n_labelled and j not in drop
+        kps += [20.0 + 3 * j, 30.0 + 4 * j, v] if lab else [0, 0, 0]
+    return {"id": ann_id, "image_id": image_id, "keypoints": kps, "num_keypoints": sum(k > 0 for k in kps[2::3]),
+            "bbox": [15.0, 25.0, 60.0, height], "category_id": 1, "iscrowd": crowd, "area": 60.0 * height,
+            "segmentation": [[0, 0, 1, 1]]}
+
+
+def test_the_rule_refuses_each_kind_of_unusable_person():
+    assert kp.coco_person_problem(_person()) is None
+    assert kp.coco_person_problem(_person(v=1)) is None                    # hidden joints are labelled
+    assert "crowd" in kp.coco_person_problem(_person(crowd=1))
+    assert "fewer than 8" in kp.coco_person_problem(_person(17, drop=range(7, 17)))   # 7 labelled
+    assert kp.coco_person_problem(_person(17, drop=range(8, 11))) is None  # 14 labelled
+    assert "shoulder" in kp.coco_person_problem(_person(drop=(6,)))
+    assert "hip" in kp.coco_person_problem(_person(drop=(11, 12)))
+    assert kp.coco_person_problem(_person(drop=(11,))) is None             # one hip is enough
+    assert "64 px" in kp.coco_person_problem(_person(height=63.0))
+    assert kp.coco_person_problem(_person(height=64.0)) is None
+
+
+def test_build_keeps_the_usable_people_and_only_the_listed_fields(tmp_path):
+    images = [{"id": i, "width": 200, "height": 300, "file_name": f"{i}.jpg", "coco_url": f"http://x/{i}.jpg",
+               "license": 3, "flickr_url": "http://f", "date_captured": "d"} for i in (1, 2, 3)]
+    anns = [_person(ann_id=10, image_id=1), _person(ann_id=11, image_id=1, crowd=1),
+            _person(ann_id=12, image_id=2, height=40.0), _person(ann_id=13, image_id=3, drop=(5,)),
+            _person(ann_id=14, image_id=3)]
+    src = tmp_path / "person_keypoints_x.json"
+    src.write_text(json.dumps({"images": images, "annotations": anns}))
+    out = data.build_real_pose_set([src], tmp_path / "set.json")
+    assert [a["id"] for a in out["annotations"]] == [10, 14]
+    assert [im["id"] for im in out["images"]] == [1, 3]
+    assert set(out["images"][0]) == {"id", "width", "height", "file_name", "coco_url"}
+    assert "segmentation" not in out["annotations"][0] and out["info"]["counts"] == {src.name: [5, 2]}
+    assert json.loads((tmp_path / "set.json").read_text()) == out
+    labels, poses = data.real_pose_set(tmp_path / "set.json")
+    assert len(poses) == 2 and labels[0].startswith("set-coco1-")
+
+
+def test_the_committed_real_pose_set_obeys_its_rule():
+    obj = json.loads((data.repo_root() / data.REAL_POSES).read_text())
+    anns, images = obj["annotations"], obj["images"]
+    assert len(anns) == sum(kept for _, kept in obj["info"]["counts"].values()) == 78
+    rule = obj["info"]["rule"]
+    for a in anns:
+        assert kp.coco_person_problem(a, rule["min_joints"], rule["min_height"]) is None, a["id"]
+        assert kp.coco_person_problem(a) is None, a["id"]  # the file's rule is the default one
+        assert set(a) == {"id", "image_id", "keypoints", "num_keypoints", "bbox", "category_id", "iscrowd", "area"}
+        assert a["num_keypoints"] == sum(v > 0 for v in a["keypoints"][2::3])
+    assert len({a["id"] for a in anns}) == len(anns)
+    assert all(set(im) == {"id", "width", "height", "file_name", "coco_url"} for im in images)
+    assert {a["image_id"] for a in anns} == {im["id"] for im in images}   # no image without a person
+    assert "CC BY 4.0" in obj["info"]["licence"] and obj["info"]["contributor"] == "COCO Consortium"
+    assert "creativecommons.org/licenses/by/4.0" in obj["licenses"][0]["url"]
+
+
+def test_real_poses_keep_their_geometry_and_missing_joints_stay_missing():
+    path = data.repo_root() / data.REAL_POSES
+    raw = json.loads(path.read_text())
+    sizes = {im["id"]: (im["width"], im["height"]) for im in raw["images"]}
+    labels, poses = data.real_pose_set()
+    assert len(poses) == len(raw["annotations"]) == len(labels)
+    n_missing = 0
+    for ann, pose in zip(raw["annotations"], poses):
+        k = np.array(ann["keypoints"], np.float64).reshape(17, 3)
+        lab = k[:, 2] > 0
+        assert np.array_equal(pose.vis == kp.MISSING, ~lab)               # v=0 -> MISSING, nothing else
+        assert np.all(np.isin(pose.vis[k[:, 2] == 1], (kp.HIDDEN, kp.OUTSIDE)))   # OUTSIDE: placed off the frame
+        assert np.all(np.isin(pose.vis[k[:, 2] == 2], (kp.VISIBLE, kp.OUTSIDE)))
+        assert np.array_equal(pose.vis == kp.OUTSIDE, lab & ((pose.xy < 0) | (pose.xy >= 1)).any(1))
+        n_missing += int((~lab).sum())
+        # one scale and one shift map the image's pixels into the frame: the joints' relative geometry is kept
+        px, fr = k[lab, :2], pose.xy[lab].astype(np.float64)
+        d_px = np.linalg.norm(px[:, None] - px[None], axis=-1)
+        d_fr = np.linalg.norm(fr[:, None] - fr[None], axis=-1)
+        far = d_px > 1
+        s = (d_fr[far] / d_px[far])
+        np.testing.assert_allclose(s, s.mean(), rtol=1e-4)
+        shift = fr - px * s.mean()                                       # the same for every joint: no rotation
+        np.testing.assert_allclose(shift, np.broadcast_to(shift.mean(0), shift.shape), atol=1e-4)
+        # the box's longer side spans 80% of the frame, its centre at the frame's
+        bx, by, bw, bh = ann["bbox"]
+        assert s.mean() * max(bw, bh) == pytest.approx(0.8, rel=1e-4)
+        np.testing.assert_allclose((np.array([bx + bw / 2, by + bh / 2]) - px[0]) * s.mean() + fr[0], 0.5, atol=1e-4)
+        assert ann["image_id"] in sizes
+    assert n_missing > 0  # the set does have missing joints to keep missing

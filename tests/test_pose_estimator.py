@@ -170,3 +170,41 @@ def test_estimator_training_is_reproducible(tmp_path):
     b, _ = E.train_estimator(imgs, poses, cfg, tmp_path / "b", progress=False)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_pck_on_real_poses_ignores_missing_joints():
+    """The real-pose set has joints COCO did not label (MISSING, stored at (0, 0)): they are neither scored
+    nor part of the box that sets the scale."""
+    from kpnb import data
+
+    _, poses = data.real_pose_set()
+    tgt = np.stack([p.to_array() for p in poses if (p.vis == MISSING).any()])
+    assert len(tgt) >= 10
+    missing = tgt[..., 2] == MISSING
+    pred = tgt[..., :2].copy()
+    pred[missing] = (0.9, 0.1)                   # far from where a missing joint is stored
+    assert E.pck(pred, tgt)["pck@0.05"] == 1.0
+    out = E.pck(pred, tgt)
+    assert out["n_joints"] == int((tgt[..., 2] == VISIBLE).sum())
+    # every prediction 1.2 x the threshold off: wrong, unless (0, 0) of a missing joint widened the box
+    in_frame = (tgt[..., 2] == VISIBLE) | (tgt[..., 2] == HIDDEN)
+    lo = np.where(in_frame[..., None], tgt[..., :2], np.inf).min(1)
+    hi = np.where(in_frame[..., None], tgt[..., :2], -np.inf).max(1)
+    size = (hi - lo).max(-1)
+    shifted = tgt[..., :2] + np.stack([1.2 * 0.1 * size, np.zeros_like(size)], -1)[:, None]
+    assert E.pck(shifted, tgt)["pck@0.1"] == 0.0
+
+
+def test_render_poses_draws_the_given_poses_reproducibly():
+    from kpnb import data
+
+    _, poses = data.real_pose_set()
+    arr = np.stack([p.to_array() for p in poses[:3]])
+    a = E.render_poses(arr, seed=0, image_size=32, render_size=64)
+    assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, E.render_poses(arr, seed=0, image_size=32, render_size=64))
+    assert not np.array_equal(a, E.render_poses(arr, seed=1, image_size=32, render_size=64))  # other characters
+    moved = arr.copy()
+    moved[0, :, 0] = np.where(moved[0, :, 2] != MISSING, moved[0, :, 0] - 0.1, 0)
+    b = E.render_poses(moved, seed=0, image_size=32, render_size=64)
+    assert not np.array_equal(a[0], b[0]) and np.array_equal(a[1:], b[1:])   # the pose is what is drawn

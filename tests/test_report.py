@@ -108,3 +108,22 @@ def test_generators_table_names_every_diffusion_model_beside_the_transformer():
     assert table["diffusion skeleton longer"]["pck@0.1"] == 0.8 and table["diffusion grid"]["train_seconds"] == 10.0
     assert table["transformer (f16)"]["pck@0.1"] == 0.3 and table["transformer (f16)"]["sample_images_per_s"] is None
     assert report.generators_table({}) == {}
+
+
+def test_real_pose_numbers_reach_the_report_and_the_status_table_but_are_no_mode(tmp_path):
+    from kpnb import status
+
+    smp = {"best_mode": "long", "long.mode": "skeleton", "pck_ceiling@0.1": 0.97, "long.pck@0.1": 0.86,
+           "long.pck@0.1.ratio": 0.89, "n_eval": 128, "real_poses.n": 78, "real_poses.pck@0.1": 0.35,
+           "real_poses.pck@0.1.ratio": 0.79, "real_poses.ap": 0.04, "real_poses.ceiling.pck@0.1": 0.45,
+           "real_poses.ceiling.ap": 0.1, "real_poses.ratio_to_heldout": 0.41}
+    m = {"05_sampling": smp}
+    assert report._scored_modes(smp) == ["long"] and list(report.generators_table(m)) == ["diffusion skeleton longer"]
+    rows = {r["model"]: r for r in report.pose_accuracy_table(m)}
+    real = [r for name, r in rows.items() if name.startswith("real poses")]
+    assert len(real) == 2 and "78" in real[0]["model"] and "0.41 x its held-out" in real[1]["model"]
+    assert real[0]["PCK@0.1"] == "0.45" and real[0]["AP"] == "0.1" and real[1]["PCK@0.1"] == "0.35"
+    text = status._sampling(smp)
+    assert "78 real COCO poses **0.350** (**0.41** x held-out" in text and "exact renders of them 0.450" in text
+    assert "real_poses 0.350" not in text  # not listed among the equal-budget modes
+    assert "real COCO" not in status._sampling({k: v for k, v in smp.items() if not k.startswith("real_poses")})
