@@ -476,7 +476,8 @@ def _fsync(path: Path) -> None:
 
 def write_subset_memmap(shard_dir: str | Path, kept: Mapping[str, Any] | str | Path | Sequence[str],
                         out_path: str | Path, size: int | None = None, *, progress: bool = False) -> dict[str, Any]:
-    """Write the kept images to ``out_path`` (``.npy``, uint8 [N, S, S, 3], via ``np.lib.format.open_memmap``)
+    """Write the kept images to ``out_path`` (``.npy``, uint8 [N, S, S, 3]: the header by ``open_memmap``, rows by
+    positioned writes)
     in the kept order, reading one shard at a time, with sidecars ``<stem>.poses.npy`` (float32 [N, 17, 3]) and
     ``<stem>.ids.json`` (``ids`` and each sample's ``meta``, whose ``labels`` hold captions and attributes).
 
@@ -504,7 +505,11 @@ def write_subset_memmap(shard_dir: str | Path, kept: Mapping[str, Any] | str | P
     tmp_images = out_path.with_name(f".{out_path.name}.tmp")
     tmp_poses = poses_path.with_name(f".{poses_path.name}.tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(len(ids), size, size, 3))
+    # the header by open_memmap, the image rows by positioned writes: the rows pass through the page cache
+    # instead of staying mapped (mapped pages count in this process's memory, growing with the subset)
+    offset = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(len(ids), size, size, 3)).offset
+    row_bytes = size * size * 3
+    fd = os.open(tmp_images, os.O_WRONLY)
     poses = np.lib.format.open_memmap(tmp_poses, mode="w+", dtype=np.float32, shape=(len(ids), 17, 3))
     metas: list[Any] = [None] * len(ids)
     try:
@@ -515,14 +520,15 @@ def write_subset_memmap(shard_dir: str | Path, kept: Mapping[str, Any] | str | P
                     continue
                 if size != src_size:
                     im = np.asarray(Image.fromarray(im).resize((size, size), Image.LANCZOS), dtype=np.uint8)
-                images[j], poses[j], metas[j] = im, pose, meta
+                os.pwrite(fd, np.ascontiguousarray(im, dtype=np.uint8).tobytes(), offset + j * row_bytes)
+                poses[j], metas[j] = pose, meta
         missing = [k for k, m in zip(ids, metas) if m is None]
         if missing:
             raise DataError(f"{shard_dir}: {len(missing)} kept ids not found in the shards "
                             f"(first: {', '.join(missing[:5])})")
-        images.flush()
+        os.fsync(fd)
         poses.flush()
-        del images, poses  # close the maps before the renames
+        del poses  # close the map before the renames
         _fsync(tmp_images)
         _fsync(tmp_poses)
         write_json(ids_path, {"format": FORMAT, "n": len(ids), "size": size, "shard_dir": str(shard_dir),
@@ -533,6 +539,8 @@ def write_subset_memmap(shard_dir: str | Path, kept: Mapping[str, Any] | str | P
         tmp_images.unlink(missing_ok=True)
         tmp_poses.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
     return {"images": out_path, "poses": poses_path, "ids": ids_path, "n": len(ids), "size": size}
 
 
