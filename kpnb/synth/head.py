@@ -18,7 +18,8 @@ class _HeadParts:
         g, R, s = self.g, self.R, self.g["s"]
         style = self.attrs.get("hair_style", "short")
         hair = self.hair
-        gravity = _unit(np.array([0.0, 1.0]) * 0.6 + g["down"] * 0.4, (0, 1))
+        # hair falls down the image, or along the body when the body lies across the image
+        gravity = _unit(np.array([0.0, 1.0]) * 0.6 * abs(float(g["down"][1])) + g["down"] * 0.4, (0, 1))
         side_v = _perp(gravity)
         if float(np.dot(side_v, g["r"])) < 0:
             side_v = -side_v

@@ -28,9 +28,11 @@ _HAIR_STYLE_TAGS = {"short": ["short_hair"], "long": ["long_hair"], "twintails":
                     "ponytail": ["ponytail"], "bangs": ["blunt_bangs", "bangs", "long_hair"]}
 _POSE_TAGS = {"standing": ["standing"], "walking": ["walking"], "sitting": ["sitting"],
               "arms_up": ["arms_up", "standing"], "arms_out": ["outstretched_arms", "standing"],
-              "arms_crossed": ["crossed_arms", "standing"], "waving": ["waving", "standing"]}
+              "arms_crossed": ["crossed_arms", "standing"], "waving": ["waving", "standing"],
+              "kneeling": ["kneeling"], "crouching": ["squatting"], "lying": ["lying"]}
 _POSE_WORDS = {"standing": "standing", "walking": "walking", "sitting": "sitting", "arms_up": "with arms up",
-               "arms_out": "with arms spread out", "arms_crossed": "with arms crossed", "waving": "waving"}
+               "arms_out": "with arms spread out", "arms_crossed": "with arms crossed", "waving": "waving",
+               "kneeling": "kneeling", "crouching": "crouching", "lying": "lying down"}
 _BG_TAGS = {"plain": ["simple_background"], "gradient": ["gradient_background"],
             "stripes": ["striped_background"], "dots": ["polka_dot_background"], "floor": ["indoors"]}
 
