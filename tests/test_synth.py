@@ -96,7 +96,8 @@ def test_sample_pose_is_deterministic_per_seed():
 
 
 def test_the_wider_poses_have_their_share():
-    """New kinds, tilted and bent bodies, near-side views and sides cut by the frame occur, as a minority."""
+    """New kinds, tilted and bent bodies, near-side and back views and sides cut by the frame occur, as a
+    minority."""
     poses, kinds = zip(*(synth.sample_pose(np.random.default_rng([5, i])) for i in range(2000)))
     kinds = np.array(kinds)
     assert set(kinds) == set(synth.POSE_KINDS)
@@ -113,13 +114,14 @@ def test_the_wider_poses_have_their_share():
     full = np.array([synth.framing_of(p) == "full_body" for p in poses])
     cut = np.array([not p.in_frame[5:11].all() for p in poses])
     assert 0.01 < (cut & full).mean() < 0.15              # an arm or shoulder out at a side of a full figure
+    assert 0.05 < np.mean([synth.characters.seen_from_behind(p) for p in poses]) < 0.2
     lying = [p for p, k in zip(poses, kinds) if k == "lying"]
     assert all(p.xy[11:13, 1].mean() >= 0.5 for p in lying)   # turned so that her hips are low in the frame
 
 
 def test_a_framing_the_pose_cannot_have_is_refused():
-    refused = 0
-    for i in range(300):   # a kneeling figure on her heels can have no knee or ankle below her hips
+    refused = framed = 0
+    for i in range(5000):   # a kneeling figure on her heels can have no knee or ankle below her hips
         try:
             pose, _ = synth.sample_pose(np.random.default_rng([2, i]), "kneeling", framing="cowboy_shot")
         except ValueError as e:
@@ -127,7 +129,10 @@ def test_a_framing_the_pose_cannot_have_is_refused():
             refused += 1
         else:
             assert synth.framing_of(pose) == "cowboy_shot"
-    assert refused >= 1
+            framed += 1
+        if refused and framed > 100:
+            break
+    assert refused >= 1 and framed > 100
 
 
 def test_turned_poses_hide_the_far_ear_and_shift_the_face():
@@ -167,6 +172,29 @@ def test_keypoints_sit_on_the_drawn_character():
             assert alpha[y, x] > 0, (k, kind, j)
         # and the figure does not fill the whole frame
         assert (alpha == 0).mean() > 0.05
+
+
+def test_a_figure_seen_from_behind_has_no_face_and_is_tagged_so():
+    """Seen from behind: the nose and eyes HIDDEN, her left shoulder on the image's left of her body's axis,
+    the head painted in the hair colour where a face would show skin, tagged from_behind without eye colour."""
+    found = {}
+    for i in range(400):
+        pose, kind = synth.sample_pose(np.random.default_rng([6, i]), "standing", framing="upper_body")
+        found.setdefault(synth.characters.seen_from_behind(pose), pose)
+        if len(found) == 2:
+            break
+    for behind, pose in found.items():
+        assert (pose.vis[:3] == HIDDEN).all() == behind
+        down = pose.xy[[11, 12]].mean(0) - pose.xy[[5, 6]].mean(0)
+        assert (_cross(pose.xy[J["shoulder_left"]] - pose.xy[J["shoulder_right"]], down) < 0) == behind
+        attrs = synth.sample_attributes(np.random.default_rng(0))
+        attrs.update(hair_colour="red", skin=0, background="plain", background_colour="grey", from_behind=behind)
+        img = np.asarray(synth.render_character(pose, attrs, 128)).astype(int)
+        x, y = ((pose.xy[[3, 4]].mean(0) + pose.xy[J["nose"]]) / 2 * 128).astype(int)   # below the head's centre
+        colour = synth.HAIR_COLOURS["red"] if behind else synth.palette.SKIN_TONES[0]
+        assert np.abs(img[y, x] - colour).sum() < 30, (behind, img[y, x])
+        tags = synth.tags._character_tags(attrs, "standing", "upper_body")
+        assert ("from_behind" in tags) == behind and any(t.endswith("_eyes") for t in tags) != behind
 
 
 def test_hair_colour_dominates_the_head_region():

@@ -68,7 +68,8 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
 # ================================================================================================ poses
 # Poses come from two distributions: the narrow one (the kinds' classic, upright, mostly front and 3/4 views)
 # and, for WIDE_SHARE of the poses, a wider one nearer to what people bring: the kinds of WIDE_KINDS, free arm
-# poses, an upper body bent at the hips, the whole figure tilted, views close to the side, a side cut by the frame.
+# poses, an upper body bent at the hips, the whole figure tilted, views close to the side or from behind, more
+# real proportions, a side cut by the frame.
 WIDE_SHARE = 0.4
 WIDE_KINDS = ("kneeling", "crouching", "lying")   # drawn from the wider distribution only
 _KIND_P = {"narrow": [0.24, 0.14, 0.14, 0.13, 0.12, 0.11, 0.12, 0.0, 0.0, 0.0],
@@ -268,8 +269,11 @@ def _body_points(rng: np.random.Generator, kind: str, yaw: float, wide: bool) ->
 
     xy = project(P3)
     neck, C0 = project(neck3), project(head3)
-    # The head: its own yaw (a little off the body's), tilted about the neck; the face along the neck.
-    yaw_h = float(np.clip(yaw + _u(rng, -0.15, 0.15), -1.45, 1.45))
+    # The head: its own yaw (a little off the body's; a face towards the viewer stays short of the exact side),
+    # tilted about the neck; the face along the neck.
+    yaw_h = yaw + _u(rng, -0.15, 0.15)
+    if abs(yaw) < math.pi / 2:
+        yaw_h = float(np.clip(yaw_h, -1.45, 1.45))
     ch, shh = math.cos(yaw_h), math.sin(yaw_h)
     offs = np.array([_NOSE, _EYE, _EYE * [-1, 1, 1], _EAR, _EAR * [-1, 1, 1]]) * head
     o2 = np.stack([offs[:, 0] * ch + offs[:, 2] * shh, offs[:, 1]], 1)
@@ -346,7 +350,8 @@ def sample_pose(rng: np.random.Generator, kind: str | None = None, facing: str |
     below her hips) raises ValueError; a random framing falls back to full_body then.
 
     Returns the true pose (normalised; joints out of the frame OUTSIDE with their coordinates kept; the far ear
-    of a turned head HIDDEN) and the kind. :func:`framing_of` tells the framing back from the pose."""
+    of a turned head HIDDEN, and the nose and eyes of a figure seen from behind) and the kind.
+    :func:`framing_of` and :func:`seen_from_behind` tell the framing and the view back from the pose."""
     wide = rng.random() < WIDE_SHARE
     if kind is None:
         kind = _choice(rng, POSE_KINDS, _KIND_P["wide" if wide else "narrow"])
@@ -358,8 +363,11 @@ def sample_pose(rng: np.random.Generator, kind: str | None = None, facing: str |
         raise ValueError(f"unknown facing {facing!r}; valid: {', '.join(FACINGS)}")
     if framing is not None and framing not in FRAMINGS:
         raise ValueError(f"unknown framing {framing!r}; valid: {', '.join(FRAMINGS)}")
-    turn = _u(rng, 0.9, 1.3) if wide and rng.random() < 0.5 else _u(rng, 0.45, 0.9)   # near the side, or 3/4
+    behind = wide and rng.random() < 0.3   # seen from behind: straight, or turned 3/4 (never near the side)
+    turn = _u(rng, 0.9, 1.3) if wide and not behind and rng.random() < 0.5 else _u(rng, 0.45, 0.9)
     yaw = {"front": _u(rng, -0.22, 0.22), "left": -turn, "right": turn}[facing]
+    if behind:   # her face still turned towards the same side of the image
+        yaw = math.copysign(math.pi, yaw) - yaw
     xy, yaw_h = _body_points(rng, kind, yaw, wide)
     if framing is None:
         framing = _choice(rng, FRAMINGS, [0.6, 0.15, 0.25])
@@ -373,8 +381,10 @@ def sample_pose(rng: np.random.Generator, kind: str | None = None, facing: str |
         # turned the way that puts her hips in the lower half of the frame
         xy = np.array([0.5, 0.5]) + (xy - 0.5) @ _rot2(math.pi / 2 * (1 if xy[11:13, 0].mean() >= 0.5 else -1)).T
     vis = np.full(N_JOINTS, VISIBLE, np.int8)
-    if abs(yaw_h) > 0.35:   # the far ear is behind the head
+    if abs(math.sin(yaw_h)) > math.sin(0.35):   # the far ear is behind the head
         vis[3 if yaw_h > 0 else 4] = HIDDEN
+    if math.cos(yaw_h) < 0:   # seen from behind: the face is turned away
+        vis[:3] = HIDDEN
     return Pose(xy.astype(np.float32), vis).refresh_outside(), kind
 
 
@@ -385,3 +395,8 @@ def framing_of(pose: Pose) -> str:
     if (pose.vis[13:17] == OUTSIDE).any():
         return "cowboy_shot"
     return "full_body"
+
+
+def seen_from_behind(pose: Pose) -> bool:
+    """Is the face turned away (the nose HIDDEN), as :func:`sample_pose` marks a figure seen from behind?"""
+    return bool(pose.vis[0] == HIDDEN)
