@@ -146,7 +146,7 @@ POSE_LIMITS: dict[str, tuple[float, float]] = {
     "forearm_ratio": (0.17, 0.8),
     "thigh_ratio": (0.0, 1.2),       # no lower bound: a seated figure's thighs point at the viewer
     "shin_ratio": (0.04, 1.25),      # a kneeling figure's shins point away from the viewer
-    "arm_asym": (0.0, 0.5),          # one arm reaching towards the viewer, the other down
+    "arm_asym": (0.0, 0.6),          # one arm reaching towards the viewer, the other down
     "leg_asym": (0.0, 0.3),
     "shoulder_ratio": (0.17, 1.15),  # side views to a torso leaning towards the viewer
     "head_ratio": (0.25, 0.8),
