@@ -72,7 +72,7 @@ class _HeadParts:
         self.poly(np.concatenate([left, right[::-1]]), self.hair)
 
     def front_hair(self) -> None:
-        R, s = self.R, self.g["s"]
+        s = self.g["s"]
         style = self.attrs.get("hair_style", "short")
         hair = self.hair
         par = 0.3 * s
