@@ -137,19 +137,21 @@ def stage_image(cands: Any, max_border: float = 0.25, min_saturation: float = 0.
 
 # ---- stage 3: pose plausibility -------------------------------------------------------------------------
 # Ranges of plausibility_features for a single drawn figure. Anime proportions are generous (big heads,
-# long legs), so the ranges are wide; they catch scrambled or mixed-up keypoints, not unusual poses.
+# long legs) and poses vary (kneeling shins pointing away, a torso leaning towards the viewer makes every
+# ratio to it larger, a lying figure's hips beside the frame), so the ranges are wide; they catch scrambled or
+# mixed-up keypoints, not unusual poses.
 POSE_LIMITS: dict[str, tuple[float, float]] = {
     "lr_consistency": (0.99, 1.0),   # eyes, ears, hips on the same side as the shoulders
-    "upper_arm_ratio": (0.3, 0.85),
-    "forearm_ratio": (0.2, 0.8),
+    "upper_arm_ratio": (0.25, 0.9),
+    "forearm_ratio": (0.17, 0.8),
     "thigh_ratio": (0.0, 1.2),       # no lower bound: a seated figure's thighs point at the viewer
-    "shin_ratio": (0.4, 1.05),
-    "arm_asym": (0.0, 0.36),
-    "leg_asym": (0.0, 0.26),
-    "shoulder_ratio": (0.28, 0.95),
+    "shin_ratio": (0.04, 1.25),      # a kneeling figure's shins point away from the viewer
+    "arm_asym": (0.0, 0.6),          # one arm reaching towards the viewer, the other down
+    "leg_asym": (0.0, 0.3),
+    "shoulder_ratio": (0.17, 1.15),  # side views to a torso leaning towards the viewer
     "head_ratio": (0.25, 0.8),
-    "wrist_reach": (0.5, 1.45),
-    "hip_mid_x": (-0.1, 1.1),
+    "wrist_reach": (0.26, 1.75),     # both hands at the face
+    "hip_mid_x": (-0.5, 1.5),        # a lying figure's upper body: the hips beside the frame
     "hip_mid_y": (0.38, 1.45),       # below 1.0: the hips are in the frame; up to 1.45: half-body crops
     "torso": (0.09, 0.7),
 }

@@ -631,3 +631,34 @@ def plausibility_features(pose: Pose) -> dict[str, float]:
                            _dist(xy, J["wrist_right"], J["shoulder_right"])) / torso,
         "lr_consistency": float(np.mean(consistent)) if consistent else 0.0,
     }
+
+
+# ---- how close a pose set comes to given poses ---------------------------------------------------------
+def nearest_poses(poses: Any, reference: Any, alpha: float = 0.1) -> dict[str, np.ndarray]:
+    """For each pose of ``poses`` ([N, 17, 3] or Poses), the nearest pose of ``reference`` ([M, 17, 3] or Poses,
+    every joint taken where it is placed: synthetic poses keep the coordinates of joints outside the frame).
+
+    Each reference pose is first fitted to the pose by a scale and a shift (least squares over the joints
+    labelled in the pose; no rotation, so a tilt counts as a difference). Distances are divided by the pose's
+    size, max(w, h) of its labelled joints' bounding box, as in PCK. Returns per pose: ``distance`` (the
+    nearest reference pose's mean joint distance), ``pck`` (its share of joints within ``alpha`` of the size)
+    and ``index`` (which reference pose); NaN and -1 for poses with fewer than two labelled joints."""
+    P = np.stack([p.to_array() if isinstance(p, Pose) else np.asarray(p, np.float32) for p in poses])
+    ref = np.asarray([p.to_array() if isinstance(p, Pose) else p for p in reference], np.float64)[..., :2]
+    n = len(P)
+    out = {"distance": np.full(n, np.nan), "pck": np.full(n, np.nan), "index": np.full(n, -1)}
+    for i, p in enumerate(P):
+        lab = p[:, 2] != MISSING
+        if lab.sum() < 2:
+            continue
+        r = p[lab, :2].astype(np.float64)
+        size = max(float((r.max(0) - r.min(0)).max()), 1e-6)
+        rc = r - r.mean(0)
+        s = ref[:, lab]
+        sc = s - s.mean(1, keepdims=True)                                   # [M, k, 2]
+        scale = np.clip((sc * rc).sum((1, 2)) / np.maximum((sc * sc).sum((1, 2)), 1e-12), 0, None)
+        d = np.linalg.norm(scale[:, None, None] * sc - rc, axis=-1) / size  # [M, k]
+        mean = d.mean(1)
+        j = int(mean.argmin())
+        out["distance"][i], out["pck"][i], out["index"][i] = mean[j], (d[j] <= alpha).mean(), j
+    return out

@@ -231,6 +231,28 @@ def test_plausibility_features_detect_scramble():
     assert f["hip_mid_y"] == pytest.approx((p.xy[11, 1] + p.xy[12, 1]) / 2)
 
 
+def test_nearest_poses_fits_scale_and_shift_over_labelled_joints():
+    p = kp.read_release_json(ROOT / "data" / "poses" / "1001870.json")
+    others = [_pose(s) for s in range(5)]
+    moved = p.xy * 0.5 + [0.2, 0.1]               # the same pose, smaller and shifted
+    ref = np.stack([o.to_array() for o in others[:2]] + [kp.Pose(moved, p.vis).to_array()] +
+                   [o.to_array() for o in others[2:]])
+    nn = kp.nearest_poses([p], ref)
+    assert nn["index"][0] == 2 and nn["distance"][0] == pytest.approx(0, abs=1e-5) and nn["pck"][0] == 1.0
+    # a tilt is a difference (no rotation is fitted); a joint missing in the pose does not count
+    t = np.radians(20)
+    tilted = (p.xy - 0.5) @ np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]).T + 0.5
+    assert kp.nearest_poses([p], [kp.Pose(tilted, p.vis)])["distance"][0] > 0.02
+    q = p.copy()
+    q.vis[9] = kp.MISSING
+    off = ref.copy()
+    off[2, 9, :2] += 0.3                           # the reference's wrist far off: only q ignores it
+    assert kp.nearest_poses([q], off)["pck"][0] == 1.0
+    assert kp.nearest_poses([p], off)["pck"][0] < 1.0
+    empty = kp.Pose(np.zeros((17, 2)), np.zeros(17))
+    assert nn["index"].dtype.kind == "i" and kp.nearest_poses([empty], ref)["index"][0] == -1
+
+
 def test_read_pose_dir_reads_sorted_and_names_bad_files(tmp_path):
     from kpnb import figures, keypoints as kpm
 

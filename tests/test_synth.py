@@ -63,6 +63,10 @@ def test_every_label_kind_occurs_with_roughly_its_share():
 
 
 # ---- poses ---------------------------------------------------------------------------------------------
+def _cross(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a[0] * b[1] - a[1] * b[0])
+
+
 @pytest.mark.parametrize("kind", synth.POSE_KINDS)
 def test_sample_pose_kinds_and_framings(kind):
     for k, framing in enumerate(synth.FRAMINGS):
@@ -70,15 +74,65 @@ def test_sample_pose_kinds_and_framings(kind):
         pose, got = synth.sample_pose(rng, kind, facing="front", framing=framing)
         assert got == kind
         assert synth.framing_of(pose) == framing
-        # the head is in the frame; a front-facing character's left shoulder is on the image's right
+        # the head is in the frame; a front-facing character's left shoulder and eye are on the image's right
+        # when she is upright: to the right of her body's downward axis, whichever way she lies
         assert pose.in_frame[:5].sum() >= 4
-        assert pose.xy[J["shoulder_left"], 0] > pose.xy[J["shoulder_right"], 0]
-        assert pose.xy[J["eye_left"], 0] > pose.xy[J["eye_right"], 0]
-        if framing == "full_body":
-            assert pose.in_frame.all()
+        down = pose.xy[[11, 12]].mean(0) - pose.xy[[5, 6]].mean(0)
+        assert _cross(pose.xy[J["shoulder_left"]] - pose.xy[J["shoulder_right"]], down) > 0
+        assert _cross(pose.xy[J["eye_left"]] - pose.xy[J["eye_right"]], down) > 0
+        if framing == "full_body":   # the head and legs in the frame (a hand may be cut at a side)
+            assert pose.in_frame[[0, 1, 2, 11, 12, 13, 14, 15, 16]].all()
         if framing == "upper_body":
-            # out-of-frame joints keep their coordinates (below the frame)
-            assert (pose.vis[11:17] == OUTSIDE).all() and (pose.xy[11:17, 1] >= 1).all()
+            # the hips out of the frame, with their coordinates kept
+            hips = pose.xy[11:13]
+            assert (pose.vis[11:13] == OUTSIDE).all() and ((hips < 0) | (hips >= 1)).any(1).all()
+
+
+def test_sample_pose_is_deterministic_per_seed():
+    a = [synth.sample_pose(np.random.default_rng([3, i])) for i in range(50)]
+    b = [synth.sample_pose(np.random.default_rng([3, i])) for i in range(50)]
+    assert all(pa == pb and ka == kb for (pa, ka), (pb, kb) in zip(a, b))
+    assert a[0][0] != synth.sample_pose(np.random.default_rng([4, 0]))[0]
+
+
+def test_the_wider_poses_have_their_share():
+    """New kinds, tilted and bent bodies, near-side and back views and sides cut by the frame occur, as a
+    minority."""
+    poses, kinds = zip(*(synth.sample_pose(np.random.default_rng([5, i])) for i in range(2000)))
+    kinds = np.array(kinds)
+    assert set(kinds) == set(synth.POSE_KINDS)
+    assert 0.12 < np.isin(kinds, synth.characters.WIDE_KINDS).mean() < 0.28
+    xy = np.stack([p.xy for p in poses])
+    sh, hip = xy[:, 5:7].mean(1), xy[:, 11:13].mean(1)
+    up = sh - hip
+    tilt = np.degrees(np.abs(np.arctan2(up[:, 0], -up[:, 1])))
+    upright = ~(kinds == "lying")
+    assert 0.03 < (tilt[upright] > 20).mean() < 0.2      # the narrow share leans by 3.5 degrees at most
+    assert (tilt[kinds == "lying"] > 45).all()
+    width = np.abs(xy[:, 5, 0] - xy[:, 6, 0]) / np.linalg.norm(up, axis=1)
+    assert 0.02 < (width[upright] < 0.3).mean() < 0.2     # near the side; 3/4 views keep more than 0.4
+    full = np.array([synth.framing_of(p) == "full_body" for p in poses])
+    cut = np.array([not p.in_frame[5:11].all() for p in poses])
+    assert 0.01 < (cut & full).mean() < 0.15              # an arm or shoulder out at a side of a full figure
+    assert 0.05 < np.mean([synth.characters.seen_from_behind(p) for p in poses]) < 0.2
+    lying = [p for p, k in zip(poses, kinds) if k == "lying"]
+    assert all(p.xy[11:13, 1].mean() >= 0.5 for p in lying)   # turned so that her hips are low in the frame
+
+
+def test_a_framing_the_pose_cannot_have_is_refused():
+    refused = framed = 0
+    for i in range(5000):   # a kneeling figure on her heels can have no knee or ankle below her hips
+        try:
+            pose, _ = synth.sample_pose(np.random.default_rng([2, i]), "kneeling", framing="cowboy_shot")
+        except ValueError as e:
+            assert "no cowboy_shot framing" in str(e)
+            refused += 1
+        else:
+            assert synth.framing_of(pose) == "cowboy_shot"
+            framed += 1
+        if refused and framed > 100:
+            break
+    assert refused >= 1 and framed > 100
 
 
 def test_turned_poses_hide_the_far_ear_and_shift_the_face():
@@ -118,6 +172,29 @@ def test_keypoints_sit_on_the_drawn_character():
             assert alpha[y, x] > 0, (k, kind, j)
         # and the figure does not fill the whole frame
         assert (alpha == 0).mean() > 0.05
+
+
+def test_a_figure_seen_from_behind_has_no_face_and_is_tagged_so():
+    """Seen from behind: the nose and eyes HIDDEN, her left shoulder on the image's left of her body's axis,
+    the head painted in the hair colour where a face would show skin, tagged from_behind without eye colour."""
+    found = {}
+    for i in range(400):
+        pose, kind = synth.sample_pose(np.random.default_rng([6, i]), "standing", framing="upper_body")
+        found.setdefault(synth.characters.seen_from_behind(pose), pose)
+        if len(found) == 2:
+            break
+    for behind, pose in found.items():
+        assert (pose.vis[:3] == HIDDEN).all() == behind
+        down = pose.xy[[11, 12]].mean(0) - pose.xy[[5, 6]].mean(0)
+        assert (_cross(pose.xy[J["shoulder_left"]] - pose.xy[J["shoulder_right"]], down) < 0) == behind
+        attrs = synth.sample_attributes(np.random.default_rng(0))
+        attrs.update(hair_colour="red", skin=0, background="plain", background_colour="grey", from_behind=behind)
+        img = np.asarray(synth.render_character(pose, attrs, 128)).astype(int)
+        x, y = ((pose.xy[[3, 4]].mean(0) + pose.xy[J["nose"]]) / 2 * 128).astype(int)   # below the head's centre
+        colour = synth.HAIR_COLOURS["red"] if behind else synth.palette.SKIN_TONES[0]
+        assert np.abs(img[y, x] - colour).sum() < 30, (behind, img[y, x])
+        tags = synth.tags._character_tags(attrs, "standing", "upper_body")
+        assert ("from_behind" in tags) == behind and any(t.endswith("_eyes") for t in tags) != behind
 
 
 def test_hair_colour_dominates_the_head_region():

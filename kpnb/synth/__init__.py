@@ -8,7 +8,9 @@ ground-truth label (so the filter's precision and recall can be measured) and a 
 * :func:`sample_attributes` and :func:`sample_pose` draw a character: hair colour and style, outfit, eyes,
   background, facing; and a pose from a small 3-D kinematic skeleton with anime proportions (a head about a
   quarter of the body height), projected with a yaw (3/4 views) and framed (full body, cowboy shot, upper body,
-  off-centre, scaled). Joints outside the frame keep their coordinates and are marked OUTSIDE.
+  off-centre, scaled). A share of the poses is wider: kneeling, crouching, lying, free arms, bent and tilted
+  bodies, near-side views, more real proportions, a side cut by the frame. Joints outside the frame keep their
+  coordinates and are marked OUTSIDE.
 * :func:`render_character` paints a character for ANY pose (also a user's, with missing or outside joints):
   everything is derived from the 17 positions alone, so the keypoints sit exactly on the drawn joints.
 * :func:`make_candidate` makes one dataset entry: a suitable image or a distractor (``multiple``, ``scenery``,

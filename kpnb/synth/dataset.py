@@ -18,7 +18,7 @@ from .. import progress as kprogress
 from ..keypoints import MISSING, Pose, write_release_json
 from .palette import (BACKGROUND_COLOURS, DISTRACTOR_SHARES, EYE_COLOURS, HAIR_COLOURS, ID_BASE, KEYPOINT_JITTER,
                       LABELS, OUTFIT_COLOURS, SHIRT_COLOURS, SYNTH_VERSION, TAG_NOISE)
-from .characters import _choice, _u, framing_of, sample_attributes, sample_pose
+from .characters import _choice, _u, framing_of, sample_attributes, sample_pose, seen_from_behind
 from .painter import _background, _draw_character, render_character
 from .scenes import _comic, _estimate, _garbage, _mix, _scenery, _scramble
 from .tags import (REVEALING_TAGS, _EXTRA_TAGS, _POSE_WORDS, _WRONG_TAGS, _background_words, _character_tags, _meta,
@@ -37,6 +37,7 @@ def _character(rng: np.random.Generator, framing: str | None = None) -> tuple[di
     pose, kind = sample_pose(rng, facing=attrs["facing"], framing=framing)
     attrs["seat"] = kind == "sitting"
     attrs["framing"] = framing_of(pose)
+    attrs["from_behind"] = seen_from_behind(pose)
     return attrs, pose, kind
 
 

@@ -18,7 +18,8 @@ class _HeadParts:
         g, R, s = self.g, self.R, self.g["s"]
         style = self.attrs.get("hair_style", "short")
         hair = self.hair
-        gravity = _unit(np.array([0.0, 1.0]) * 0.6 + g["down"] * 0.4, (0, 1))
+        # hair falls down the image, or along the body when the body lies across the image
+        gravity = _unit(np.array([0.0, 1.0]) * 0.6 * abs(float(g["down"][1])) + g["down"] * 0.4, (0, 1))
         side_v = _perp(gravity)
         if float(np.dot(side_v, g["r"])) < 0:
             side_v = -side_v
@@ -71,7 +72,7 @@ class _HeadParts:
         self.poly(np.concatenate([left, right[::-1]]), self.hair)
 
     def front_hair(self) -> None:
-        R, s = self.R, self.g["s"]
+        s = self.g["s"]
         style = self.attrs.get("hair_style", "short")
         hair = self.hair
         par = 0.3 * s
@@ -98,7 +99,11 @@ class _HeadParts:
                 lock = [self.L(sd * 1.13, 0.3), self.L(sd * 1.12, -0.55), self.L(sd * 0.98, tip),
                         self.L(sd * 0.8, -0.5), self.L(sd * 0.82, 0.15)]
                 self.poly(np.array(lock), hair)
-        # the glossy band
+        self.gloss()
+
+    def gloss(self) -> None:
+        """The glossy band across the top of the hair."""
+        R, s, hair = self.R, self.g["s"], self.hair
         hl = [self.L(-0.05 * s + 0.8 * math.cos(t), 0.08 + 0.8 * math.sin(t)) for t in np.linspace(0.9, 2.2, 6)]
         self.d.line(_pts(np.array(hl)), fill=self.ink.fill(_shade(hair, 1.35 if hair != HAIR_COLOURS["white"] else 0.9)),
                     width=max(1, int(0.1 * R)))
@@ -114,6 +119,10 @@ class _HeadParts:
         a2 = a * (1 - 0.3 * q * q) + s * 0.42 * q
         b2 = b * (1 + 0.08 * q)
         face = g["C"] + R * (a2[:, None] * g["r"] + b2[:, None] * g["u"])
+        if g["back"]:   # seen from behind: the back of the head is all hair
+            self.poly(face, self.hair)
+            self.gloss()
+            return
         self.poly(face, self.skin)
         P, known = g["P"], self.known
         for i, k in ((1, 1), (2, -1)):

@@ -147,8 +147,14 @@ def _geometry(P: np.ndarray, known: np.ndarray, size: float) -> dict[str, Any] |
     ref = sh_vec if np.hypot(*sh_vec) > 0.05 * R else r
     if float(np.dot(lat, ref)) < 0:
         lat = -lat
+    # Seen from behind: her left shoulder on the image's left of her body's downward axis (the front view
+    # mirrored, whichever way she leans or lies); narrow shoulders (near the side) count as a front view.
+    tors = hip_mid - sh_mid
+    back = bool(known[5] and known[6] and np.hypot(*sh_vec) > 0.25 * np.hypot(*tors)
+                and sh_vec[0] * tors[1] - sh_vec[1] * tors[0] < 0)
     return {"P": P, "C": C, "R": R, "u": u, "r": r, "s": s, "sh_mid": sh_mid, "hip_mid": hip_mid,
-            "down": down, "lat": lat, "guessed": guessed, "has_face": src in ("ears", "eyes", "nose", "head")}
+            "down": down, "lat": lat, "guessed": guessed, "has_face": src in ("ears", "eyes", "nose", "head"),
+            "back": back}
 
 
 class _Painter(_HeadParts, _BodyParts):
@@ -203,6 +209,8 @@ class _Painter(_HeadParts, _BodyParts):
 
     # ---- the whole figure
     def draw(self) -> None:
+        """Back to front: the far arm (seen from behind also an arm across her chest), the legs, the torso,
+        the other arms, the head; her hair behind her, or (seen from behind) over her back."""
         if self.g is None:
             return
         g = self.g
@@ -213,10 +221,12 @@ class _Painter(_HeadParts, _BodyParts):
             far = -1
         if self.attrs.get("seat"):
             self.seat()
-        self.back_hair()
+        if not g["back"]:
+            self.back_hair()
         arms_front = []
         for side in (1, -1):
-            if side == far and not self.crosses(side):
+            hidden = side == far or self.crosses(side) if g["back"] else side == far and not self.crosses(side)
+            if hidden:
                 self.arm(side)
             else:
                 arms_front.append(side)
@@ -224,6 +234,8 @@ class _Painter(_HeadParts, _BodyParts):
             self.leg(side)
         self.neck()
         self.torso()
+        if g["back"]:
+            self.back_hair()
         for side in arms_front:
             self.arm(side)
         self.head()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 
-SYNTH_VERSION = 2   # bump when the output changes, so cached datasets are redrawn
+SYNTH_VERSION = 3   # bump when the output changes, so cached datasets are redrawn
 ID_BASE = 100000
 
 # ---- palettes -----------------------------------------------------------------------------------------
@@ -40,7 +40,8 @@ OUTFITS = ("dress", "top_skirt")
 SLEEVES = ("none", "short", "long")
 FACINGS = ("front", "left", "right")      # left/right: the side of the IMAGE the character turns towards
 FRAMINGS = ("full_body", "cowboy_shot", "upper_body")
-POSE_KINDS = ("standing", "walking", "sitting", "arms_up", "arms_out", "arms_crossed", "waving")
+POSE_KINDS = ("standing", "walking", "sitting", "arms_up", "arms_out", "arms_crossed", "waving", "kneeling",
+              "crouching", "lying")
 BACKGROUND_KINDS = ("plain", "gradient", "stripes", "dots", "floor")
 DISTRACTOR_KINDS = ("multiple", "scenery", "comic", "sketch", "border", "estimator_failure", "rating")
 # Shares among distractors; 'rating' (an otherwise normal image rated explicit) is ~3% of all at 0.4.

@@ -28,9 +28,11 @@ _HAIR_STYLE_TAGS = {"short": ["short_hair"], "long": ["long_hair"], "twintails":
                     "ponytail": ["ponytail"], "bangs": ["blunt_bangs", "bangs", "long_hair"]}
 _POSE_TAGS = {"standing": ["standing"], "walking": ["walking"], "sitting": ["sitting"],
               "arms_up": ["arms_up", "standing"], "arms_out": ["outstretched_arms", "standing"],
-              "arms_crossed": ["crossed_arms", "standing"], "waving": ["waving", "standing"]}
+              "arms_crossed": ["crossed_arms", "standing"], "waving": ["waving", "standing"],
+              "kneeling": ["kneeling"], "crouching": ["squatting"], "lying": ["lying"]}
 _POSE_WORDS = {"standing": "standing", "walking": "walking", "sitting": "sitting", "arms_up": "with arms up",
-               "arms_out": "with arms spread out", "arms_crossed": "with arms crossed", "waving": "waving"}
+               "arms_out": "with arms spread out", "arms_crossed": "with arms crossed", "waving": "waving",
+               "kneeling": "kneeling", "crouching": "crouching", "lying": "lying down"}
 _BG_TAGS = {"plain": ["simple_background"], "gradient": ["gradient_background"],
             "stripes": ["striped_background"], "dots": ["polka_dot_background"], "floor": ["indoors"]}
 
@@ -51,12 +53,16 @@ def _character_tags(attrs: dict[str, Any], kind: str, framing: str) -> list[str]
         t += ["dress", f"{c}_dress"]
     else:
         t += ["skirt", f"{c}_skirt", "shirt", f"{attrs['shirt_colour']}_shirt"]
-    t.append(f"{attrs['eye_colour']}_eyes")
+    if not attrs.get("from_behind"):
+        t.append(f"{attrs['eye_colour']}_eyes")
     t.append({"none": "sleeveless", "short": "short_sleeves", "long": "long_sleeves"}[attrs["sleeves"]])
     if attrs["legwear"] != "none":
         t += ["thighhighs", f"{attrs['legwear']}_thighhighs"]
     t += _POSE_TAGS[kind] + [framing]
-    t.append("looking_at_viewer" if attrs["facing"] == "front" else "looking_to_the_side")
+    if attrs.get("from_behind"):
+        t.append("from_behind")
+    else:
+        t.append("looking_at_viewer" if attrs["facing"] == "front" else "looking_to_the_side")
     bg = attrs["background"]
     t += _BG_TAGS[bg] + ([f"{attrs['background_colour']}_background"] if bg == "plain" else [])
     if framing == "full_body" and attrs["seat"]:
@@ -86,12 +92,15 @@ def caption_of(attrs: dict[str, Any], kind: str, framing: str, rng: np.random.Ge
     """One of several caption templates from the attributes, pose kind and framing."""
     style_extra = {"twintails": "twin tails", "ponytail": "a ponytail", "bangs": "blunt bangs"}.get(attrs["hair_style"])
     facing = {"front": "facing the viewer", "left": "turned to the left", "right": "turned to the right"}[attrs["facing"]]
+    eyes = f"{_words(attrs['eye_colour'])} eyes, "
+    if attrs.get("from_behind"):
+        facing, eyes = "seen from behind", ""
     frame = {"full_body": "full body", "cowboy_shot": "cowboy shot", "upper_body": "upper body"}[framing]
     hair, outfit, pose, bg = _hair_words(attrs), _outfit_words(attrs), _POSE_WORDS[kind], _background_words(attrs)
     hair_full = hair + (f" in {style_extra}" if style_extra else "")
     templates = [
         f"a girl with {hair_full} and {outfit}, {pose}, {bg}",
-        f"anime girl, {hair_full}, {_words(attrs['eye_colour'])} eyes, {outfit}, {pose}, {facing}, {frame}, {bg}",
+        f"anime girl, {hair_full}, {eyes}{outfit}, {pose}, {facing}, {frame}, {bg}",
         f"an illustration of a girl {pose} in {outfit}; she has {hair_full}. {bg}",
         f"{frame} drawing of a girl with {hair_full} wearing {outfit}, {pose}, {facing}",
     ]
