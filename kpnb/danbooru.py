@@ -149,15 +149,14 @@ class Source:
                     and os.path.splitext(e.name)[0] not in have))
 
     # ---- metadata ---------------------------------------------------------------------------------------
-    def read_meta(self, wanted: set[str], problems: Problems) -> dict[str, dict[str, Any]]:
-        """{id: trimmed record} for the wanted ids, streaming the metadata files; a later file wins."""
-        return read_posts(self.metadata_files, wanted, problems)
+    def iter_meta(self, wanted: set[str], problems: Problems) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(id, trimmed record) for the wanted ids, streaming the metadata files; of repeats, the last wins."""
+        return iter_posts(self.metadata_files, wanted, problems)
 
-    def read_labels(self, wanted: set[str]) -> dict[str, dict[str, Any]]:
-        """Synthetic ground truth (labels.jsonl) of the wanted ids; {} without a labels file."""
-        out: dict[str, dict[str, Any]] = {}
+    def iter_labels(self, wanted: set[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(id, synthetic ground truth) from labels.jsonl for the wanted ids; nothing without a labels file."""
         if self.labels_file is None or not self.labels_file.exists():
-            return out
+            return
         with open(self.labels_file, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -168,13 +167,12 @@ class Source:
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise DataError(f"{self.labels_file}:{n}: bad labels line ({e})") from e
                 if rid in wanted:
-                    out[rid] = rec
-        return out
+                    yield rid, rec
 
     # ---- candidates -------------------------------------------------------------------------------------
     def records(self, ids: Iterable[str], meta: dict[str, dict[str, Any]], problems: Problems) -> Iterator[Record]:
         """Candidate records of ``ids`` in order, lazily; an id without an image goes to ``problems.no_image``
-        (its keypoint file named, as in :func:`kpnb.data.load_candidates`). ``meta``: from :meth:`read_meta`;
+        (its keypoint file named, as in :func:`kpnb.data.load_candidates`). ``meta``: id -> :meth:`iter_meta`'s record;
         ids without metadata get an empty record."""
         for i in ids:
             m = meta.get(i) or empty_meta(i)
@@ -207,15 +205,14 @@ def trim_meta(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_posts(files: Iterable[Path], wanted: set[str], problems: Problems) -> dict[str, dict[str, Any]]:
-    """Stream Danbooru JSON-lines metadata files, keeping the trimmed records of the ``wanted`` ids.
+def iter_posts(files: Iterable[Path], wanted: set[str], problems: Problems) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream Danbooru JSON-lines metadata files: (id, trimmed record) of the ``wanted`` ids, in file order.
 
     When every wanted id is numeric, a line whose ``"id"`` fields (the post's and its tags') name no wanted id
     is skipped unparsed: that is most of a 4.9M-line dump. Other lines are parsed; a bad one is listed in
     ``problems.bad_metadata_lines`` as ``file:line`` with the reason."""
     numeric = all(w.isdigit() for w in wanted)
     wanted_b = {w.encode() for w in wanted} if numeric else set()
-    out: dict[str, dict[str, Any]] = {}
     for path in files:
         with open(path, "rb") as f:
             for n, line in enumerate(f, 1):
@@ -230,10 +227,11 @@ def read_posts(files: Iterable[Path], wanted: set[str], problems: Problems) -> d
                     rid = str(rec["id"])
                     if rid not in wanted:
                         continue
-                    out[rid] = trim_meta(rec)
+                    trimmed = trim_meta(rec)
                 except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
                     problems.bad_metadata_lines.append((f"{path}:{n}", f"{e.__class__.__name__}: {e}"[:80]))
-    return out
+                    continue
+                yield rid, trimmed
 
 
 # ---- layout detection -----------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -61,6 +62,7 @@ from .runs import write_json
 
 FORMAT = "kpnb-shards/1"
 MANIFEST = "manifest.json"
+SPILL = ".meta-spill"  # per-shard metadata while a pack runs (_spill_meta); removed when it ends
 DELAY_ENV = "KPNB_PACK_DELAY_S"  # test hook: seconds to sleep per sample (makes a pack slow enough to kill)
 TAR_MTIME = 0  # fixed tar header fields: shard bytes depend on the samples only
 IMAGE_FORMATS = ("png", "jpg")
@@ -109,7 +111,7 @@ def _encode(im: np.ndarray, fmt: str) -> bytes:
 class _Job:
     index: int
     ids: list[str]
-    meta: dict[str, dict[str, Any]]
+    meta_file: Path  # this shard's metadata (_spill_meta)
     source: Source
     out: Path
     settings: dict[str, Any]
@@ -141,7 +143,7 @@ def _pack_shard(job: _Job) -> dict[str, Any]:
     tmp = job.out / f"{name}.tar.tmp"
     with open(tmp, "wb") as f:
         w = TarWriter(f, encoder=False, mtime=TAR_MTIME, user="kpnb", group="kpnb")
-        for rec in job.source.records(job.ids, job.meta, problems):
+        for rec in job.source.records(job.ids, _read_spill(job.meta_file), problems):
             if delay:
                 time.sleep(delay)
             if "." in rec.id:  # WebDataset splits a member name at the first dot into key and field
@@ -225,11 +227,6 @@ def pack(src: str | Path, out: str | Path, *, size: int = 256, shard_size: int =
     source.orphan_images(ids, problems)
     if limit is not None:
         ids = ids[:limit]
-    wanted = set(ids)
-    meta = source.read_meta(wanted, problems)
-    no_meta = sum(1 for i in ids if i not in meta) if source.metadata_files else len(ids)
-    for i, lab in source.read_labels(wanted).items():
-        meta.setdefault(i, empty_meta(i))["labels"] = lab
     settings = {"format": FORMAT, "size": size, "shard_size": shard_size, "image_format": image_format,
                 "source": source.describe()}
     plan = [ids[k:k + shard_size] for k in range(0, len(ids), shard_size)]
@@ -243,7 +240,8 @@ def pack(src: str | Path, out: str | Path, *, size: int = 256, shard_size: int =
         if rec is not None:
             records[i] = rec
     todo = [i for i in range(len(plan)) if i not in records]
-    jobs = (_Job(i, plan[i], {k: meta[k] for k in plan[i] if k in meta}, source, out, settings) for i in todo)
+    no_meta = _spill_meta(source, plan, todo, out / SPILL, problems)
+    jobs = (_Job(i, plan[i], out / SPILL / f"{i}.jsonl", source, out, settings) for i in todo)
 
     bar = kprogress.bar(total=len(plan), initial=len(records), desc="packing shards", disable=not progress,
                         unit_label="shard")
@@ -288,7 +286,62 @@ def pack(src: str | Path, out: str | Path, *, size: int = 256, shard_size: int =
         "seconds_this_run": round(time.time() - t0, 2), "shards_packed_this_run": len(todo),
     }
     write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / SPILL, ignore_errors=True)
     return manifest
+
+
+def _spill_meta(source: Source, plan: list[list[str]], todo: list[int], spill: Path, problems: Problems,
+                flush_every: int = 20000) -> int:
+    """Stream the source's metadata and labels once into ``spill/<shard>.jsonl`` (``[id, field, record]`` per
+    line, in stream order) for the shards in ``todo``, so the pack never holds the whole pool's metadata: each
+    shard's job reads only its own file. Returns how many ids of the whole plan have no metadata record."""
+    shutil.rmtree(spill, ignore_errors=True)  # a killed pack's spill may be partial: written again
+    spill.mkdir(parents=True)
+    shard_of = {k: i for i, chunk in enumerate(plan) for k in chunk}
+    wanted, keep = set(shard_of), set(todo)
+    have_meta: set[str] = set()
+    buffers: dict[int, list[str]] = {}
+    held = 0
+
+    def flush() -> None:
+        nonlocal held
+        for i, lines in buffers.items():
+            with open(spill / f"{i}.jsonl", "a", encoding="utf-8") as f:
+                f.writelines(lines)
+        buffers.clear()
+        held = 0
+
+    def put(rid: str, fld: str, rec: dict[str, Any]) -> None:
+        nonlocal held
+        i = shard_of[rid]
+        if i in keep:
+            buffers.setdefault(i, []).append(json.dumps([rid, fld, rec]) + "\n")
+            held += 1
+            if held >= flush_every:
+                flush()
+
+    for rid, rec in source.iter_meta(wanted, problems):
+        have_meta.add(rid)
+        put(rid, "meta", rec)
+    for rid, lab in source.iter_labels(wanted):
+        put(rid, "labels", lab)
+    flush()
+    return len(wanted) - len(have_meta) if source.metadata_files else len(wanted)
+
+
+def _read_spill(path: Path) -> dict[str, dict[str, Any]]:
+    """One shard's metadata from :func:`_spill_meta`'s file: id -> record, ``labels`` set from the labels."""
+    meta: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return meta
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            rid, fld, rec = json.loads(line)
+            if fld == "meta":
+                meta[rid] = {**rec, **({"labels": meta[rid]["labels"]} if "labels" in meta.get(rid, {}) else {})}
+            else:
+                meta.setdefault(rid, empty_meta(rid))["labels"] = rec
+    return meta
 
 
 def _counts(problems: Problems, shards: list[dict[str, Any]]) -> dict[str, int]:

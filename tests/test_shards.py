@@ -187,7 +187,7 @@ def test_flat_keypoints_and_metadata_stream(danbooru_tree, tmp_path):
     problems = data.Problems()
     assert not src.keypoints_bucketed and src.keypoint_ids(problems) == ["7", "12", "99", "1012", "2345", "12345",
                                                                          "40001"]
-    meta = src.read_meta({"12", "99"}, problems)
+    meta = dict(src.iter_meta({"12", "99"}, problems))
     assert sorted(meta) == ["12", "99"] and meta["99"]["file_ext"] == "png"
     assert len(problems.bad_metadata_lines) == 1  # the broken line could have been a wanted post
     (flat / "0012").mkdir()
@@ -257,3 +257,24 @@ def test_bench_data_measures_each_step(capsys):
             assert r[step]["rc"] == 0 and r[step]["peak_rss_mb"] > 10 and r[step]["images_per_s"] > 0
         assert set(r["stage_images_per_s"]) == {"tags", "image", "pose"}
     assert set(res["peak_ratio"]) == {"pack", "filter_and_subset"}
+
+
+def test_metadata_spilled_per_shard_for_the_shards_to_pack(tmp_path):
+    # the pack streams metadata once into one file per shard still to pack; a repeated id's last record wins
+    class Src:
+        metadata_files = ["posts.json"]
+
+        def iter_meta(self, wanted, problems):
+            recs = [("1", {"id": "1", "tag_names": ["a"]}), ("3", {"id": "3", "tag_names": ["c"]}),
+                    ("1", {"id": "1", "tag_names": ["a2"]}), ("9", {"id": "9"})]
+            yield from ((k, r) for k, r in recs if k in wanted)
+
+        def iter_labels(self, wanted):
+            yield from [("1", {"label": "ok"}), ("4", {"label": "comic"})]
+
+    plan = [["1", "2"], ["3", "4"]]
+    no_meta = shards._spill_meta(Src(), plan, [0], tmp_path / "spill", data.Problems(), flush_every=1)
+    assert no_meta == 2  # ids 2 and 4 have no metadata record; 9 is not in the plan
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["0.jsonl"]  # shard 1 is already packed
+    meta = shards._read_spill(tmp_path / "spill" / "0.jsonl")
+    assert meta == {"1": {"id": "1", "tag_names": ["a2"], "labels": {"label": "ok"}}}
