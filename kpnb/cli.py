@@ -109,7 +109,7 @@ def split_params(pairs: list[str], preset: str, nbs: list[Path]) -> tuple[dict[s
 # against the settings the smoke run's notebooks actually read
 SECTION_READERS = {
     "01": ("data", "filter", "clip"), "02": ("data",), "03": ("vq", "quality", "clip", "data"),
-    "04": ("diffusion", "estimator", "data"), "05": ("diffusion", "quality", "clip", "data"),
+    "04": ("diffusion", "estimator", "data", "quality", "clip"), "05": ("diffusion", "quality", "clip", "data"),
     "06": ("clip", "vq", "estimator", "data", "quality"), "07": ("transformer", "quality", "clip", "data"),
     "08": ("diffusion", "transformer", "vq"),
 }

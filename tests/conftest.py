@@ -7,7 +7,7 @@ from kpnb import data, pose_estimator, runs, stages
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
+def tiny_ldm_run(tmp_path_factory):
     """A smoke run folder with a trained f4 autoencoder and a (6-step) skeleton diffusion model. Shared: a
     test that changes it works on a copy."""
     root = tmp_path_factory.mktemp("run") / "run"

@@ -13,8 +13,8 @@ POSES = runs.repo_root() / "data" / "poses"
 
 
 @pytest.fixture(scope="module")
-def run(smoke_run):
-    return smoke_run
+def run(tiny_ldm_run):
+    return tiny_ldm_run
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from kpnb.layout import RunFiles
 
 
 @pytest.fixture
-def run(smoke_run, tmp_path):
+def run(tiny_ldm_run, tmp_path):
     root = tmp_path / "run"
-    shutil.copytree(smoke_run, root)
+    shutil.copytree(tiny_ldm_run, root)
     return root
 
 
@@ -35,13 +35,14 @@ def test_train_further_in_stretches_is_one_run_and_a_rerun_reads_the_points(run,
 
     model, res, points = stages.train_further(run, cfg, "f4", "skeleton", score=score)
     assert calls == [8, 10] and [p["step"] for p in points] == [8, 10] and res.step == 10
-    # one stretch from the same equal-budget checkpoint gives the same weights
+    # one stretch from the same equal-budget checkpoint gives the same weights (to float rounding: torch's
+    # thread count is fitted to the free cores at each call, and a reduction split differently rounds differently)
     one = tmp_path / "one"
     shutil.copytree(run, one)
     shutil.rmtree(RunFiles(one).ldm("f4", "skeleton", further=True))
     m1, _ = stages.train_ldm(one, cfg, "f4", "skeleton", further=True)
     for a, b in zip(model.state_dict().values(), m1.state_dict().values()):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # a rerun trains nothing and scores nothing: the points come from curve.json
     calls.clear()
     _, res2, points2 = stages.train_further(run, cfg, "f4", "skeleton", score=score)
