@@ -35,9 +35,11 @@ from torch import nn
 
 from .clip import clip_input
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+# torch-fidelity's Inception weights: the release tag of the TF graph they were converted from, then a hash
+_INCEPTION_TAG = "-".join(("2015", "12", "05", "6726825d"))
+INCEPTION_FILE = f"pt_inception-{_INCEPTION_TAG}.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
+                 f"weights-inception-{_INCEPTION_TAG}.pth")
 
 
 class ClipFeatures(nn.Module):
