@@ -526,7 +526,6 @@ def write_subset_memmap(shard_dir: str | Path, kept: Mapping[str, Any] | str | P
         if missing:
             raise DataError(f"{shard_dir}: {len(missing)} kept ids not found in the shards "
                             f"(first: {', '.join(missing[:5])})")
-        os.fsync(fd)
         poses.flush()
         del poses  # close the map before the renames
         _fsync(tmp_images)
