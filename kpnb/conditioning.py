@@ -152,6 +152,20 @@ def flip_batch(images: torch.Tensor, poses: torch.Tensor, which: torch.Tensor | 
             torch.where(w[:, None, None], flip_poses(poses), poses))
 
 
+def mask_joints(poses: torch.Tensor, u: torch.Tensor, p: float) -> torch.Tensor:
+    """Pose tensors ``[B, 17, 3]`` as a person's annotation may give them: each joint MISSING (coordinates
+    zeroed) where ``u[..., 0] < p``, and each other VISIBLE joint HIDDEN where ``u[..., 1] < p``; ``u``
+    ``[B, 17, 2]`` uniform draws. The training augmentation ``joint_drop``: the synthetic data labels every
+    joint, real annotations leave a quarter of them unlabelled and mark some hidden, and codes a model never
+    saw in training (the untrained "missing" and "hidden" embeddings) steer its samples nowhere in particular."""
+    vis = poses[..., 2]
+    miss = u[..., 0] < p
+    hide = (u[..., 1] < p) & (vis == VISIBLE) & ~miss
+    vis = torch.where(miss, float(MISSING), torch.where(hide, float(HIDDEN), vis))
+    xy = poses[..., :2] * (~miss)[..., None]
+    return torch.cat([xy, vis[..., None]], -1)
+
+
 # ---- encoders -------------------------------------------------------------------------------------------
 def grid_context(poses: torch.Tensor) -> torch.Tensor:
     """The original's context: ``keypoints.grid_tokens(pose, faithful_axes=True)`` as floats, ``[B, 1, 17]``."""

@@ -39,7 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import progress as kprogress, runs, training
 from .runtime import Method, Runtime, current
-from .conditioning import Cond, PoseConditioner, check_poses, flip_batch, flip_poses, parse_modes
+from .conditioning import (Cond, PoseConditioner, check_poses, flip_batch, flip_poses, mask_joints,
+                           parse_modes)
 from .images import to_model, to_uint8
 from .pose_estimator import pck, pose_ap, predict
 from .unet import SpatialTransformer, UNet, UNetConfig, timestep_embedding, unet_state_from_ldm
@@ -430,14 +431,16 @@ def decode_latents(vq: nn.Module, z: torch.Tensor, scale_factor: float, quantize
 # ======================================================================================================
 #: The keys of a preset's ``diffusion`` section that drive :func:`train_ldm` (besides :data:`ARCH_KEYS`).
 TRAIN_KEYS = ("steps", "batch_size", "lr", "warmup", "ema_decay", "p_uncond", "min_snr", "flip", "ckpt_every",
-              "seed", "lr_schedule")
+              "seed", "lr_schedule", "joint_drop")
 
 
 def _train_record(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The training settings saved with each checkpoint (a resumed run must match them; "steps" may change).
     AdamW runs without weight decay."""
     return {"batch_size": cfg["batch_size"], "lr": cfg["lr"], "warmup": cfg["warmup"], "weight_decay": 0.0,
-            **{k: cfg[k] for k in ("ema_decay", "p_uncond", "min_snr", "flip", "ckpt_every", "seed", "lr_schedule")}}
+            **{k: cfg[k] for k in ("ema_decay", "p_uncond", "min_snr", "flip", "ckpt_every", "seed", "lr_schedule")},
+            # recorded only when used, so a checkpoint trained before the key existed still resumes
+            **({"joint_drop": cfg["joint_drop"]} if cfg["joint_drop"] else {})}
 
 
 def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_dir: str | Path,
@@ -450,7 +453,8 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
 
     ``cfg``: a preset's ``diffusion`` section (every key of :data:`ARCH_KEYS` and :data:`TRAIN_KEYS`). Each
     step: a batch by :func:`kpnb.training.batch_indices`, half the samples flipped together with their poses
-    (``flip``), per-sample conditioning dropout (``p_uncond``), AdamW (no weight decay) with warm-up, then a
+    (``flip``), joints masked as in a person's annotation (``joint_drop``, :func:`kpnb.conditioning.mask_joints`),
+    per-sample conditioning dropout (``p_uncond``), AdamW (no weight decay) with warm-up, then a
     cosine or constant learning rate (``lr_schedule``), EMA of the weights. All randomness of step s comes from
     ``seeded_generator(seed, s)`` and is drawn for the whole global batch in ``batch_fn``, so a resumed run
     matches an uninterrupted one and N ranks (``runtime``, under torchrun) train what one process would.
@@ -480,7 +484,7 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
     model = ldm_from_settings(cfg, modes, latents.shape[2 if mirrored else 1:], scale_factor=sf).to(rt.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     lr, warmup, ema_decay = cfg["lr"], cfg["warmup"], cfg["ema_decay"]
-    p_uncond, min_snr, flip = cfg["p_uncond"], cfg["min_snr"], cfg["flip"]
+    p_uncond, min_snr, flip, joint_drop = cfg["p_uncond"], cfg["min_snr"], cfg["flip"], float(cfg["joint_drop"])
     # fused AdamW: one kernel over all tensors instead of a Python loop over them
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     bs, steps = int(cfg["batch_size"]), int(cfg["steps"])
@@ -501,7 +505,10 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
         else:  # the latents mirrored in place
             z, p = flip_batch(torch.as_tensor(latents[at]).float(), poses[idx], which)
         z = z.float() * sf
-        return (z, p, *model.draw(z.shape, p_uncond, g))
+        draws = model.draw(z.shape, p_uncond, g)
+        if joint_drop:  # drawn last, so a run without it draws exactly what it drew before the key existed
+            p = mask_joints(p, torch.rand(*p.shape[:2], 2, generator=g), joint_drop)
+        return (z, p, *draws)
 
     def step_fn(step: int, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         z, p, *draws = batch

@@ -148,6 +148,10 @@ def quality_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
         rows.append({"images": "training images, as many as the samples (a perfect generator)",
                      "FID": _fmt(smp["fid_real_same_n"]), "+-": "-", "KID": _fmt(smp.get("kid_real_same_n")),
                      "KID +-": "-", "n": _fmt(smp.get("fid_n_fake"))})
+    if smp.get("fid_recon_same_n") is not None:
+        rows.append({"images": "vq-f4 reconstructions of those training images (a perfect generator through f4)",
+                     "FID": _fmt(smp["fid_recon_same_n"]), "+-": "-", "KID": "-", "KID +-": "-",
+                     "n": _fmt(smp.get("fid_n_fake"))})
     for mode in _scored_modes(smp):
         label = f"diffusion {mode}" + (f" ({smp['long.mode']} trained further)" if mode == "long" and "long.mode" in smp else "")
         row(label, smp, f"{mode}.", smp.get("fid_n_fake"))

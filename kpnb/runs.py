@@ -61,14 +61,16 @@ BASE: dict[str, dict[str, Any]] = {
     # constant lr after warm-up, so training on continues the same schedule; guidance 2: at 5 the samples got
     # speckled colour noise and 2.4x the FID for +0.04 PCK (docs/experiments.md, the guidance probe);
     # strict_compare: notebook 04 also trains the best mode on the strict subset (kpnb.filtering.strict_keep);
-    # curve_points: the longer run stops that many times to score held-out loss and FID (overfitting)
+    # curve_points: the longer run stops that many times to score held-out loss and FID (overfitting);
+    # joint_drop: each training pose's joints go MISSING, and visible ones HIDDEN, with this probability, as
+    # in people's annotations (kpnb.conditioning.mask_joints)
     "diffusion": {"steps": 500, "batch_size": 32, "modes": ["grid", "tokens", "skeleton", "tokens+skeleton"],
                   "lr": 1e-3, "warmup": 100, "ema_decay": 0.999, "p_uncond": 0.1, "min_snr": 5.0, "flip": True,
                   "ckpt_every": 250, "seed": 0, "base": 32, "mults": [1, 2, 2], "num_res_blocks": 2,
                   "attn_ds": [2], "heads": 4, "token_dim": 64, "self_attn": True, "dropout": 0.0, "sigma": 1.0,
                   "sample_steps": 50, "eta": 0.0, "guidance": 2.0, "n_eval": 128,
                   "prediction": "v", "best_steps": 2000, "n_select": 48, "lr_schedule": "constant",
-                  "extra_specs": ["f8"], "strict_compare": True, "curve_points": 3},
+                  "extra_specs": ["f8"], "strict_compare": True, "curve_points": 3, "joint_drop": 0.0},
     # estimator: trained on exact renders (ground-truth poses): the PCK ruler
     "estimator": {"steps": 1500, "batch_size": 32, "lr": 2e-3, "width": 16, "image_size": 64, "n_train": 4000,
                   "n_val": 500, "train_seed": 1, "val_seed": 2, "ckpt_every": 500, "seed": 0},

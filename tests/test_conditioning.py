@@ -171,3 +171,23 @@ def test_check_poses_value_errors_name_the_joint():
         C.check_poses(q)
     assert C.check_poses(p[0]).shape == (1, 17, 3)
     assert C.check_poses([Pose.from_array(p[0])] * 3).shape == (3, 17, 3)
+
+
+def test_mask_joints_as_a_person_annotates():
+    p = random_poses(400, seed=7, edges=False)
+    u = torch.rand(400, 17, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(C.mask_joints(p, u, 0.0), p)
+    gone = C.mask_joints(p, u, 1.0)
+    assert (gone[..., 2] == MISSING).all() and (gone[..., :2] == 0).all()
+    m = C.mask_joints(p, u, 0.25)
+    vis, new = p[..., 2], m[..., 2]
+    labelled = vis != MISSING
+    share = (new[labelled] == MISSING).float().mean().item()
+    assert 0.2 < share < 0.3, share
+    # a joint is only ever made missing or (from visible) hidden; a missing one has no coordinates
+    changed = new != vis
+    assert ((new[changed] == MISSING) | ((new[changed] == HIDDEN) & (vis[changed] == VISIBLE))).all()
+    assert (m[..., :2][new == MISSING] == 0).all()
+    assert torch.equal(m[~changed], p[~changed])
+    hidden = ((new == HIDDEN) & (vis == VISIBLE)).sum() / (vis == VISIBLE).sum()
+    assert 0.12 < hidden.item() < 0.25  # 0.25 of the visible joints not made missing: about 0.19

@@ -7,7 +7,7 @@ import torch
 
 from kpnb import bench, runs, training, unet
 from kpnb import diffusion as D
-from kpnb.keypoints import MISSING, VISIBLE, PoseError
+from kpnb.keypoints import HIDDEN, MISSING, VISIBLE, PoseError
 from kpnb.pose_estimator import PoseNet
 
 
@@ -358,3 +358,20 @@ def test_train_on_rows_reads_only_those_rows(tmp_path):
     assert training.read_checkpoint_info(tmp_path / "a")["config"]["n_train"] == 4
     with pytest.raises(ValueError, match="rows"):
         D.train_ldm(z, p, cfg, tmp_path / "b", "skeleton", progress=False, scale_factor=1.0, rows=[12])
+
+
+def test_joint_drop_trains_the_missing_and_hidden_codes(tmp_path):
+    # every training pose is fully visible: without joint_drop the "missing" and "hidden" embeddings never
+    # get a gradient, so a person's annotation with unlabelled joints would meet untrained vectors
+    z, p = torch.randn(16, 3, 8, 8), poses(16)
+    cfg = settings(steps=3, batch_size=8, mults=[1], attn_ds=[], token_dim=8, p_uncond=0.0, joint_drop=0.0)
+    torch.manual_seed(cfg["seed"])  # the initial weights train_ldm starts from
+    init = D.ldm_from_settings(cfg, "tokens", (3, 8, 8), scale_factor=1.0)
+    rows = [MISSING, HIDDEN]
+    before = init.cond.vis_emb.weight[rows].clone()
+    off, _ = D.train_ldm(z, p, cfg, tmp_path / "off", "tokens", progress=False, scale_factor=1.0)
+    on, _ = D.train_ldm(z, p, {**cfg, "joint_drop": 0.3}, tmp_path / "on", "tokens", progress=False, scale_factor=1.0)
+    assert torch.equal(off.cond.vis_emb.weight[rows], before)
+    assert (on.cond.vis_emb.weight[rows] - before).abs().amax(1).min() > 0
+    assert training.read_checkpoint_info(tmp_path / "on")["config"]["train"]["joint_drop"] == 0.3
+    assert "joint_drop" not in training.read_checkpoint_info(tmp_path / "off")["config"]["train"]
