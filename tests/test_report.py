@@ -45,12 +45,17 @@ def test_report_tables_come_from_the_metrics_files(tmp_path):
 def test_quality_table_has_the_floor_every_generator_and_n():
     m = {"03_vq_training": {"f4.fid": 1.5, "f8.fid": 3.0, "n_val": 300},
          "05_sampling": {"best_mode": "skeleton", "skeleton.pck@0.1": 0.8, "skeleton.fid": 4.0,
-                         "skeleton.fid_spread": 0.2, "skeleton.kid": 0.01, "grid.pck@0.1": 0.1, "fid_n_fake": 128},
+                         "skeleton.fid_spread": 0.2, "skeleton.kid": 0.01, "grid.pck@0.1": 0.1, "fid_n_fake": 128,
+                         "fid_real_same_n": 2.1, "fid_recon_same_n": 2.3},
          "07_cond_transformer": {"fid": 9.0, "n_eval": 200, "spec": "f16"},
          "06_clip_tuning": {"samples.fid": 5.0, "f4.fid_tuned": 6.0, "fid_n_fake": 32}}
     rows = {r["images"]: r for r in report.quality_table(m)}
-    assert list(rows) == ["vq-f4 reconstructions (floor)", "vq-f8 reconstructions (floor)", "diffusion skeleton",
-                          "transformer (f16)", "diffusion samples before CLIP tuning", "CLIP-tuned through vq-f4"]
+    same_n = ["training images, as many as the samples (a perfect generator)",
+              "vq-f4 reconstructions of those training images (a perfect generator through f4)"]
+    assert list(rows) == ["vq-f4 reconstructions (floor)", "vq-f8 reconstructions (floor)", *same_n,
+                          "diffusion skeleton", "transformer (f16)", "diffusion samples before CLIP tuning",
+                          "CLIP-tuned through vq-f4"]
+    assert rows[same_n[1]]["FID"] == "2.3" and rows[same_n[1]]["n"] == "128"
     assert rows["diffusion skeleton"]["FID"] == "4" and rows["diffusion skeleton"]["+-"] == "0.2"
     assert rows["diffusion skeleton"]["n"] == "128" and rows["vq-f4 reconstructions (floor)"]["n"] == "300"
     assert "diffusion grid" not in rows  # no FID measured: no row, nothing filled in
@@ -126,4 +131,6 @@ def test_real_pose_numbers_reach_the_report_and_the_status_table_but_are_no_mode
     text = status._sampling(smp)
     assert "78 real COCO poses **0.350** (**0.41** x held-out" in text and "exact renders of them 0.450" in text
     assert "real_poses 0.350" not in text  # not listed among the equal-budget modes
+    # as shares of each set's ceiling: 0.79 / 0.89
+    assert "(0.8876 x as shares of each set's ceiling)" in real[1]["model"] and "ceiling 0.89 x held-out" in text
     assert "real COCO" not in status._sampling({k: v for k, v in smp.items() if not k.startswith("real_poses")})
