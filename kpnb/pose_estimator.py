@@ -434,18 +434,20 @@ def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: 
     return model, info
 
 
-def fit_keeper(cfg: Mapping[str, Any], keeper_seed: int, ckpt_dir: str | Path, *, render_size: int = 256,
-               progress: bool = True) -> tuple[PoseNet, dict[str, Any]]:
+def fit_keeper(cfg: Mapping[str, Any], keeper_seed: int, ckpt_dir: str | Path, *, steps: int | None = None,
+               n_train: int | None = None, render_size: int = 256, progress: bool = True
+               ) -> tuple[PoseNet, dict[str, Any]]:
     """A second estimator, trained apart from the judge (the estimator of ``cfg``): :func:`fit_estimator` with
-    ``keeper_seed`` for both its training renders and its initialisation; the ceiling is measured on the
-    judge's held-out renders. A seed equal to the judge's ``train_seed`` or ``val_seed`` is refused: the
-    keeper would see the judge's renders."""
+    ``keeper_seed`` for both its training renders and its initialisation, and its own budget ``steps`` /
+    ``n_train`` (None: the judge's); the ceiling is measured on the judge's held-out renders. A seed equal to
+    the judge's ``train_seed`` or ``val_seed`` is refused: the keeper would see the judge's renders."""
     if keeper_seed in (cfg["train_seed"], cfg["val_seed"]):
         raise ValueError(f"clip.keeper_seed {keeper_seed} must differ from estimator.train_seed and val_seed "
                          f"({cfg['train_seed']}, {cfg['val_seed']}): the keeper has to be trained "
                          "apart from the judge")
-    return fit_estimator({**cfg, "train_seed": keeper_seed, "seed": keeper_seed}, ckpt_dir, render_size=render_size,
-                         progress=progress)
+    budget = {k: int(v) for k, v in (("steps", steps), ("n_train", n_train)) if v is not None}
+    return fit_estimator({**cfg, **budget, "train_seed": keeper_seed, "seed": keeper_seed}, ckpt_dir,
+                         render_size=render_size, progress=progress)
 
 
 def ceiling(model: PoseNet, images: Any = None, poses: Any = None, *, n: int = 500, seed: int = 12345,

@@ -63,16 +63,23 @@ class Bar(tqdm):
         super().__init__(iterable, *args, **kwargs)
         self._report(force=True)
 
-    def __iter__(self):  # tqdm's own iterator skips update(); count here
-        for item in super().__iter__():
-            yield item
-            self._count += 1
-            self._report()
+    def __iter__(self):
+        # count here: a disabled tqdm's iterator never calls update(), a shown one calls it now and then with
+        # the items since its last refresh, which update() must then not count again
+        self._iterating = True
+        try:
+            for item in super().__iter__():
+                yield item
+                self._count += 1
+                self._report()
+        finally:
+            self._iterating = False
 
     def update(self, n: float = 1) -> bool | None:
         out = super().update(n)
-        self._count += int(n)
-        self._report()
+        if not getattr(self, "_iterating", False):
+            self._count += int(n)
+            self._report()
         return out
 
     def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:

@@ -78,7 +78,8 @@ BASE: dict[str, dict[str, Any]] = {
                   "n_val": 500, "train_seed": 1, "val_seed": 2, "ckpt_every": 500, "seed": 0},
     # clip: a small domain CLIP trained on a separate synthetic pool (unless pretrained_path names a local
     # open_clip file), the attribute classifier (attr_*), and the tuning (tune_*, cutouts, the head mask's
-    # anchor, the keeper pose term: pose_weight, keeper_seed)
+    # anchor, the keeper pose term: pose_weight, keeper_seed, and the keeper's training budget keeper_steps /
+    # keeper_n_train: it only has to hold the pose, so it keeps the budget the judge had before it doubled)
     "clip": {"steps": 1600, "batch_size": 64, "n_images": 4000, "lr": 2e-3, "warmup": 50, "weight_decay": 0.1,
              "min_frac": 0.8, "seed": 0, "ckpt_every": 500, "image_size": 64, "patch_size": 8, "width": 64,
              "layers": 2, "text_width": 64, "text_layers": 2, "context_length": 32, "embed_dim": 64,
@@ -86,7 +87,7 @@ BASE: dict[str, dict[str, Any]] = {
              "attr_steps": 600, "attr_width": 16, "attr_depth": 3,
              "tune_steps": 100, "tune_lr": 0.1, "cutouts": 16, "cut_min_frac": 0.75, "cut_noise": 0.05,
              "anchor_weight": 1.0, "head_radius": 0.125, "head_anchor": 0.5, "pose_weight": 10.0,
-             "keeper_seed": 11, "n_tune": 32},
+             "keeper_seed": 11, "keeper_steps": 1500, "keeper_n_train": 4000, "n_tune": 32},
     # transformer: a GPT over f16 codes with the 17 grid tokens as its prefix
     "transformer": {"spec": "f16", "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.1, "lr": 5e-4,
                     "warmup": 100, "weight_decay": 0.01, "steps": 2000, "batch_size": 32, "ckpt_every": 500,
@@ -120,7 +121,7 @@ DELTAS: dict[str, dict[str, Any]] = {
         "clip": {"steps": 6, "batch_size": 8, "n_images": 48, "warmup": 2, "ckpt_every": 1000, "image_size": 32,
                  "width": 32, "layers": 1, "text_width": 32, "text_layers": 1, "context_length": 16,
                  "embed_dim": 32, "attr_steps": 6, "attr_width": 8, "attr_depth": 2, "tune_steps": 3,
-                 "cutouts": 2, "pose_weight": 1.0, "n_tune": 2},
+                 "cutouts": 2, "pose_weight": 1.0, "n_tune": 2, "keeper_steps": 6, "keeper_n_train": 32},
         "transformer": {"n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0, "lr": 1e-3, "warmup": 0,
                         "steps": 6, "batch_size": 8, "ckpt_every": 1000, "n_eval": 8},
     },

@@ -158,6 +158,9 @@ def test_keeper_is_trained_apart_from_the_judge(tmp_path):
     keeper, info = E.fit_keeper(cfg, 11, tmp_path / "k", progress=False)
     assert info["steps"] == 2 and 0.0 <= info["ceiling.pck@0.1"] <= 1.0
     assert keeper.image_size == 32
+    # a budget of its own (clip.keeper_steps / keeper_n_train)
+    _, info = E.fit_keeper(cfg, 11, tmp_path / "k3", steps=3, n_train=6, progress=False)
+    assert info["steps"] == 3 and info["n_train"] == 6
 
 
 def test_estimator_training_is_reproducible(tmp_path):

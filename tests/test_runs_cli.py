@@ -180,3 +180,18 @@ def test_progress_lines_reach_the_console_and_the_log(tiny_notebooks, tmp_path, 
 
 def test_every_preset_has_a_cell_timeout():
     assert set(runs.CELL_TIMEOUT_S) == set(runs.PRESETS)
+
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_a_bar_iterated_counts_each_item_once(tmp_path, monkeypatch, disable):
+    from kpnb import progress
+
+    log = tmp_path / "progress.log"
+    monkeypatch.setenv("KPNB_PROGRESS_LOG", str(log))
+    monkeypatch.setenv("KPNB_PROGRESS_EVERY", "0")
+    # mininterval 0: a shown tqdm calls update() from its own iterator at every item
+    for i in progress.bar(range(5), desc="items", disable=disable, mininterval=0, miniters=1):
+        if i == 4:
+            break  # as CLIP tuning leaves its loop at the last step
+    text = log.read_text()
+    assert "items  step 4/5 (80%)" in text and "step 5/5" not in text and "step 6/5" not in text, text
