@@ -422,7 +422,7 @@ def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: 
     """The whole estimator stage from a preset's ``estimator`` section: render ``n_train`` ground-truth
     characters (``train_seed``) at ``image_size``, train, and measure the ceiling on ``n_val`` held-out
     renders (``val_seed``). Returns (model, info) with info = ceiling PCK keys (prefixed ``ceiling.``),
-    ``train_seconds``, ``render_seconds``, ``images_per_s``, ``steps``."""
+    ``train_seconds``, ``render_seconds``, ``images_per_s``, ``steps``, ``n_train``."""
     t0 = time.perf_counter()
     size = int(cfg["image_size"])
     imgs, poses = render_truth(int(cfg["n_train"]), int(cfg["train_seed"]), size, render_size)
@@ -430,7 +430,8 @@ def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: 
     render_s = time.perf_counter() - t0
     model, res = train_estimator(imgs, poses, cfg, ckpt_dir, progress=progress, resume=resume, runtime=runtime)
     info: dict[str, Any] = {f"ceiling.{k}": v for k, v in ceiling(model, vimgs, vposes).items()}
-    info.update(train_seconds=res.seconds, render_seconds=render_s, images_per_s=res.images_per_s, steps=res.step)
+    info.update(train_seconds=res.seconds, render_seconds=render_s, images_per_s=res.images_per_s, steps=res.step,
+                n_train=len(imgs))
     return model, info
 
 
