@@ -60,6 +60,7 @@ class Bar(tqdm):
         self._t0 = self._last = time.monotonic()
         self._post: dict[str, Any] = {}
         self._closed = False
+        self._iterating = False  # inside __iter__, which counts the items itself
         super().__init__(iterable, *args, **kwargs)
         self._report(force=True)
 
@@ -77,7 +78,7 @@ class Bar(tqdm):
 
     def update(self, n: float = 1) -> bool | None:
         out = super().update(n)
-        if not getattr(self, "_iterating", False):
+        if not self._iterating:
             self._count += int(n)
             self._report()
         return out
