@@ -46,7 +46,7 @@ from .pose_estimator import pck, pose_ap, predict
 from .unet import SpatialTransformer, UNet, UNetConfig, timestep_embedding, unet_state_from_ldm
 
 __all__ = ["ARCH_KEYS", "PREDICTIONS", "TRAIN_KEYS", "KeypointLDM", "Schedule", "SpatialTransformer", "UNet",
-           "UNetConfig", "ddim_sample", "ddim_sigma", "ddim_step", "decode_latents", "encode_latents",
+           "UNetConfig", "check_interval", "ddim_sample", "ddim_sigma", "ddim_step", "decode_latents", "encode_latents",
            "eps_and_x0", "ldm_from_settings", "load_ldm", "make_ldm", "model_stats", "original_ldm",
            "pose_fidelity", "prediction_target", "sample_images", "sample_kwargs", "scale_factor_of",
            "snap_to_codebook", "timestep_embedding", "train_ldm", "unet_state_from_ldm", "validation_loss"]
@@ -280,7 +280,7 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, *
 
 @torch.no_grad()
 def ddim_sample(model: KeypointLDM, poses: Any, *, steps: int = 50, eta: float = 0.0, guidance: float = 1.0,
-                generator: torch.Generator | None = None, seed: int | None = None,
+                guidance_interval: Sequence[int] | None = None, generator: torch.Generator | None = None, seed: int | None = None,
                 x_T: torch.Tensor | None = None, x0: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 x0_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 callback: Callable[[dict[str, Any]], None] | None = None) -> torch.Tensor:
@@ -288,6 +288,10 @@ def ddim_sample(model: KeypointLDM, poses: Any, *, steps: int = 50, eta: float =
 
     * ``steps``, ``eta`` (0 = deterministic DDIM, 1 = DDPM-like), ``guidance`` (classifier-free scale:
       1 = conditional only, 0 = unconditional, >1 pushes towards the pose).
+    * ``guidance_interval``: ``[lo, hi]``, the timesteps ``lo <= t < hi`` at which ``guidance`` applies; the
+      other steps run the conditional branch alone (guidance 1, one UNet pass). None = every step. Guidance
+      at high noise cost FID for little pose accuracy here; in the low-noise half it sharpened joints
+      without it (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"; docs/experiments.md).
     * determinism: noise comes from ``generator`` (or a fresh one seeded with ``seed``; neither = torch's
       global RNG), drawn on the CPU; the same seed gives the same latents.
     * ``x_T``: the starting noise (else drawn).
@@ -322,6 +326,7 @@ def ddim_sample(model: KeypointLDM, poses: Any, *, steps: int = 50, eta: float =
     uncond = model.cond.null(B) if guidance != 1.0 else None
     abar = model.schedule.alphas_cumprod
     ts = model.schedule.ddim_timesteps(steps)
+    lo, hi = check_interval(guidance_interval, model.schedule.T)
     for i, t in enumerate(ts):
         a_t = float(abar[t])
         a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else float(abar[0])
@@ -330,7 +335,7 @@ def ddim_sample(model: KeypointLDM, poses: Any, *, steps: int = 50, eta: float =
             known = model.schedule.add_noise(x0.expand(shape), rand(), tt)
             x = mask * known + (1 - mask) * x
         with amp():  # the UNet in the runtime's precision; the DDIM update in fp32
-            e = model.guided_eps(x, tt, cond, uncond, guidance).float()
+            e = model.guided_eps(x, tt, cond, uncond, guidance if lo <= t < hi else 1.0).float()
         noise = rand() if ddim_sigma(a_t, a_prev, eta) > 0 else None
         x, pred_x0 = ddim_step(x, e, a_t, a_prev, eta=eta, noise=noise, x0_fn=x0_fn)
         if callback is not None:
@@ -341,10 +346,25 @@ def ddim_sample(model: KeypointLDM, poses: Any, *, steps: int = 50, eta: float =
     return x
 
 
+def check_interval(interval: Sequence[int] | None, T: int) -> tuple[int, int]:
+    """``guidance_interval`` as ``(lo, hi)``: None = the whole schedule ``(0, T)``; else two integers
+    ``0 <= lo < hi <= T``, or a ValueError naming the field."""
+    if interval is None:
+        return 0, T
+    try:
+        lo, hi = (int(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"diffusion.guidance_interval must be [lo, hi] timesteps, got {interval!r}") from None
+    if not 0 <= lo < hi <= T:
+        raise ValueError(f"diffusion.guidance_interval must satisfy 0 <= lo < hi <= {T}, got {interval!r}")
+    return lo, hi
+
+
 def sample_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """A preset's ``diffusion`` section as the DDIM keywords of :func:`ddim_sample`, :func:`sample_images`
-    and :func:`pose_fidelity`: ``steps``, ``eta``, ``guidance``."""
-    return {"steps": cfg["sample_steps"], "eta": cfg["eta"], "guidance": cfg["guidance"]}
+    and :func:`pose_fidelity`: ``steps``, ``eta``, ``guidance``, ``guidance_interval``."""
+    return {"steps": cfg["sample_steps"], "eta": cfg["eta"], "guidance": cfg["guidance"],
+            "guidance_interval": cfg["guidance_interval"]}
 
 
 # ======================================================================================================

@@ -28,7 +28,7 @@ import numpy as np
 from . import diffusion, figures, keypoints as kp, runs, training, vq
 from .layout import RunFiles
 
-ORIGINAL_DEFAULTS = {"steps": 50, "eta": 1.0, "guidance": 1.0}
+ORIGINAL_DEFAULTS = {"steps": 50, "eta": 1.0, "guidance": 1.0, "guidance_interval": None}
 
 
 def _identity(folder_or_file: Path) -> dict[str, Any]:
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="DDIM steps (default: the preset's; released model 50)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the preset's; released model 1.0)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance (released model: 1, none)")
+    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="timesteps LO <= t < HI where guidance applies (default: the preset's; released model: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, help="resize the PNGs to this many pixels")
     p.add_argument("--person", type=int, help="COCO/OpenPose: only this person (index among the usable ones)")
@@ -142,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     except (kp.PoseError, FileNotFoundError, ValueError) as e:
         print(f"kpnb sample: {e}", file=sys.stderr)
         return 2
-    given = {"steps": a.steps, "eta": a.eta, "guidance": a.guidance}
+    given = {"steps": a.steps, "eta": a.eta, "guidance": a.guidance, "guidance_interval": a.guidance_interval}
     settings = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
+    try:
+        diffusion.check_interval(settings["guidance_interval"], ldm.schedule.T)
+    except ValueError as e:
+        print(f"kpnb sample: {e}", file=sys.stderr)
+        return 2
     if info["kind"] == "released checkpoint":
         print(f"kpnb sample: the released model; the original script's defaults unless given: DDIM "
               f"{ORIGINAL_DEFAULTS['steps']} steps, eta {ORIGINAL_DEFAULTS['eta']}, no guidance -> using {settings}")

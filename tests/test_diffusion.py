@@ -108,6 +108,33 @@ def test_guidance_scales():
     torch.testing.assert_close(a, b)
 
 
+def test_guidance_interval_applies_guidance_only_at_its_timesteps():
+    m = tiny()
+    p = poses(3)
+    ts = [int(t) for t in m.schedule.ddim_timesteps(4)]  # the 4 DDIM timesteps in sampling order, high to low
+    full = D.ddim_sample(m, p, steps=4, guidance=3.0, seed=1)
+    none = D.ddim_sample(m, p, steps=4, guidance=1.0, seed=1)
+    assert not torch.allclose(full, none)
+    # an interval holding every timestep is plain guidance; one holding none of them is conditional only
+    torch.testing.assert_close(D.ddim_sample(m, p, steps=4, guidance=3.0, guidance_interval=[0, m.schedule.T],
+                                             seed=1), full)
+    torch.testing.assert_close(D.ddim_sample(m, p, steps=4, guidance=3.0, guidance_interval=[ts[0] + 1, 1000],
+                                             seed=1), none)
+    # guidance at the low-noise steps only: the steps before them run as conditional only, so the latents
+    # seen by the callback agree with the unguided run until the first guided step, and differ after it
+    seen = {}
+    for g, iv in (("none", None), ("low", [0, ts[2] + 1])):
+        seen[g] = []
+        D.ddim_sample(m, p, steps=4, guidance=1.0 if g == "none" else 3.0, guidance_interval=iv, seed=1,
+                      callback=lambda d, k=g: seen[k].append(d["x"].clone()))
+    # steps 0 and 1 (ts[0], ts[1]) unguided, steps 2 and 3 guided
+    torch.testing.assert_close(seen["low"][1], seen["none"][1])
+    assert not torch.allclose(seen["low"][2], seen["none"][2])
+    for bad in ([5, 5], [-1, 10], [0, 1001], [1], "ab"):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            D.ddim_sample(m, p, steps=2, guidance=3.0, guidance_interval=bad, seed=0)
+
+
 def test_callback_and_inpainting():
     m = tiny("skeleton")
     p = poses(2)
@@ -299,8 +326,8 @@ def test_unknown_lr_schedule_is_refused(tmp_path):
 
 
 def test_sample_kwargs_from_a_preset():
-    cfg = settings(sample_steps=7, eta=0.5, guidance=2.0)
-    assert D.sample_kwargs(cfg) == {"steps": 7, "eta": 0.5, "guidance": 2.0}
+    cfg = settings(sample_steps=7, eta=0.5, guidance=2.0, guidance_interval=[0, 400])
+    assert D.sample_kwargs(cfg) == {"steps": 7, "eta": 0.5, "guidance": 2.0, "guidance_interval": [0, 400]}
 
 
 def test_ddim_step_on_hand_computed_values():

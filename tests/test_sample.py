@@ -50,7 +50,10 @@ def test_three_formats_from_a_run_folder_same_seed_same_images(run, pose_files, 
     info = json.loads((tmp_path / "a" / "sample.json").read_text())
     labels = [p["label"] for p in info["poses"]]
     assert labels == ["release", "coco-coco7-0", "openpose-person0"]
-    assert info["sampler"] == {"steps": 3, "eta": 0.0, "guidance": 2.0} and info["model"]["model"] == "skeleton"
+    d = runs.run_config(run)["diffusion"]  # the run's sampler settings, with the given --steps
+    assert info["sampler"] == {"steps": 3, "eta": d["eta"], "guidance": d["guidance"],
+                               "guidance_interval": d["guidance_interval"]}
+    assert info["model"]["model"] == "skeleton"
     assert info["model"]["ldm"]["step"] == 6 and len(info["model"]["ldm"]["sha1"]) == 16
     pngs = sorted(p.name for p in (tmp_path / "a").glob("*_[0-9].png"))
     assert pngs == sorted(f"{label}_{k}.png" for label in labels for k in (0, 1))
@@ -76,6 +79,11 @@ def test_bad_pose_file_is_named_with_its_field(run, tmp_path, capsys):
     other.write_text(json.dumps({"hello": 1}))
     assert sample.main(["--pose", str(other), "--model", str(run), "--out", str(tmp_path / "o")]) == 2
     assert f"{other}: not a pose file" in capsys.readouterr().err
+    # a guidance interval outside the schedule is refused before anything is sampled
+    assert sample.main(["--pose", str(POSES / "1000846.json"), "--model", str(run), "--mode", "skeleton",
+                        "--guidance-interval", "600", "200", "--out", str(tmp_path / "g")]) == 2
+    assert "guidance_interval must satisfy 0 <= lo < hi <= 1000" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
 
 
 def test_released_checkpoint_uses_the_original_scripts_defaults(pose_files, tmp_path, capsys):
@@ -88,5 +96,5 @@ def test_released_checkpoint_uses_the_original_scripts_defaults(pose_files, tmp_
     out = capsys.readouterr().out
     assert "the original script's defaults" in out
     info = json.loads((tmp_path / "o" / "sample.json").read_text())
-    assert info["sampler"] == {"steps": 2, "eta": 1.0, "guidance": 1.0}
+    assert info["sampler"] == {"steps": 2, "eta": 1.0, "guidance": 1.0, "guidance_interval": None}
     assert info["model"]["kind"] == "released checkpoint" and (tmp_path / "o" / "release_0.png").exists()
