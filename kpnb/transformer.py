@@ -361,7 +361,9 @@ def sample_codes(model: CondTransformer, poses: Any, *, temperature: float = 1.0
     model.eval()
     seq = ptok.to(dev) + model.cfg.n_codes
     L = model.cfg.n_positions
-    for i in kprogress.bar(range(L), desc="sampling codes", disable=not progress, leave=False, unit_label="code"):
+    # no progress-log lines unless asked: notebooks call this once per batch, a second each
+    for i in kprogress.bar(range(L), desc="sampling codes", disable=not progress, leave=False, unit_label="code",
+                           report=progress):
         logits = model(seq, start=seq.shape[1] - 1)[:, -1].float().cpu()
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)

@@ -90,6 +90,8 @@ def test_every_notebook_has_parameters_and_no_outputs():
             assert name in params, f"{nb.name} lacks parameter {name}"
         data = json.loads(nb.read_text())
         assert not any(c.get("outputs") for c in data["cells"] if c["cell_type"] == "code"), nb.name
+        # nbformat 4.5 cells carry ids; one without makes every headless run warn (MissingIDFieldWarning)
+        assert all("id" in c for c in data["cells"]), f"{nb.name}: a cell without an id"
 
 
 def _kpnb(*args):
