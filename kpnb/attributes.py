@@ -59,13 +59,15 @@ class AttributeNet(nn.Module):
         return {k: head(h) for k, head in self.heads.items()}
 
 
-def _to_input(images: np.ndarray) -> torch.Tensor:
+def _uint8_images(images: np.ndarray) -> np.ndarray:
+    """The images as uint8 [N, H, W, 3] without a copy (a memory-mapped subset stays on disk), or a ValueError;
+    callers convert them batch by batch."""
     arr = np.asarray(images)
     if arr.ndim == 3:
         arr = arr[None]
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {arr.dtype} {arr.shape}")
-    return to_model(arr)
+    return arr
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -106,7 +108,7 @@ def train_attribute_classifier(images: np.ndarray, labels: Mapping[str, Sequence
     (or None when image i has no such attribute), through :func:`kpnb.training.train`, on ``runtime``'s
     device (default: the current runtime). Returns ``(model in eval mode, TrainResult)``."""
     rt = runtime or current()
-    x_all = _to_input(images)
+    x_all = _uint8_images(images)
     y_all = {}
     for name, cls in classes.items():
         if name not in labels or len(labels[name]) != len(x_all):
@@ -118,7 +120,7 @@ def train_attribute_classifier(images: np.ndarray, labels: Mapping[str, Sequence
 
     def batch_fn(step: int):
         idx = training.batch_indices(len(x_all), batch_size, step, seed=seed)
-        x = _augment(x_all[idx], training.seeded_generator(seed, step))
+        x = _augment(to_model(x_all[idx.numpy()]), training.seeded_generator(seed, step))
         return x, {k: v[idx] for k, v in y_all.items()}
 
     def step_fn(step: int, batch):
@@ -167,11 +169,11 @@ def load_attribute_classifier(ckpt_dir: str | Path) -> AttributeNet:
 def attribute_probs(model: AttributeNet, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
     """Class probabilities per attribute, ``{name: [N, K]}`` (columns in ``model.classes[name]`` order)."""
     model.eval()
-    x = _to_input(images)
+    x = _uint8_images(images)
     dev = next(model.parameters()).device
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in model.classes}
     for i in range(0, len(x), batch_size):
-        for k, v in model(x[i:i + batch_size].to(dev)).items():
+        for k, v in model(to_model(x[i:i + batch_size]).to(dev)).items():
             outs[k].append(v.float().softmax(-1).cpu())
     return {k: torch.cat(v).numpy() if v else np.zeros((0, len(model.classes[k])), np.float32)
             for k, v in outs.items()}

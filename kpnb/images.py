@@ -10,8 +10,11 @@ import torch
 
 def to_model(images: Any) -> torch.Tensor:
     """uint8 images [N, H, W, 3] (numpy or tensor) -> float tensor [N, 3, H, W] in [-1, 1]."""
-    x = images if torch.is_tensor(images) else torch.from_numpy(np.ascontiguousarray(images))
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    if not torch.is_tensor(images):
+        arr = np.ascontiguousarray(images)
+        # a read-only memory map (a big subset): copy the rows asked for, torch wants writable memory
+        images = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

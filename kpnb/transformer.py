@@ -46,9 +46,8 @@ from torch import nn
 from . import progress as kprogress, training
 from .runtime import Method, Runtime, current
 from .conditioning import check_poses, flip_poses, grid_context
-from .data import flip_images
-from .diffusion import encode_latents, pose_fidelity as _pose_fidelity
-from .images import to_uint8
+from .diffusion import pose_fidelity as _pose_fidelity
+from .images import to_model, to_uint8
 from .keypoints import GRID, MISSING, N_JOINTS, OUTSIDE
 from .runs import check_fields
 
@@ -214,15 +213,19 @@ def make_transformer(cfg: Mapping[str, Any], *, n_codes: int | None = None,
 # Codes <-> images through the VQ model
 # ======================================================================================================
 @torch.no_grad()
-def encode_codes(vq: nn.Module, images: Any, batch_size: int = 64) -> torch.Tensor:
-    """uint8 images [N, H, W, 3] -> the VQ model's code indices, long [N, h, w]."""
+def encode_codes(vq: nn.Module, images: Any, batch_size: int = 64, flip: bool = False) -> torch.Tensor:
+    """uint8 images [N, H, W, 3] -> the VQ model's code indices, long [N, h, w]; ``flip``: of the mirrored
+    images. Read ``batch_size`` images at a time, so a memory-mapped subset is never held whole."""
     if getattr(vq.cfg, "code_groups", 1) != 1:
         raise ValueError(f"the transformer needs one code per latent cell; this VQ model has code_groups "
                          f"{vq.cfg.code_groups} (product quantisation): train its spec with code_groups 1")
     vq.eval()
     dev = next(vq.parameters()).device
-    h = encode_latents(vq, images, batch_size)
-    return torch.cat([vq.quantize(h[i:i + batch_size].to(dev))[1].cpu() for i in range(0, len(h), batch_size)])
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_model(torch.as_tensor(np.array(images[i:i + batch_size]))).to(dev)
+        out.append(vq.quantize(vq.encode(x.flip(-1) if flip else x))[1].cpu())
+    return torch.cat(out)
 
 
 def code_dataset(vq: nn.Module, images: Any, poses: Any, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +236,7 @@ def code_dataset(vq: nn.Module, images: Any, poses: Any, flip: bool = True) -> t
     codes = encode_codes(vq, images)
     if not flip:
         return codes, p
-    return torch.cat([codes, encode_codes(vq, flip_images(np.asarray(images)))]), torch.cat([p, flip_poses(p)])
+    return torch.cat([codes, encode_codes(vq, images, flip=True)]), torch.cat([p, flip_poses(p)])
 
 
 @torch.no_grad()

@@ -467,12 +467,13 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     return to_model(images_uint8)
 
 
-def _images_tensor(images: np.ndarray, name: str = "images") -> torch.Tensor:
+def _check_images(images: np.ndarray, name: str = "images") -> np.ndarray:
+    """``images`` as they are (a memory map is not read), or a ValueError unless uint8 [N, H, W, 3]."""
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
             and images.shape[-1] == 3):
         got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}"
         raise ValueError(f"{name}: expected a uint8 numpy array [N, H, W, 3], got {got}")
-    return torch.from_numpy(np.ascontiguousarray(images))
+    return images
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
@@ -573,7 +574,7 @@ def train_vq(spec: str, images: np.ndarray, preset_cfg: Mapping[str, Any], ckpt_
     unknown = sorted(set(overrides) - set(TRAIN_DEFAULTS))
     if unknown:
         raise VQConfigError(f"train_vq: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(TRAIN_DEFAULTS)}")
-    data = _images_tensor(images)
+    data = _check_images(images)  # indexed batch by batch: a memory-mapped subset stays on disk
     if data.shape[1] != cfg.image_size or data.shape[2] != cfg.image_size:
         raise ValueError(f"images are {data.shape[1]}x{data.shape[2]}, the {spec} model expects "
                          f"{cfg.image_size}x{cfg.image_size} (vq.image_size)")
@@ -582,7 +583,7 @@ def train_vq(spec: str, images: np.ndarray, preset_cfg: Mapping[str, Any], ckpt_
     print(trainer.perceptual_note)
 
     def batch_fn(step: int) -> torch.Tensor:
-        x = to_model_range(data[training.batch_indices(len(data), bs, step, seed)])
+        x = to_model_range(data[training.batch_indices(len(data), bs, step, seed).numpy()])
         flip = torch.rand(bs, generator=training.seeded_generator(seed, step, 1)) < 0.5
         return torch.where(flip[:, None, None, None], x.flip(3), x)
 
@@ -636,7 +637,7 @@ def code_usage(indices: np.ndarray | torch.Tensor, n_codes: int) -> dict[str, fl
 def reconstruct(model: VQModel, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(reconstructions uint8 [N, H, W, 3], code indices [N, h, w]) of uint8 images."""
     model.eval()
-    data = _images_tensor(images)
+    data = _check_images(images)
     dev = next(model.parameters()).device
     recs, idxs = [], []
     for i in range(0, len(data), batch_size):

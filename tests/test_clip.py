@@ -1,5 +1,6 @@
 import os
 import pickle
+import warnings
 
 import numpy as np
 import open_clip
@@ -129,6 +130,22 @@ def test_domain_clip_learns_zero_shot_and_reloads(tmp_path):
     again = kc.load_domain_clip(tmp_path / "clip")
     np.testing.assert_allclose(kc.clip_score(again, test[:5], "a red square"),
                                kc.clip_score(model, test[:5], "a red square"), atol=1e-4)
+
+
+def test_attribute_classifier_reads_a_read_only_memmap_batch_by_batch(tmp_path):
+    ims, lab, names = _squares(64, size=32)
+    labels, classes = {"square": [names[l] for l in lab]}, {"square": names}
+    np.save(tmp_path / "ims.npy", ims)
+    mm = np.load(tmp_path / "ims.npy", mmap_mode="r")  # a big subset, as data.load_subset gives it
+    kw = dict(steps=3, batch_size=16, width=8, depth=2, progress=False)
+    a, _ = attributes.train_attribute_classifier(ims, labels, classes, tmp_path / "a", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no torch warning about a non-writable array
+        b, _ = attributes.train_attribute_classifier(mm, labels, classes, tmp_path / "b", **kw)
+        probs = attributes.attribute_probs(b, mm, batch_size=16)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    np.testing.assert_allclose(probs["square"], attributes.attribute_probs(a, ims)["square"], atol=1e-6)
 
 
 def test_attribute_classifier_shapes_and_learning(tmp_path):

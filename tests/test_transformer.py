@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kpnb import runs, vq
+from kpnb.conditioning import flip_poses
 from kpnb import transformer as T
 from kpnb.keypoints import HIDDEN, MISSING, OUTSIDE, VISIBLE, Pose, grid_tokens
 from kpnb.pose_estimator import PoseNet
@@ -140,6 +141,21 @@ def test_filter_logits_top_k_and_top_p():
     assert keep(T.filter_logits(shuffled, top_p=0.7)) == [False, True, False, True]
 
 
+def test_codes_from_a_read_only_memmap_in_batches(tmp_path):
+    cfg = vq.vq_config_for("f16", {"image_size": 32, "models": {"f16": dict(
+        latent_channels=4, n_codes=N_CODES, base_width=8, channel_mult=[1, 2, 2, 2], res_blocks=1,
+        dec_res_blocks=1, stem=2)}})
+    torch.manual_seed(0)
+    ae = vq.VQModel(cfg).eval()
+    imgs = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", imgs)
+    mm = np.load(tmp_path / "images.npy", mmap_mode="r")  # as data.load_subset gives a big subset
+    c, p = T.code_dataset(ae, mm, poses(5), flip=True)
+    c_in_memory, _ = T.code_dataset(ae, imgs, poses(5), flip=True)
+    assert torch.equal(c, c_in_memory)
+    assert torch.equal(T.encode_codes(ae, mm, batch_size=2), c[:5])  # batch size does not change a code
+
+
 def test_codes_to_images_and_pose_fidelity():
     cfg = vq.vq_config_for("f16", {"image_size": 32, "models": {"f16": dict(
         latent_channels=4, n_codes=N_CODES, base_width=8, channel_mult=[1, 2, 2, 2], res_blocks=1,
@@ -151,6 +167,9 @@ def test_codes_to_images_and_pose_fidelity():
     assert codes.shape == (3, 2, 2) and codes.dtype == torch.long
     c2, p2 = T.code_dataset(ae, imgs, poses(3), flip=True)
     assert c2.shape == (6, 2, 2) and p2.shape == (6, 17, 3) and torch.equal(c2[:3], codes)
+    # the second half: the codes of the mirrored images, with the mirrored poses
+    assert torch.equal(c2[3:], T.encode_codes(ae, np.ascontiguousarray(imgs[:, :, ::-1])))
+    assert torch.equal(p2[3:], flip_poses(torch.as_tensor(poses(3), dtype=p2.dtype)))
     torch.manual_seed(0)
     m = T.make_transformer(ARCH, n_codes=N_CODES, latent_size=(2, 2)).eval()
     out = T.sample_images(m, ae, poses(3), batch_size=2, seed=0, top_k=10)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -62,6 +63,23 @@ def test_config_errors_name_the_field():
         vq.VQConfig.from_dict({"widthh": 3})
     with pytest.raises(vq.VQConfigError, match="f32"):
         vq.vq_config_for("f32", TINY_SECTION)
+
+
+def test_training_reads_a_read_only_memmap_batch_by_batch(tmp_path):
+    """A big subset comes as a read-only memory map (data.load_subset): training gives the same weights as
+    from memory, with no torch warning about non-writable arrays."""
+    torch.set_num_threads(1)
+    images = _images()
+    np.save(tmp_path / "images.npy", images)
+    mm = np.load(tmp_path / "images.npy", mmap_mode="r")
+    a, _ = vq.train_vq("f4", images, TINY_SECTION, tmp_path / "a", steps=3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b, _ = vq.train_vq("f4", mm, TINY_SECTION, tmp_path / "b", steps=3, progress=False)
+        rec_b = vq.reconstruct(b, mm)[0]
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    np.testing.assert_array_equal(vq.reconstruct(a, images)[0], rec_b)
 
 
 def test_training_lowers_loss_and_checkpoint_round_trips(tmp_path):
