@@ -197,6 +197,13 @@ def _ipc_kernel_manager(folder: Path) -> type:
         def _default_ip(self) -> str:
             return str(folder / "kernel")
 
+        async def _async_interrupt_kernel(self) -> None:
+            # jupyter_client interrupts the kernel before every shutdown. After a finished notebook the kernel
+            # is idle and the SIGINT can land in its last message handler, which logs "KeyboardInterrupt caught
+            # in kernel" as an ERROR in the run's log; a busy kernel (a time-out) is killed by the shutdown anyway
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
+
     return IPCKernelManager
 
 

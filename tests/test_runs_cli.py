@@ -150,6 +150,28 @@ def test_a_cell_past_the_timeout_stops_the_run_named_and_resumable(tiny_notebook
     assert "01_ok: finished before, skipped" in out and (run / "metrics" / "02_slow.json").exists()
 
 
+def test_the_kernel_is_not_interrupted_on_its_way_out(tmp_path, monkeypatch):
+    """jupyter_client interrupts every kernel before shutting it down; after a finished notebook that SIGINT
+    can land in the idle kernel's last handler and put "KeyboardInterrupt caught in kernel" in the run log."""
+    import asyncio
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    sent = []
+
+    async def record(self):
+        sent.append(self.shutting_down)
+
+    monkeypatch.setattr(AsyncKernelManager, "_async_interrupt_kernel", record)
+    km = cli._ipc_kernel_manager(tmp_path)()
+    assert km.transport == "ipc" and km.ip == str(tmp_path / "kernel")
+    km.shutting_down = False
+    asyncio.run(km._async_interrupt_kernel())  # an interrupt asked for (e.g. by a user) still goes through
+    km.shutting_down = True
+    asyncio.run(km._async_interrupt_kernel())
+    assert sent == [False]
+
+
 def test_a_dead_kernel_stops_the_run_named(tiny_notebooks, tmp_path, capsys):
     _notebook(tiny_notebooks / "01_dies.ipynb", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
     rc = cli.main(["run", "--preset", "smoke", "--out", str(tmp_path / "run"), "--no-progress"])
