@@ -141,12 +141,17 @@ def test_filter_logits_top_k_and_top_p():
     assert keep(T.filter_logits(shuffled, top_p=0.7)) == [False, True, False, True]
 
 
-def test_codes_from_a_read_only_memmap_in_batches(tmp_path):
+def _tiny_f16() -> vq.VQModel:
+    """An untrained f16 autoencoder for 32 px images (2x2 codes), seeded."""
     cfg = vq.vq_config_for("f16", {"image_size": 32, "models": {"f16": dict(
         latent_channels=4, n_codes=N_CODES, base_width=8, channel_mult=[1, 2, 2, 2], res_blocks=1,
         dec_res_blocks=1, stem=2)}})
     torch.manual_seed(0)
-    ae = vq.VQModel(cfg).eval()
+    return vq.VQModel(cfg).eval()
+
+
+def test_codes_from_a_read_only_memmap_in_batches(tmp_path):
+    ae = _tiny_f16()
     imgs = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     np.save(tmp_path / "images.npy", imgs)
     mm = np.load(tmp_path / "images.npy", mmap_mode="r")  # as data.load_subset gives a big subset
@@ -157,11 +162,7 @@ def test_codes_from_a_read_only_memmap_in_batches(tmp_path):
 
 
 def test_codes_to_images_and_pose_fidelity():
-    cfg = vq.vq_config_for("f16", {"image_size": 32, "models": {"f16": dict(
-        latent_channels=4, n_codes=N_CODES, base_width=8, channel_mult=[1, 2, 2, 2], res_blocks=1,
-        dec_res_blocks=1, stem=2)}})
-    torch.manual_seed(0)
-    ae = vq.VQModel(cfg).eval()
+    ae = _tiny_f16()
     imgs = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     codes = T.encode_codes(ae, imgs)
     assert codes.shape == (3, 2, 2) and codes.dtype == torch.long
