@@ -46,8 +46,8 @@ from .pose_estimator import pck, pose_ap, predict
 from .unet import SpatialTransformer, UNet, UNetConfig, timestep_embedding, unet_state_from_ldm
 
 __all__ = ["ARCH_KEYS", "PREDICTIONS", "TRAIN_KEYS", "KeypointLDM", "Schedule", "SpatialTransformer", "UNet",
-           "UNetConfig", "check_interval", "ddim_sample", "ddim_sigma", "ddim_step", "decode_latents", "encode_latents",
-           "eps_and_x0", "ldm_from_settings", "load_ldm", "make_ldm", "model_stats", "original_ldm",
+           "UNetConfig", "check_interval", "ddim_sample", "ddim_sigma", "ddim_step", "decode_latents",
+           "encode_latents", "eps_and_x0", "ldm_from_settings", "load_ldm", "make_ldm", "model_stats", "original_ldm",
            "pose_fidelity", "prediction_target", "sample_images", "sample_kwargs", "scale_factor_of",
            "snap_to_codebook", "timestep_embedding", "train_ldm", "unet_state_from_ldm", "validation_loss"]
 
@@ -280,7 +280,8 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, *
 
 @torch.no_grad()
 def ddim_sample(model: KeypointLDM, poses: Any, *, steps: int = 50, eta: float = 0.0, guidance: float = 1.0,
-                guidance_interval: Sequence[int] | None = None, generator: torch.Generator | None = None, seed: int | None = None,
+                guidance_interval: Sequence[int] | None = None, generator: torch.Generator | None = None,
+                seed: int | None = None,
                 x_T: torch.Tensor | None = None, x0: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 x0_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 callback: Callable[[dict[str, Any]], None] | None = None) -> torch.Tensor:

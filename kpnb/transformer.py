@@ -223,7 +223,7 @@ def encode_codes(vq: nn.Module, images: Any, batch_size: int = 64, flip: bool = 
     dev = next(vq.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_model(torch.as_tensor(np.array(images[i:i + batch_size]))).to(dev)
+        x = to_model(images[i:i + batch_size]).to(dev)
         out.append(vq.quantize(vq.encode(x.flip(-1) if flip else x))[1].cpu())
     return torch.cat(out)
 
