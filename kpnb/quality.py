@@ -26,6 +26,7 @@ scores far below the real images.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -154,8 +155,10 @@ class ImageDistance:
         self._fid.update(feats, real=False)
         fid = float(self._fid.compute())
         size = min(self.kid_subset_size, self.n_real, len(fake))
-        kid = KernelInceptionDistance(feature=_Identity(self._real.shape[1]), subsets=self.kid_subsets,
-                                      subset_size=size)
+        with warnings.catch_warnings():  # its "saves all extracted features" note: these are the n real + n fake
+            warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
+            kid = KernelInceptionDistance(feature=_Identity(self._real.shape[1]), subsets=self.kid_subsets,
+                                          subset_size=size)
         kid.update(self._real, real=True)
         kid.update(feats, real=False)
         with torch.random.fork_rng():

@@ -122,9 +122,9 @@ def test_keeper_loss_holds_what_the_keeper_saw():
     loss = ct.keeper_loss(keeper, ims, poses, weight=2.0)
     x0 = torch.from_numpy(ims).permute(0, 3, 1, 2).float() / 255.0
     # (an untrained net's joints barely move, so the scale is small; what counts is 0 against > 0)
-    assert float(loss(x0)) < 1e-6 < 1e-4 < float(loss(1 - x0))
+    assert float(loss(x0).detach()) < 1e-6 < 1e-4 < float(loss(1 - x0).detach())
     poses[:, :, 2] = kp.MISSING
-    assert float(ct.keeper_loss(keeper, ims, poses)(1 - x0)) == 0.0
+    assert float(ct.keeper_loss(keeper, ims, poses)(1 - x0).detach()) == 0.0
 
 
 def test_pose_region_mask_freezes_the_body_and_tuning_respects_it(tiny_models):

@@ -87,6 +87,7 @@ def test_inception_from_a_local_file(tmp_path):
     assert d.name.startswith("Inception-v3") and np.isfinite(d.score(images(12, 1))["fid"])
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note while it refuses the file
 def test_an_inception_file_that_runs_code_is_refused(tmp_path):
     import pickle
 
