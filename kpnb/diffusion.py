@@ -373,11 +373,11 @@ def sample_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
 # ======================================================================================================
 @torch.no_grad()
 def encode_latents(vq: nn.Module, images: Any, batch_size: int = 64) -> torch.Tensor:
-    """uint8 images [N, H, W, 3] -> the VQ model's pre-quantisation latents [N, C, h, w] (unscaled)."""
-    imgs = torch.as_tensor(np.asarray(images))
+    """uint8 images [N, H, W, 3] -> the VQ model's pre-quantisation latents [N, C, h, w] (unscaled). The rows
+    are read one batch at a time, as :func:`latent_cache` reads them (a memory-mapped subset stays on disk)."""
     dev = next(vq.parameters()).device
-    return torch.cat([vq.encode(to_model(imgs[i:i + batch_size]).to(dev)).cpu()
-                      for i in range(0, len(imgs), batch_size)])
+    return torch.cat([vq.encode(to_model(images[i:i + batch_size]).to(dev)).cpu()
+                      for i in range(0, len(images), batch_size)])
 
 
 def snap_to_codebook(vq: nn.Module, scale_factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
