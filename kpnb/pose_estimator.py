@@ -33,7 +33,7 @@ from torch import nn
 
 from . import synth, training
 from .runtime import Runtime, current
-from .conditioning import check_poses, flip_batch
+from .conditioning import check_poses, flip_batch, mask_joints
 from .images import to_model
 from .keypoints import HIDDEN, JOINT_GROUPS, JOINTS, MISSING, N_JOINTS, OUTSIDE, VISIBLE, Pose
 
@@ -270,10 +270,19 @@ def _confidence(logits: torch.Tensor, xy: torch.Tensor, vis_logits: torch.Tensor
 # ======================================================================================================
 # Ground-truth renders
 # ======================================================================================================
-def render_truth(n: int, seed: int, image_size: int = 64, render_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+# a partial figure's chance per joint of being unlabelled (MISSING) and per visible joint of being HIDDEN:
+# the real COCO persons of data/real_poses leave 4.2 of 17 joints unlabelled on average
+PARTIAL_DROP = 0.25
+
+
+def render_truth(n: int, seed: int, image_size: int = 64, render_size: int = 256, partial: float = 0.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` suitable characters of :mod:`kpnb.synth` with their exact poses: (uint8 [n, S, S, 3],
     float32 [n, 17, 3]). Drawn like the dataset's suitable images (render at ``render_size``, Lanczos to
-    ``image_size``), each from ``default_rng([seed, 1_000_003, i])`` - a stream the dataset never uses."""
+    ``image_size``), each from ``default_rng([seed, 1_000_003, i])`` - a stream the dataset never uses.
+    A share ``partial`` of them are partial figures, as people's annotations give poses: each joint MISSING
+    (and each visible one HIDDEN) with probability :data:`PARTIAL_DROP` (:func:`kpnb.conditioning.mask_joints`),
+    painted as :func:`render_poses` paints such a pose (the limbs to MISSING joints left out)."""
     imgs = np.zeros((n, image_size, image_size, 3), np.uint8)
     poses = np.zeros((n, N_JOINTS, 3), np.float32)
     for i in range(n):
@@ -282,6 +291,10 @@ def render_truth(n: int, seed: int, image_size: int = 64, render_size: int = 256
         pose, kind = synth.sample_pose(rng, facing=attrs["facing"])
         attrs["seat"] = kind == "sitting"
         attrs["framing"] = synth.framing_of(pose)
+        if partial > 0 and rng.random() < partial:
+            u = torch.from_numpy(rng.random((1, N_JOINTS, 2)))
+            masked = mask_joints(torch.from_numpy(pose.to_array())[None], u, PARTIAL_DROP)[0]
+            pose, attrs["seat"] = Pose.from_array(masked.numpy()), False
         imgs[i] = _render(pose, attrs, rng, image_size, render_size)
         poses[i] = pose.to_array()
     return imgs, poses
@@ -420,12 +433,13 @@ def load_estimator(ckpt_dir: str | Path) -> PoseNet:
 def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: int = 256, progress: bool = True,
                   resume: bool = True, runtime: Runtime | None = None) -> tuple[PoseNet, dict[str, Any]]:
     """The whole estimator stage from a preset's ``estimator`` section: render ``n_train`` ground-truth
-    characters (``train_seed``) at ``image_size``, train, and measure the ceiling on ``n_val`` held-out
-    renders (``val_seed``). Returns (model, info) with info = ceiling PCK keys (prefixed ``ceiling.``),
+    characters (``train_seed``; a share ``partial`` of them partial figures) at ``image_size``, train, and
+    measure the ceiling on ``n_val`` held-out whole-figure renders (``val_seed``). Returns (model, info) with info = ceiling PCK keys (prefixed ``ceiling.``),
     ``train_seconds``, ``render_seconds``, ``images_per_s``, ``steps``, ``n_train``."""
     t0 = time.perf_counter()
     size = int(cfg["image_size"])
-    imgs, poses = render_truth(int(cfg["n_train"]), int(cfg["train_seed"]), size, render_size)
+    imgs, poses = render_truth(int(cfg["n_train"]), int(cfg["train_seed"]), size, render_size,
+                               partial=float(cfg["partial"]))
     vimgs, vposes = render_truth(int(cfg["n_val"]), int(cfg["val_seed"]), size, render_size)
     render_s = time.perf_counter() - t0
     model, res = train_estimator(imgs, poses, cfg, ckpt_dir, progress=progress, resume=resume, runtime=runtime)

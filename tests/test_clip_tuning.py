@@ -69,6 +69,17 @@ def test_tuning_lowers_the_loss_and_leaves_models_alone(tiny_models):
     assert all(p.grad is None for p in [*model.parameters(), *clip_model.parameters()])
 
 
+def test_tuning_log_ends_done(tiny_models, tmp_path, monkeypatch):
+    # the last row is a step of the bar too: the log says "done", not "stopped" one short
+    log = tmp_path / "progress.log"
+    monkeypatch.setenv("KPNB_PROGRESS_LOG", str(log))
+    monkeypatch.setenv("KPNB_PROGRESS_EVERY", "0")
+    model, clip_model = tiny_models
+    ct.tune(model, clip_model, _images(), "a girl with red hair", steps=3, cutouts=2, progress=True)
+    last = log.read_text().strip().splitlines()[-1]
+    assert "step 4/4 (100%)" in last and last.endswith("done"), last
+
+
 def test_anchor_and_extra_loss(tiny_models):
     model, clip_model = tiny_models
     z0 = model.encode(to_model(_images())).detach()

@@ -148,10 +148,24 @@ def test_estimator_on_a_few_renders(tmp_path):
     assert scores.shape == (6,) and np.all((scores > 0) & (scores <= 1))
 
 
+def test_partial_figures_leave_joints_out():
+    whole_imgs, whole = E.render_truth(12, seed=5, image_size=32, render_size=64)
+    part_imgs, part = E.render_truth(12, seed=5, image_size=32, render_size=64, partial=1.0)
+    assert not (whole[..., 2] == MISSING).any()
+    missing = part[..., 2] == MISSING
+    assert 0.1 < missing.mean() < 0.45 and missing.any(1).sum() >= 10   # about PARTIAL_DROP of the joints
+    assert np.all(part[missing][:, :2] == 0)
+    kept = ~missing & (part[..., 2] != HIDDEN)
+    np.testing.assert_array_equal(part[kept][:, :2], whole[kept][:, :2])  # the same figures, joints left out
+    assert (part_imgs != whole_imgs).any()
+    _, half = E.render_truth(12, seed=5, image_size=32, render_size=64, partial=0.5)
+    assert 0 < (half[..., 2] == MISSING).any(1).sum() < 12
+
+
 def test_keeper_is_trained_apart_from_the_judge(tmp_path):
     """fit_keeper refuses the judge's render seeds, and otherwise trains on renders of its own seed."""
     cfg = {"steps": 2, "batch_size": 4, "lr": 2e-3, "width": 8, "image_size": 32, "n_train": 4, "n_val": 4,
-           "train_seed": 1, "val_seed": 2, "ckpt_every": 2, "seed": 0}
+           "train_seed": 1, "val_seed": 2, "ckpt_every": 2, "seed": 0, "partial": 0.5}
     for seed in (1, 2):
         with pytest.raises(ValueError, match="keeper_seed"):
             E.fit_keeper(cfg, seed, tmp_path / f"k{seed}", progress=False)
