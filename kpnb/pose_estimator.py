@@ -434,8 +434,9 @@ def fit_estimator(cfg: Mapping[str, Any], ckpt_dir: str | Path, *, render_size: 
                   resume: bool = True, runtime: Runtime | None = None) -> tuple[PoseNet, dict[str, Any]]:
     """The whole estimator stage from a preset's ``estimator`` section: render ``n_train`` ground-truth
     characters (``train_seed``; a share ``partial`` of them partial figures) at ``image_size``, train, and
-    measure the ceiling on ``n_val`` held-out whole-figure renders (``val_seed``). Returns (model, info) with info = ceiling PCK keys (prefixed ``ceiling.``),
-    ``train_seconds``, ``render_seconds``, ``images_per_s``, ``steps``, ``n_train``."""
+    measure the ceiling on ``n_val`` held-out whole-figure renders (``val_seed``). Returns (model, info) with
+    info = ceiling PCK keys (prefixed ``ceiling.``), ``train_seconds``, ``render_seconds``, ``images_per_s``,
+    ``steps``, ``n_train``."""
     t0 = time.perf_counter()
     size = int(cfg["image_size"])
     imgs, poses = render_truth(int(cfg["n_train"]), int(cfg["train_seed"]), size, render_size,
