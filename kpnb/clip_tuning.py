@@ -257,9 +257,8 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
     before = _clip_scores(clip_model, x_start, target)
     history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    # counted by hand: the loop leaves at its last row, before an iterated bar would count that row
-    bar = kprogress.bar(total=s.steps + 1, desc=f"CLIP tuning: {prompts[0][:40]}", disable=not progress)
-    for step in range(s.steps + 1):
+    bar = kprogress.bar(range(s.steps + 1), desc=f"CLIP tuning: {prompts[0][:40]}", disable=not progress)
+    for step in bar:
         _, x = decode_latent(vq, z)
         clip_loss, anchor = clip_prompt_loss(clip_model, x, target, s, gen), anchor_loss(z, z0)
         loss = clip_loss + s.anchor_weight * anchor
@@ -278,9 +277,8 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
                 callback(step, row["images"], row)
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", clip=f"{row['clip_score']:.2f}", refresh=False)
-        bar.update(1)
-        if step == s.steps:  # the last row describes the final latent; no step after it
-            break
+        if step == s.steps:  # the last row describes the final latent; no step after it (and the bar counts it)
+            continue
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(f"CLIP tuning: loss is {row['loss']} at step {step}; lower lr ({s.lr})")
         (grad,) = torch.autograd.grad(loss, [z])  # only the latent gets a gradient, never the models

@@ -216,6 +216,6 @@ def test_a_bar_iterated_counts_each_item_once(tmp_path, monkeypatch, disable):
     # mininterval 0: a shown tqdm calls update() from its own iterator at every item
     for i in progress.bar(range(5), desc="items", disable=disable, mininterval=0, miniters=1):
         if i == 4:
-            break  # as CLIP tuning leaves its loop at the last step
+            break  # a loop left at its last item: that item is not counted
     text = log.read_text()
     assert "items  step 4/5 (80%)" in text and "step 5/5" not in text and "step 6/5" not in text, text
