@@ -575,9 +575,11 @@ def sample_images(model: KeypointLDM, vq: nn.Module, poses: Any, *, batch_size: 
 
 def pose_fidelity(model: KeypointLDM, vq: nn.Module, estimator: nn.Module, poses: Any, *,
                   ceiling: Mapping[str, float] | None = None, batch_size: int = 50, seed: int = 0,
-                  sampler: Callable[..., np.ndarray] | None = None, **kw: Any) -> tuple[np.ndarray, dict[str, float]]:
-    """Generate one image per pose, estimate its pose, and score it against the conditioning pose
-    (``docs/metrics.md``): returns (images, metrics) with the :func:`kpnb.pose_estimator.pck` and
+                  sampler: Callable[..., np.ndarray] | None = None, target: Any = None,
+                  **kw: Any) -> tuple[np.ndarray, dict[str, float]]:
+    """Generate one image per pose, estimate its pose, and score it against the conditioning pose, or against
+    ``target`` [N, 17, 3] where given (the annotation a completed pose came from:
+    :func:`kpnb.keypoints.complete_poses`; ``docs/metrics.md``): returns (images, metrics) with the :func:`kpnb.pose_estimator.pck` and
     :func:`kpnb.pose_estimator.pose_ap` keys, ``sample_images_per_s`` and, given the estimator's ``ceiling``
     (:func:`kpnb.pose_estimator.ceiling`'s dict), ``<key>.ratio`` = number / ceiling for the PCK keys and AP. ``sampler(model, vq, poses, batch_size=, seed=, **kw) -> uint8 images``:
     another generator to score (e.g. :func:`kpnb.transformer.sample_images`); None = :func:`sample_images`."""
@@ -585,9 +587,12 @@ def pose_fidelity(model: KeypointLDM, vq: nn.Module, estimator: nn.Module, poses
     t0 = time.perf_counter()
     images = (sampler or sample_images)(model, vq, poses, batch_size=batch_size, seed=seed, **kw)
     secs = time.perf_counter() - t0
+    truth = poses if target is None else check_poses(target, name="pose_fidelity target")
+    if truth.shape != poses.shape:
+        raise ValueError(f"pose_fidelity: target {list(truth.shape)} does not match the poses {list(poses.shape)}")
     pred, scores = predict(estimator, images, with_scores=True)
-    metrics: dict[str, float] = dict(pck(pred, poses))
-    metrics.update({k: v for k, v in pose_ap(pred, poses, scores).items() if k != "n_images"})
+    metrics: dict[str, float] = dict(pck(pred, truth))
+    metrics.update({k: v for k, v in pose_ap(pred, truth, scores).items() if k != "n_images"})
     metrics["sample_images_per_s"] = len(images) / secs
     if ceiling:
         for k in list(metrics):

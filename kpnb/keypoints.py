@@ -641,12 +641,14 @@ def nearest_poses(poses: Any, reference: Any, alpha: float = 0.1) -> dict[str, n
     Each reference pose is first fitted to the pose by a scale and a shift (least squares over the joints
     labelled in the pose; no rotation, so a tilt counts as a difference). Distances are divided by the pose's
     size, max(w, h) of its labelled joints' bounding box, as in PCK. Returns per pose: ``distance`` (the
-    nearest reference pose's mean joint distance), ``pck`` (its share of joints within ``alpha`` of the size)
-    and ``index`` (which reference pose); NaN and -1 for poses with fewer than two labelled joints."""
+    nearest reference pose's mean joint distance), ``pck`` (its share of joints within ``alpha`` of the size),
+    ``index`` (which reference pose) and ``fitted`` [N, 17, 2] (all 17 joints of that reference pose after the
+    fit); NaN and -1 for poses with fewer than two labelled joints."""
     P = np.stack([p.to_array() if isinstance(p, Pose) else np.asarray(p, np.float32) for p in poses])
     ref = np.asarray([p.to_array() if isinstance(p, Pose) else p for p in reference], np.float64)[..., :2]
     n = len(P)
-    out = {"distance": np.full(n, np.nan), "pck": np.full(n, np.nan), "index": np.full(n, -1)}
+    out = {"distance": np.full(n, np.nan), "pck": np.full(n, np.nan), "index": np.full(n, -1),
+           "fitted": np.full((n, N_JOINTS, 2), np.nan)}
     for i, p in enumerate(P):
         lab = p[:, 2] != MISSING
         if lab.sum() < 2:
@@ -655,10 +657,39 @@ def nearest_poses(poses: Any, reference: Any, alpha: float = 0.1) -> dict[str, n
         size = max(float((r.max(0) - r.min(0)).max()), 1e-6)
         rc = r - r.mean(0)
         s = ref[:, lab]
-        sc = s - s.mean(1, keepdims=True)                                   # [M, k, 2]
+        s_mean = s.mean(1, keepdims=True)
+        sc = s - s_mean                                                     # [M, k, 2]
         scale = np.clip((sc * rc).sum((1, 2)) / np.maximum((sc * sc).sum((1, 2)), 1e-12), 0, None)
         d = np.linalg.norm(scale[:, None, None] * sc - rc, axis=-1) / size  # [M, k]
         mean = d.mean(1)
         j = int(mean.argmin())
         out["distance"][i], out["pck"][i], out["index"][i] = mean[j], (d[j] <= alpha).mean(), j
+        out["fitted"][i] = (ref[j] - s_mean[j]) * scale[j] + r.mean(0)
+    return out
+
+
+def complete_poses(poses: Any, reference: Any) -> np.ndarray:
+    """Poses [N, 17, 3] (or Poses) with every MISSING joint given a place and a code: those of the nearest
+    ``reference`` pose (:func:`nearest_poses`: fitted by scale and shift over the labelled joints), then
+    OUTSIDE where that place is out of the frame. Labelled joints are kept as they are.
+
+    People's annotations leave joints unlabelled that the synthetic poses always place: COCO labels no face
+    joint it cannot see (a figure from behind has no nose or eyes, a profile no far eye), where kpnb's poses
+    mark them HIDDEN at their place; and a leg cut off by the photograph is unlabelled, where kpnb's frame
+    marks it OUTSIDE. A model trained on kpnb's poses reads the completed pose in its own convention (for
+    the run's training poses as ``reference``). Scores stay against the annotation as given."""
+    P = np.stack([p.to_array() if isinstance(p, Pose) else np.asarray(p, np.float32) for p in poses]).astype(np.float32)
+    ref = np.asarray([p.to_array() if isinstance(p, Pose) else p for p in reference], np.float32)
+    if ref.ndim != 3 or ref.shape[1:] != (N_JOINTS, 3) or not len(ref):
+        raise ValueError(f"complete_poses: reference must be poses [M, 17, 3] with M > 0, got {list(ref.shape)}")
+    nn = nearest_poses(P, ref)
+    out = P.copy()
+    for i, j in enumerate(nn["index"]):
+        miss = P[i, :, 2] == MISSING
+        if j < 0 or not miss.any():
+            continue
+        fill = miss & (ref[j, :, 2] != MISSING)
+        out[i, fill, :2] = nn["fitted"][i, fill]
+        out[i, fill, 2] = ref[j, fill, 2]
+        out[i] = Pose.from_array(out[i]).refresh_outside().to_array()
     return out

@@ -5,7 +5,9 @@
     kpnb sample --pose openpose.json --model original_ldm_keypoints.ckpt --out samples/
 
 Pose files (:func:`kpnb.keypoints.read_pose_file`): the release JSON, COCO keypoint annotations, OpenPose
-JSON (COCO-18 or BODY_25), or a folder of them. For each pose it writes ``<label>_<k>.png`` (k = 0..n-1), one
+JSON (COCO-18 or BODY_25), or a folder of them. With a run folder, joints a file leaves unlabelled (COCO's
+unseen face joints, legs out of the photograph) are first placed as the run's nearest training pose places
+them (:func:`kpnb.keypoints.complete_poses`; ``--no-complete`` to sample them as given). For each pose it writes ``<label>_<k>.png`` (k = 0..n-1), one
 ``contact_sheet.png`` (each skeleton beside its samples) and ``sample.json`` (every setting, the model's files
 with a hash of each checkpoint JSON, the poses and the files written). The same seed gives the same images:
 pose i's samples use seed ``seed + i``.
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import diffusion, figures, keypoints as kp, runs, training, vq
+from . import data, diffusion, figures, keypoints as kp, runs, training, vq
 from .layout import RunFiles
 
 ORIGINAL_DEFAULTS = {"steps": 50, "eta": 1.0, "guidance": 1.0, "guidance_interval": None}
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--person", type=int, help="COCO/OpenPose: only this person (index among the usable ones)")
     p.add_argument("--image-id", help="COCO: only this image's people")
     p.add_argument("--min-joints", type=int, default=4, help="skip people with fewer labelled joints")
+    p.add_argument("--no-complete", dest="complete", action="store_false",
+                   help="run folder: sample unlabelled joints as unlabelled (default: placed as the nearest "
+                        "training pose places them)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
@@ -151,6 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"kpnb sample: {e}", file=sys.stderr)
         return 2
+    filled = [[] for _ in poses]   # per pose: the joints completion placed
+    if a.complete and info["kind"] == "kpnb run" and any((pose.vis == kp.MISSING).any() for _, pose in poses):
+        try:
+            ref = data.load_subset(a.model, "train")["poses"]
+        except data.DataError as e:
+            print(f"kpnb sample: unlabelled joints left as they are (no training poses to complete them from: {e})",
+                  file=sys.stderr)
+        else:
+            done = kp.complete_poses([pose for _, pose in poses], ref)
+            filled = [[kp.JOINTS[j] for j in np.flatnonzero((pose.vis == kp.MISSING) & (d[:, 2] != kp.MISSING))]
+                      for (_, pose), d in zip(poses, done)]
+            poses = [(label, kp.Pose.from_array(d)) for (label, _), d in zip(poses, done)]
+            print(f"kpnb sample: {sum(map(len, filled))} unlabelled joints placed as the nearest training pose places "
+                  f"them (kpnb.keypoints.complete_poses; --no-complete samples the poses as given)")
     if info["kind"] == "released checkpoint":
         print(f"kpnb sample: the released model; the original script's defaults unless given: DDIM "
               f"{ORIGINAL_DEFAULTS['steps']} steps, eta {ORIGINAL_DEFAULTS['eta']}, no guidance -> using {settings}")
@@ -160,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     written = sample(poses, ldm, ae, a.out, n=a.n, seed=a.seed, size=a.size, progress=a.progress, **settings)
     runs.write_json(Path(a.out) / "sample.json", {
         "model": info, "sampler": settings, "n": a.n, "seed": a.seed, "size": a.size,
-        "poses": [{"label": label, "source": src, "release_json": kp.pose_to_release(pose)}
-                  for (label, pose), src in zip(poses, sources)],
+        # the pose sampled, as kpnb's [x, y, code] rows (the release format has no unlabelled joints), and the
+        # joints completion placed
+        "poses": [{"label": label, "source": src, "pose": pose.to_array().round(6).tolist(), "completed": f}
+                  for (label, pose), src, f in zip(poses, sources, filled)],
         "skipped": skipped, "files": [str(w.name) for w in written] + ["contact_sheet.png"],
         "seconds": round(time.time() - t0, 2), "command": "kpnb sample " + " ".join(argv or sys.argv[1:])})
     print(f"kpnb sample: {len(written)} images of {len(poses)} pose(s) in {a.out} (contact_sheet.png, sample.json)")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import bench, runs, training, unet
+from kpnb import bench, pose_estimator, runs, training, unet
 from kpnb import diffusion as D
 from kpnb.keypoints import HIDDEN, MISSING, VISIBLE, PoseError
 from kpnb.pose_estimator import PoseNet
@@ -296,6 +296,15 @@ def test_latents_roundtrip_and_sampling_plumbing():
     assert imgs2.shape == (3, 32, 32, 3) and 0 <= metrics["pck@0.1"] <= 1
     assert metrics["pck@0.1.ratio"] == pytest.approx(metrics["pck@0.1"] / 0.5)
     assert metrics["sample_images_per_s"] > 0
+    # scored against a target: the same images (same seed), other truth - here the poses the estimator finds
+    pred = pose_estimator.predict(est, imgs2)
+    found = pred.copy()
+    found[..., 2] = VISIBLE
+    _, vs_target = D.pose_fidelity(m, vq, est, poses(3), steps=2, target=found)
+    assert vs_target["pck@0.1"] == pytest.approx(pose_estimator.pck(pred, found)["pck@0.1"])
+    assert vs_target["pck@0.1"] > metrics["pck@0.1"] + 0.3   # (joints it calls outside count as not found)
+    with pytest.raises(ValueError, match="target"):
+        D.pose_fidelity(m, vq, est, poses(3), steps=2, target=poses(2))
 
 
 def test_positional_embedding_lets_attention_see_position():

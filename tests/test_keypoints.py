@@ -253,6 +253,29 @@ def test_nearest_poses_fits_scale_and_shift_over_labelled_joints():
     assert nn["index"].dtype.kind == "i" and kp.nearest_poses([empty], ref)["index"][0] == -1
 
 
+def test_complete_poses_fills_unlabelled_joints_from_the_nearest_reference():
+    p = kp.read_release_json(ROOT / "data" / "poses" / "1001870.json")
+    ref_pose = p.copy()
+    ref_pose.vis[[0, 1, 2]] = kp.HIDDEN                 # the reference marks nose and eyes hidden (a back view)
+    ref_pose.xy[16] = (0.5, 1.3)
+    ref_pose.vis[16] = kp.OUTSIDE                       # and its left ankle below the frame
+    moved = kp.Pose(ref_pose.xy * 0.5 + [0.2, 0.1], ref_pose.vis)   # the same pose, smaller and shifted
+    ref = np.stack([_pose(1).to_array(), moved.to_array(), _pose(2).to_array()])
+    q = p.to_array()
+    q[[0, 1, 2, 16], :2], q[[0, 1, 2, 16], 2] = 0, kp.MISSING         # as COCO leaves them: unlabelled
+    q[9, 2] = kp.HIDDEN
+    out = kp.complete_poses([q], ref)[0]
+    np.testing.assert_array_equal(out[[0, 1, 2], 2], kp.HIDDEN)      # the reference's codes, at its fitted places
+    np.testing.assert_allclose(out[[0, 1, 2], :2], p.xy[[0, 1, 2]], atol=1e-5)
+    assert out[16, 2] == kp.OUTSIDE and out[16, 1] > 1              # placed below the frame: OUTSIDE
+    keep = [j for j in range(17) if j not in (0, 1, 2, 16)]
+    np.testing.assert_array_equal(out[keep], q[keep])               # labelled joints as they were (9 still hidden)
+    full = p.to_array()
+    np.testing.assert_array_equal(kp.complete_poses([full], ref)[0], full)   # nothing to fill
+    with pytest.raises(ValueError, match="reference"):
+        kp.complete_poses([q], np.zeros((0, 17, 3)))
+
+
 def test_read_pose_dir_reads_sorted_and_names_bad_files(tmp_path):
     from kpnb import figures, keypoints as kpm
 

@@ -134,3 +134,12 @@ def test_real_pose_numbers_reach_the_report_and_the_status_table_but_are_no_mode
     # as shares of each set's ceiling: 0.79 / 0.89
     assert "(0.8876 x as shares of each set's ceiling)" in real[1]["model"] and "ceiling 0.89 x held-out" in text
     assert "real COCO" not in status._sampling({k: v for k, v in smp.items() if not k.startswith("real_poses")})
+    # sampled from completed poses: the as-annotated conditioning is a row of its own and named in the status
+    both = {**smp, "real_poses.as_annotated.pck@0.1": 0.25, "real_poses.as_annotated.ap": 0.02,
+            "real_poses.as_annotated.ceiling.pck@0.1": 0.4, "real_poses.as_annotated.ratio_to_heldout": 0.29}
+    real = [r for r in report.pose_accuracy_table({"05_sampling": both}) if r["model"].startswith("real poses")]
+    assert len(real) == 3 and "completed poses" in real[1]["model"] and real[1]["PCK@0.1"] == "0.35"
+    assert "as given" in real[2]["model"] and "renders of it: 0.4" in real[2]["model"] and "0.29 x" in real[2]["model"]
+    assert real[2]["PCK@0.1"] == "0.25" and real[2]["AP"] == "0.02"
+    text = status._sampling(both)
+    assert "78 real COCO poses, completed poses **0.350**" in text and "annotation as given 0.250, 0.29 x" in text

@@ -67,6 +67,28 @@ def test_three_formats_from_a_run_folder_same_seed_same_images(run, pose_files, 
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_unlabelled_joints_are_completed_from_the_runs_training_poses(run, tmp_path, capsys):
+    pose = kp.read_release_json(POSES / "1001870.json")
+    given = kp.pose_to_coco(pose, 512, 512)
+    for j in (0, 1, 2):                       # nose and eyes unlabelled, as COCO leaves a face it cannot see
+        given[3 * j: 3 * j + 3] = [0.0, 0.0, 0]
+    coco = tmp_path / "back.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "width": 512, "height": 512}],
+                                "annotations": [{"image_id": 1, "keypoints": given}]}))
+    args = ["--pose", str(coco), "--model", str(run), "--mode", "skeleton", "--n", "1", "--steps", "2", "--no-progress"]
+    assert sample.main(args + ["--out", str(tmp_path / "c")]) == 0
+    assert "3 unlabelled joints placed as the nearest training pose" in capsys.readouterr().out
+    got = json.loads((tmp_path / "c" / "sample.json").read_text())["poses"][0]
+    assert got["completed"] == ["nose", "eye_left", "eye_right"]
+    read, _ = kp.read_pose_file(coco)
+    want = kp.complete_poses([read[0][1]], data.load_subset(run, "train")["poses"])[0]
+    np.testing.assert_allclose(got["pose"], want, atol=1e-5)   # the JSON records the completed pose sampled
+    assert (want[:3, 2] != kp.MISSING).all()
+    assert sample.main(args + ["--no-complete", "--out", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / "sample.json").read_text())["poses"][0]["completed"] == []
+    assert (tmp_path / "c" / "back-coco1-0_0.png").read_bytes() != (tmp_path / "d" / "back-coco1-0_0.png").read_bytes()
+
+
 def test_bad_pose_file_is_named_with_its_field(run, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     pose = json.loads((POSES / "1000846.json").read_text())
