@@ -579,9 +579,10 @@ def pose_fidelity(model: KeypointLDM, vq: nn.Module, estimator: nn.Module, poses
                   **kw: Any) -> tuple[np.ndarray, dict[str, float]]:
     """Generate one image per pose, estimate its pose, and score it against the conditioning pose, or against
     ``target`` [N, 17, 3] where given (the annotation a completed pose came from:
-    :func:`kpnb.keypoints.complete_poses`; ``docs/metrics.md``): returns (images, metrics) with the :func:`kpnb.pose_estimator.pck` and
-    :func:`kpnb.pose_estimator.pose_ap` keys, ``sample_images_per_s`` and, given the estimator's ``ceiling``
-    (:func:`kpnb.pose_estimator.ceiling`'s dict), ``<key>.ratio`` = number / ceiling for the PCK keys and AP. ``sampler(model, vq, poses, batch_size=, seed=, **kw) -> uint8 images``:
+    :func:`kpnb.keypoints.complete_poses`; ``docs/metrics.md``): returns (images, metrics) with the
+    :func:`kpnb.pose_estimator.pck` and :func:`kpnb.pose_estimator.pose_ap` keys, ``sample_images_per_s`` and,
+    given the estimator's ``ceiling`` (:func:`kpnb.pose_estimator.ceiling`'s dict), ``<key>.ratio`` = number /
+    ceiling for the PCK keys and AP. ``sampler(model, vq, poses, batch_size=, seed=, **kw) -> uint8 images``:
     another generator to score (e.g. :func:`kpnb.transformer.sample_images`); None = :func:`sample_images`."""
     poses = check_poses(poses)
     t0 = time.perf_counter()

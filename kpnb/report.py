@@ -136,8 +136,9 @@ def pose_accuracy_table(m: Mapping[str, Mapping[str, Any]]) -> list[dict[str, st
                               f"({_fmt(real_of_ceiling(smp))} x as shares of each set's ceiling)",
                      **{cols[c]: _fmt(smp.get(f"real_poses.{c}")) for c in cols}})
         if completed:
+            raw_ceiling = _fmt(smp.get("real_poses.as_annotated.ceiling.pck@0.1"))
             rows.append({"model": f"real poses (COCO, {n}): the same, conditioned on the annotation as given "
-                                  f"(estimator on renders of it: {_fmt(smp.get('real_poses.as_annotated.ceiling.pck@0.1'))}), "
+                                  f"(estimator on renders of it: {raw_ceiling}), "
                                   f"{_fmt(smp.get('real_poses.as_annotated.ratio_to_heldout'))} x",
                          **{cols[c]: _fmt(smp.get(f"real_poses.as_annotated.{c}")) for c in ("pck@0.1", "ap")}})
     return rows

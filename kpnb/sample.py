@@ -7,9 +7,10 @@
 Pose files (:func:`kpnb.keypoints.read_pose_file`): the release JSON, COCO keypoint annotations, OpenPose
 JSON (COCO-18 or BODY_25), or a folder of them. With a run folder, joints a file leaves unlabelled (COCO's
 unseen face joints, legs out of the photograph) are first placed as the run's nearest training pose places
-them (:func:`kpnb.keypoints.complete_poses`; ``--no-complete`` to sample them as given). For each pose it writes ``<label>_<k>.png`` (k = 0..n-1), one
-``contact_sheet.png`` (each skeleton beside its samples) and ``sample.json`` (every setting, the model's files
-with a hash of each checkpoint JSON, the poses and the files written). The same seed gives the same images:
+them (:func:`kpnb.keypoints.complete_poses`; ``--no-complete`` to sample them as given). For each pose it
+writes ``<label>_<k>.png`` (k = 0..n-1), one ``contact_sheet.png`` (each skeleton beside its samples) and
+``sample.json`` (every setting, the model's files with a hash of each checkpoint JSON, the poses sampled with
+the joints completion placed, and the files written). The same seed gives the same images:
 pose i's samples use seed ``seed + i``.
 
 With the released model the defaults are the original script's (``scripts/sample_pose_diffusion.py``): DDIM
