@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             filled = [[kp.JOINTS[j] for j in np.flatnonzero((pose.vis == kp.MISSING) & (d[:, 2] != kp.MISSING))]
                       for (_, pose), d in zip(poses, done)]
             poses = [(label, kp.Pose.from_array(d)) for (label, _), d in zip(poses, done)]
-            print(f"kpnb sample: {sum(map(len, filled))} unlabelled joints placed as the nearest training pose places "
-                  f"them (kpnb.keypoints.complete_poses; --no-complete samples the poses as given)")
+            n = sum(map(len, filled))
+            print(f"kpnb sample: {n} unlabelled joint{'s' if n != 1 else ''} placed as the nearest training pose "
+                  f"places them (kpnb.keypoints.complete_poses; --no-complete samples the poses as given)")
     if info["kind"] == "released checkpoint":
         print(f"kpnb sample: the released model; the original script's defaults unless given: DDIM "
               f"{ORIGINAL_DEFAULTS['steps']} steps, eta {ORIGINAL_DEFAULTS['eta']}, no guidance -> using {settings}")
