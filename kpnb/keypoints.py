@@ -673,11 +673,11 @@ def complete_poses(poses: Any, reference: Any) -> np.ndarray:
     ``reference`` pose (:func:`nearest_poses`: fitted by scale and shift over the labelled joints), then
     OUTSIDE where that place is out of the frame. Labelled joints are kept as they are.
 
-    People's annotations leave joints unlabelled that the synthetic poses always place: COCO labels no face
-    joint it cannot see (a figure from behind has no nose or eyes, a profile no far eye), where kpnb's poses
-    mark them HIDDEN at their place; and a leg cut off by the photograph is unlabelled, where kpnb's frame
-    marks it OUTSIDE. A model trained on kpnb's poses reads the completed pose in its own convention (for
-    the run's training poses as ``reference``). Scores stay against the annotation as given."""
+    People's annotations leave joints unlabelled that kpnb's poses always place: COCO labels no face joint
+    it cannot see (a figure from behind has no nose or eyes, a profile no far eye) and no leg the photograph
+    cuts off, where a run's training poses give every joint in the frame (VISIBLE) and beyond it (OUTSIDE).
+    With the run's training poses as ``reference``, the completed pose is in the convention the model was
+    trained on. Scores stay against the annotation as given."""
     P = np.stack([p.to_array() if isinstance(p, Pose) else np.asarray(p, np.float32) for p in poses]).astype(np.float32)
     ref = np.asarray([p.to_array() if isinstance(p, Pose) else p for p in reference], np.float32)
     if ref.ndim != 3 or ref.shape[1:] != (N_JOINTS, 3) or not len(ref):
