@@ -634,6 +634,11 @@ def plausibility_features(pose: Pose) -> dict[str, float]:
 
 
 # ---- how close a pose set comes to given poses ---------------------------------------------------------
+def _pose_rows(poses: Any, dtype: Any = np.float32) -> np.ndarray:
+    """Poses given as Poses or [17, 3] arrays, stacked into one array [N, 17, 3]."""
+    return np.asarray([p.to_array() if isinstance(p, Pose) else np.asarray(p) for p in poses], dtype)
+
+
 def nearest_poses(poses: Any, reference: Any, alpha: float = 0.1) -> dict[str, np.ndarray]:
     """For each pose of ``poses`` ([N, 17, 3] or Poses), the nearest pose of ``reference`` ([M, 17, 3] or Poses,
     every joint taken where it is placed: synthetic poses keep the coordinates of joints outside the frame).
@@ -644,8 +649,8 @@ def nearest_poses(poses: Any, reference: Any, alpha: float = 0.1) -> dict[str, n
     nearest reference pose's mean joint distance), ``pck`` (its share of joints within ``alpha`` of the size),
     ``index`` (which reference pose) and ``fitted`` [N, 17, 2] (all 17 joints of that reference pose after the
     fit); NaN and -1 for poses with fewer than two labelled joints."""
-    P = np.stack([p.to_array() if isinstance(p, Pose) else np.asarray(p, np.float32) for p in poses])
-    ref = np.asarray([p.to_array() if isinstance(p, Pose) else p for p in reference], np.float64)[..., :2]
+    P = _pose_rows(poses)
+    ref = _pose_rows(reference, np.float64)[..., :2]
     n = len(P)
     out = {"distance": np.full(n, np.nan), "pck": np.full(n, np.nan), "index": np.full(n, -1),
            "fitted": np.full((n, N_JOINTS, 2), np.nan)}
@@ -678,8 +683,7 @@ def complete_poses(poses: Any, reference: Any) -> np.ndarray:
     cuts off, where a run's training poses give every joint in the frame (VISIBLE) and beyond it (OUTSIDE).
     With the run's training poses as ``reference``, the completed pose is in the convention the model was
     trained on. Scores stay against the annotation as given."""
-    P = np.stack([p.to_array() if isinstance(p, Pose) else np.asarray(p, np.float32) for p in poses]).astype(np.float32)
-    ref = np.asarray([p.to_array() if isinstance(p, Pose) else p for p in reference], np.float32)
+    P, ref = _pose_rows(poses), _pose_rows(reference)
     if ref.ndim != 3 or ref.shape[1:] != (N_JOINTS, 3) or not len(ref):
         raise ValueError(f"complete_poses: reference must be poses [M, 17, 3] with M > 0, got {list(ref.shape)}")
     nn = nearest_poses(P, ref)
@@ -691,5 +695,5 @@ def complete_poses(poses: Any, reference: Any) -> np.ndarray:
         fill = miss & (ref[j, :, 2] != MISSING)
         out[i, fill, :2] = nn["fitted"][i, fill]
         out[i, fill, 2] = ref[j, fill, 2]
-        out[i] = Pose.from_array(out[i]).refresh_outside().to_array()
+        out[i, fill, 2] = Pose.from_array(out[i]).refresh_outside().vis[fill]   # re-judged against this frame
     return out

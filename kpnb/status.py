@@ -79,10 +79,10 @@ def _sampling(m: Mapping[str, Any]) -> str:
                       if mode not in (FURTHER, best, "f8", "f16"))
     label = f"{m.get(f'{FURTHER}.mode')} trained further" if best == FURTHER else best
     sweep = "/".join(_f(m[k]) for k in m if k.startswith("guidance_sweep.") and k.endswith(".pck@0.1"))
-    raw = (f"; conditioned on the annotation as given {_f(m['real_poses.as_annotated.pck@0.1'])}, "
-           f"{_f(m.get('real_poses.as_annotated.ratio_to_heldout'), 2)} x"
-           if "real_poses.as_annotated.pck@0.1" in m else "")
-    completed = ", completed poses" if "real_poses.as_annotated.pck@0.1" in m else ""
+    both = "real_poses.as_annotated.pck@0.1" in m   # sampled from completed poses and from the annotation
+    raw = (f"; conditioned on the annotation as given {_f(m.get('real_poses.as_annotated.pck@0.1'))}, "
+           f"{_f(m.get('real_poses.as_annotated.ratio_to_heldout'), 2)} x" if both else "")
+    completed = ", completed poses" if both else ""
     real = (f"{m.get('real_poses.n')} real COCO poses{completed} **{_f(m['real_poses.pck@0.1'])}** "
             f"(**{_f(m.get('real_poses.ratio_to_heldout'), 2)}** x held-out; the estimator on exact renders of "
             f"them {_f(m.get('real_poses.ceiling.pck@0.1'))}; as shares of each set's ceiling "
