@@ -697,3 +697,25 @@ def complete_poses(poses: Any, reference: Any) -> np.ndarray:
         out[i, fill, 2] = ref[j, fill, 2]
         out[i, fill, 2] = Pose.from_array(out[i]).refresh_outside().vis[fill]   # re-judged against this frame
     return out
+
+
+# ---- which way a figure faces --------------------------------------------------------------------------
+VIEWS = ("front", "side", "back", "unknown")
+
+
+def pose_views(poses: Any, side_ratio: float = 0.35) -> np.ndarray:
+    """Which way each figure of ``poses`` ([N, 17, 3] or Poses) faces, read from its shoulders alone: the
+    signed shoulder width (the left shoulder's x minus the right's, whatever the codes other than MISSING)
+    over the torso (shoulder midpoint to hip midpoint). Facing the viewer her left shoulder is on the image's
+    right, so the width is positive: "front" above ``side_ratio``, "back" below ``-side_ratio``, "side" in
+    between (a profile); "unknown" when a shoulder or a hip is MISSING. Returns strings of :data:`VIEWS`."""
+    P = _pose_rows(poses, np.float64)
+    J = JOINT_INDEX
+    ls, rs = P[:, J["shoulder_left"]], P[:, J["shoulder_right"]]
+    lh, rh = P[:, J["hip_left"]], P[:, J["hip_right"]]
+    torso = np.linalg.norm((ls[:, :2] + rs[:, :2]) / 2 - (lh[:, :2] + rh[:, :2]) / 2, axis=1)
+    ratio = (ls[:, 0] - rs[:, 0]) / np.maximum(torso, 1e-6)
+    views = np.where(ratio > side_ratio, "front", np.where(ratio < -side_ratio, "back", "side")).astype(object)
+    known = (np.stack([ls, rs, lh, rh], 1)[..., 2] != MISSING).all(1)
+    views[~known] = "unknown"
+    return views.astype(str)

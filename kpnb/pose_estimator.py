@@ -35,7 +35,7 @@ from . import synth, training
 from .runtime import Runtime, current
 from .conditioning import check_poses, flip_batch, mask_joints
 from .images import to_model
-from .keypoints import HIDDEN, JOINT_GROUPS, JOINTS, MISSING, N_JOINTS, OUTSIDE, VISIBLE, Pose
+from .keypoints import HIDDEN, JOINT_GROUPS, JOINTS, MISSING, N_JOINTS, OUTSIDE, VIEWS, VISIBLE, Pose
 
 # visibility classes of the estimator's head -> kpnb visibility codes
 VIS_CLASSES = (OUTSIDE, HIDDEN, VISIBLE)
@@ -90,6 +90,22 @@ def pck(pred: Any, target: Any, alphas: Sequence[float] = (0.05, 0.1, 0.2)) -> d
 # COCO keypoint AP (docs/metrics.md)
 # ======================================================================================================
 AP_FRAME = 256  # pixels of the square frame the poses are placed in for COCOeval (OKS is scale-free)
+
+
+def pck_by_view(pred: Any, target: Any, views: Any, alpha: float = 0.1) -> dict[str, float]:
+    """:func:`pck` at ``alpha`` within each group of ``views`` (one label per pose, e.g.
+    :func:`kpnb.keypoints.pose_views` of the conditioning poses): ``<view>.pck@<alpha>`` and ``<view>.n`` (poses)
+    for each view present, in :data:`kpnb.keypoints.VIEWS` order."""
+    pred, target, views = np.asarray(pred), np.asarray(target), np.asarray(views)
+    if len(views) != len(target) or len(pred) != len(target):
+        raise ValueError(f"pck_by_view: {len(pred)} predictions, {len(target)} poses and {len(views)} views")
+    out: dict[str, float] = {}
+    for v in VIEWS:
+        sel = views == v
+        if sel.any():
+            out[f"{v}.pck@{alpha}"] = pck(pred[sel], target[sel], (alpha,))[f"pck@{alpha}"]
+            out[f"{v}.n"] = int(sel.sum())
+    return out
 
 
 def pose_ap(pred: Any, target: Any, scores: Any = None) -> dict[str, float]:

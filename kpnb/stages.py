@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import data, diffusion, filtering, pose_estimator, training, transformer, vq
+from . import data, diffusion, filtering, keypoints, pose_estimator, training, transformer, vq
 from .layout import RunFiles
 from .runs import atomic_write_bytes
 from .runtime import Runtime, current
@@ -65,18 +65,36 @@ def subset_rows(poses: np.ndarray, subset: str) -> np.ndarray:
     return np.flatnonzero(filtering.strict_keep(poses))
 
 
+def training_rows(poses: np.ndarray, d: Mapping[str, Any], subset: str = "") -> np.ndarray:
+    """The rows of the training subset a diffusion model draws its batches from: ``subset``'s rows
+    (:func:`subset_rows`; all when ""), each repeated ``d["view_repeat"][view]`` times, ``view`` read from its
+    pose by :func:`kpnb.keypoints.pose_views` (a view not named: once). A repeated row comes up that many
+    times per pass over the rows, so its figure is seen that much more often (and "epochs" count the repeats)."""
+    rows = subset_rows(poses, subset) if subset else np.arange(len(poses))
+    repeat = dict(d.get("view_repeat") or {})
+    bad = {v: n for v, n in repeat.items() if v not in keypoints.VIEWS or not isinstance(n, int) or n < 1}
+    if bad:
+        raise ValueError(f"diffusion.view_repeat: {bad} - each key one of {', '.join(keypoints.VIEWS)}, each value "
+                         f"a whole number >= 1")
+    if not repeat:
+        return rows
+    views = keypoints.pose_views(np.asarray(poses)[rows])
+    return np.repeat(rows, [repeat.get(v, 1) for v in views])
+
+
 def train_ldm(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str, mode: str, *,
               further: bool = False, subset: str = "", progress: bool = True, runtime: Runtime | None = None):
     """One diffusion model of a run: ``mode`` on ``spec``'s latents into ``RunFiles.ldm(spec, mode)``, with the
     preset's ``diffusion`` settings; ``further``: the best mode's longer run (forked from the equal-budget
     checkpoint, ``best_steps`` steps); ``subset``: trained on that part of the training subset only
-    (:func:`subset_rows`; the same steps and the whole subset's latent scale). Returns (EMA model, TrainResult)."""
+    (:func:`subset_rows`; the same steps and the whole subset's latent scale); its rows repeated by view as
+    :func:`training_rows` says. Returns (EMA model, TrainResult)."""
     files = RunFiles(Path(root))
     d = cfg["diffusion"]
     train = data.load_subset(root, "train")
     z = ldm_latents(root, spec, "train", images=train["images"], progress=progress, runtime=runtime)
     scale = diffusion.scale_factor_of(z[:, 0])
-    rows = subset_rows(train["poses"], subset) if subset else None
+    rows = training_rows(train["poses"], d, subset)
     out = files.ldm(spec, mode, further=further, subset=subset)
     if further:
         training.fork_checkpoint(files.ldm(spec, mode, subset=subset), out)

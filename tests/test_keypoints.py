@@ -316,3 +316,24 @@ def test_openpose_joint_maps_follow_openposes_documented_order():
             assert pose.xy[kpm.JOINT_INDEX[joint], 0] == pytest.approx((10 * index + 5) / 400)
     with pytest.raises(kpm.PoseError, match="54 .COCO-18. or 75"):
         kpm.read_openpose({"people": [{"pose_keypoints_2d": [1, 2, 3]}]})
+
+
+def test_pose_views_reads_the_view_from_the_shoulders_as_the_synthetic_truth_has_it():
+    from kpnb import synth
+    rng = np.random.default_rng(0)
+    poses = [synth.characters.sample_pose(rng)[0] for _ in range(600)]
+    behind = np.array([synth.characters.seen_from_behind(p) for p in poses])
+    views = kp.pose_views(poses)
+    assert set(views) <= set(kp.VIEWS) and 0.05 < behind.mean() < 0.2
+    assert (views[behind] == "back").mean() > 0.8 and (views[~behind] == "back").mean() == 0
+    assert (views[~behind] == "front").mean() > 0.85
+    # a mirror image is seen from the same side: flip swaps the labels with the places
+    assert (kp.pose_views([kp.flip(p) for p in poses]) == views).all()
+    a = poses[0].to_array()
+    a[:, 2] = kp.VISIBLE
+    a[[5, 6, 11, 12], :2] = [[0.6, 0.3], [0.4, 0.3], [0.58, 0.6], [0.42, 0.6]]   # left shoulder on the image's right
+    side, back, unknown = a.copy(), a.copy(), a.copy()
+    side[[5, 6], 0] = [0.52, 0.48]
+    back[[5, 6], 0] = [0.4, 0.6]
+    unknown[11, 2] = kp.MISSING
+    assert list(kp.pose_views([a, side, back, unknown])) == ["front", "side", "back", "unknown"]

@@ -225,3 +225,17 @@ def test_render_poses_draws_the_given_poses_reproducibly():
     moved[0, :, 0] = np.where(moved[0, :, 2] != MISSING, moved[0, :, 0] - 0.1, 0)
     b = E.render_poses(moved, seed=0, image_size=32, render_size=64)
     assert not np.array_equal(a[0], b[0]) and np.array_equal(a[1:], b[1:])   # the pose is what is drawn
+
+
+def test_pck_by_view_is_pck_within_each_view():
+    rng = np.random.default_rng(0)
+    target = np.concatenate([rng.uniform(0.2, 0.8, (6, 17, 2)), np.full((6, 17, 1), VISIBLE)], -1)
+    pred = target[..., :2] + rng.normal(0, 0.03, (6, 17, 2))
+    views = np.array(["front", "back", "front", "side", "back", "front"])
+    out = E.pck_by_view(pred, target, views)
+    assert [k for k in out if k.endswith(".n")] == ["front.n", "side.n", "back.n"]   # VIEWS order, none absent
+    assert (out["front.n"], out["side.n"], out["back.n"]) == (3, 1, 2)
+    for v in ("front", "side", "back"):
+        assert out[f"{v}.pck@0.1"] == E.pck(pred[views == v], target[views == v])["pck@0.1"]
+    with pytest.raises(ValueError, match="5 views"):
+        E.pck_by_view(pred, target, views[:5])

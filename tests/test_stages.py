@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
-from kpnb import runs, runtime, stages, training
+from kpnb import keypoints, runs, runtime, stages, synth, training
 from kpnb.layout import RunFiles
 
 
@@ -71,6 +72,24 @@ def test_strict_subset_model_trains_on_whole_figures_only(run):
     _, res = stages.train_ldm(run, cfg, "f4", "skeleton", subset="strict")
     folder = RunFiles(run).ldm("f4", "skeleton", subset="strict")
     assert folder.name == "ldm-f4-skeleton-strict" and res.step == cfg["diffusion"]["steps"]
-    assert training.read_checkpoint_info(training.latest_checkpoint(folder))["config"]["n_train"] == len(rows)
+    n_train = len(stages.training_rows(train["poses"], cfg["diffusion"], "strict"))   # with the view repeats
+    assert training.read_checkpoint_info(training.latest_checkpoint(folder))["config"]["n_train"] == n_train
     with pytest.raises(ValueError, match="unknown training subset"):
         stages.subset_rows(train["poses"], "loose")
+
+
+def test_training_rows_repeat_the_figures_of_the_named_views():
+    rng = np.random.default_rng(0)
+    poses = np.stack([synth.characters.sample_pose(rng)[0].to_array() for _ in range(200)])
+    views = keypoints.pose_views(poses)
+    assert {"front", "side", "back"} <= set(views)
+    rows = stages.training_rows(poses, {"view_repeat": {"side": 2, "back": 3}})
+    counts = np.bincount(rows, minlength=len(poses))
+    assert (counts == np.select([views == "side", views == "back"], [2, 3], 1)).all()
+    assert (stages.training_rows(poses, {"view_repeat": {}}) == np.arange(len(poses))).all()
+    assert (stages.training_rows(poses, {}) == np.arange(len(poses))).all()
+    strict = stages.training_rows(poses, {"view_repeat": {"back": 3}}, "strict")
+    assert set(strict) == set(stages.subset_rows(poses, "strict"))
+    for bad in ({"behind": 2}, {"back": 0}, {"back": 1.5}):
+        with pytest.raises(ValueError, match="diffusion.view_repeat"):
+            stages.training_rows(poses, {"view_repeat": bad})
