@@ -143,3 +143,21 @@ def test_real_pose_numbers_reach_the_report_and_the_status_table_but_are_no_mode
     assert real[2]["PCK@0.1"] == "0.25" and real[2]["AP"] == "0.02"
     text = status._sampling(both)
     assert "78 real COCO poses, completed poses **0.350**" in text and "annotation as given 0.250, 0.29 x" in text
+
+
+def test_pck_by_view_is_a_table_of_the_report_when_measured(tmp_path):
+    smp = {"best_mode": "long", "by_view.heldout.front.pck@0.1": 0.86, "by_view.heldout.front.n": 110,
+           "by_view.heldout.back.pck@0.1": 0.45, "by_view.heldout.back.n": 13,
+           "by_view.real_poses.front.pck@0.1": 0.66, "by_view.real_poses.front.n": 50,
+           "by_view.real_poses.side.pck@0.1": 0.5, "by_view.real_poses.side.n": 9}
+    rows = report.view_table({"05_sampling": smp})
+    assert [r["view"] for r in rows] == ["front", "side", "back"]
+    assert rows[0] == {"view": "front", "held-out poses": "110", "held-out PCK@0.1": "0.86", "real poses": "50",
+                       "real PCK@0.1": "0.66"}
+    assert rows[1]["held-out poses"] == "-" and rows[2]["real PCK@0.1"] == "-"
+    assert report.view_table({"05_sampling": {"best_mode": "long"}}) == []
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "05_sampling.json").write_text(json.dumps(smp))
+    assert "### By view" in report.write_report(tmp_path).read_text()
+    (tmp_path / "metrics" / "05_sampling.json").write_text(json.dumps({"best_mode": "long"}))
+    assert "### By view" not in report.write_report(tmp_path).read_text()
