@@ -87,6 +87,10 @@ def _sampling(m: Mapping[str, Any]) -> str:
             f"(**{_f(m.get('real_poses.ratio_to_heldout'), 2)}** x held-out; the estimator on exact renders of "
             f"them {_f(m.get('real_poses.ceiling.pck@0.1'))}; as shares of each set's ceiling "
             f"{_f(report.real_of_ceiling(m), 2)} x held-out{raw}); " if "real_poses.pck@0.1" in m else "")
+    if "by_view.heldout.back.n" in m or "by_view.real_poses.back.n" in m:   # figures seen from behind
+        real += (f"seen from behind: held-out {_f(m.get('by_view.heldout.back.pck@0.1'))} "
+                 f"({int(m.get('by_view.heldout.back.n', 0))} poses), "
+                 f"real {_f(m.get('by_view.real_poses.back.pck@0.1'))} ({int(m.get('by_view.real_poses.back.n', 0))}); ")
     return (f"PCK@0.1 on {m.get('n_eval')} held-out poses: {label} **{_f(m.get(f'{best}.pck@0.1'))}** "
             f"({_f(m.get(f'{best}.pck@0.1.ratio'), 2)} of the ceiling), keypoint AP **{_f(m.get(f'{best}.ap'))}** "
             f"(estimator's own {_f(m.get('ap_ceiling'))}), FID **{_f(m.get(f'{best}.fid'), 2)}** (as many training "

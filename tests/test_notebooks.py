@@ -87,6 +87,14 @@ def test_notebook_smoke(smoke_run, stem):
     assert any(p.name.startswith(stem) for p in (smoke_run / "figures").iterdir())
 
 
+def test_notebook_05_scores_every_pose_under_one_view(smoke_run):
+    m = json.loads((smoke_run / "metrics" / "05_sampling.json").read_text())
+    for where, n in (("heldout", m["n_eval"]), ("real_poses", m["real_poses.n"])):
+        counts = {k: v for k, v in m.items() if k.startswith(f"by_view.{where}.") and k.endswith(".n")}
+        assert counts and sum(counts.values()) == n and all(isinstance(v, int) for v in counts.values())
+        assert all(0 <= m[k[:-2] + ".pck@0.1"] <= 1 for k in counts)
+
+
 def test_resume_skips_finished_notebooks(smoke_run, capsys):
     before = {p.name: p.stat().st_mtime for p in (smoke_run / "metrics").iterdir()}
     assert cli.main(["run", "--resume", str(smoke_run), "--only", "01,02", "--no-progress"]) == 0

@@ -161,3 +161,7 @@ def test_pck_by_view_is_a_table_of_the_report_when_measured(tmp_path):
     assert "### By view" in report.write_report(tmp_path).read_text()
     (tmp_path / "metrics" / "05_sampling.json").write_text(json.dumps({"best_mode": "long"}))
     assert "### By view" not in report.write_report(tmp_path).read_text()
+    from kpnb import status
+    both = {**smp, "by_view.real_poses.back.pck@0.1": 0.52, "by_view.real_poses.back.n": 18.0}   # a mean
+    assert "seen from behind: held-out 0.450 (13 poses), real 0.520 (18)" in status._sampling(both)
+    assert "seen from behind" not in status._sampling({"best_mode": "long"})
