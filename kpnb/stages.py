@@ -69,7 +69,8 @@ def training_rows(poses: np.ndarray, d: Mapping[str, Any], subset: str = "") -> 
     """The rows of the training subset a diffusion model draws its batches from: ``subset``'s rows
     (:func:`subset_rows`; all when ""), each repeated ``d["view_repeat"][view]`` times, ``view`` read from its
     pose by :func:`kpnb.keypoints.pose_views` (a view not named: once). A repeated row comes up that many
-    times per pass over the rows, so its figure is seen that much more often (and "epochs" count the repeats)."""
+    times per pass over the rows, so its figure is seen that much more often; the checkpoint's ``n_train``
+    counts the rows with their repeats (notebook 04's "epochs" are steps x batch over the images)."""
     rows = subset_rows(poses, subset) if subset else np.arange(len(poses))
     repeat = dict(d.get("view_repeat") or {})
     bad = {v: n for v, n in repeat.items() if v not in keypoints.VIEWS or not isinstance(n, int) or n < 1}
