@@ -715,7 +715,5 @@ def pose_views(poses: Any, side_ratio: float = 0.35) -> np.ndarray:
     lh, rh = P[:, J["hip_left"]], P[:, J["hip_right"]]
     torso = np.linalg.norm((ls[:, :2] + rs[:, :2]) / 2 - (lh[:, :2] + rh[:, :2]) / 2, axis=1)
     ratio = (ls[:, 0] - rs[:, 0]) / np.maximum(torso, 1e-6)
-    views = np.where(ratio > side_ratio, "front", np.where(ratio < -side_ratio, "back", "side")).astype(object)
     known = (np.stack([ls, rs, lh, rh], 1)[..., 2] != MISSING).all(1)
-    views[~known] = "unknown"
-    return views.astype(str)
+    return np.select([~known, ratio > side_ratio, ratio < -side_ratio], ["unknown", "front", "back"], "side")
