@@ -530,7 +530,7 @@ def clip_for_run(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, prog
     pool = root / "clip_pool"
     if rt.is_main:
         synth.write_dataset(pool, n=c["n_images"], image_size=c["image_size"], render_size=d["render_size"],
-                            seed=d["seed"] + 1, progress=progress)
+                            seed=d["seed"] + 1, progress=progress, wide_share=d["wide_share"])
     rt.barrier()
     cands = kdata.load_candidates(pool, c["image_size"], progress=progress)
     if not cands.labels:

@@ -39,7 +39,11 @@ BASE: dict[str, dict[str, Any]] = {
     # free, checked again every 30 s of training (a busy core otherwise stalls OpenMP: README, "Timing"), or a count
     # (0: torch's default)
     "runtime": {"device": "auto", "precision": "fp32", "compile": False, "workers": 0, "threads": "auto"},
-    "data": {"image_size": 64, "n_candidates": 6000, "render_size": 256, "seed": 0, "val_frac": 0.1},
+    # data.wide_share: the share of the synthetic characters' poses drawn from the wider distribution
+    # (kpnb.synth.sample_pose: kneeling, crouching, lying, free arms, bent and tilted, near-side views and views
+    # from behind); the pose estimator's training renders keep the module's default, so the ruler is the same
+    "data": {"image_size": 64, "n_candidates": 6000, "render_size": 256, "seed": 0, "val_frac": 0.1,
+             "wide_share": 0.4},
     # the CLIP stage keeps images whose P(positive prompt vs the negatives) >= clip_min_score
     "filter": {"use_clip": True, "clip_min_score": 0.1},
     # VQ: a pixel-unshuffle stem instead of full-resolution layers (fewer FLOPs per image on a CPU); f4 in

@@ -90,6 +90,6 @@ def test_training_rows_repeat_the_figures_of_the_named_views():
     assert (stages.training_rows(poses, {}) == np.arange(len(poses))).all()
     strict = stages.training_rows(poses, {"view_repeat": {"back": 3}}, "strict")
     assert set(strict) == set(stages.subset_rows(poses, "strict"))
-    for bad in ({"behind": 2}, {"back": 0}, {"back": 1.5}):
+    for bad in ({"behind": 2}, {"back": 0}, {"back": 1.5}, {"back": True}):
         with pytest.raises(ValueError, match="diffusion.view_repeat"):
             stages.training_rows(poses, {"view_repeat": bad})

@@ -119,6 +119,30 @@ def test_the_wider_poses_have_their_share():
     assert all(p.xy[11:13, 1].mean() >= 0.5 for p in lying)   # turned so that her hips are low in the frame
 
 
+def test_wide_share_sets_how_many_poses_come_from_the_wider_distribution(tmp_path):
+    """data.wide_share: more wide poses give more figures seen from behind and of the wide kinds; the default is
+    the module's share (the same draws), 0 gives none; a share outside [0, 1] is refused, naming the field."""
+    def draw(**kw):
+        return [synth.sample_pose(np.random.default_rng([6, i]), **kw) for i in range(1500)]
+    default, same = draw(), draw(wide_share=synth.characters.WIDE_SHARE)
+    assert all(pa == pb and ka == kb for (pa, ka), (pb, kb) in zip(default, same))
+    behind = {w: np.mean([synth.characters.seen_from_behind(p) for p, _ in draw(wide_share=w)]) for w in (0.0, 0.8)}
+    kinds = {w: np.isin([k for _, k in draw(wide_share=w)], synth.characters.WIDE_KINDS).mean() for w in (0.0, 0.8)}
+    assert behind[0.0] == 0 and behind[0.8] > 0.15
+    assert kinds[0.0] == 0 and kinds[0.8] > 0.3
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="wide_share"):
+            synth.sample_pose(np.random.default_rng(0), wide_share=bad)
+        with pytest.raises(ValueError, match="wide_share"):
+            synth.write_dataset(tmp_path / "bad", 4, image_size=16, render_size=32, wide_share=bad, progress=False)
+    # the share is part of a dataset's settings: another share is another dataset
+    s1 = synth.write_dataset(tmp_path / "ds", 6, image_size=16, render_size=32, workers=1, progress=False)
+    s2 = synth.write_dataset(tmp_path / "ds", 6, image_size=16, render_size=32, workers=1, progress=False,
+                             wide_share=0.9)
+    assert not s1["skipped"] and not s2["skipped"]
+    assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["settings"]["wide_share"] == 0.9
+
+
 def test_a_framing_the_pose_cannot_have_is_refused():
     refused = framed = 0
     for i in range(5000):   # a kneeling figure on her heels can have no knee or ankle below her hips

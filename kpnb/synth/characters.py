@@ -340,11 +340,11 @@ def _frame(rng: np.random.Generator, xy: np.ndarray, framing: str, wide: bool) -
 
 
 def sample_pose(rng: np.random.Generator, kind: str | None = None, facing: str | None = None,
-                framing: str | None = None) -> tuple[Pose, str]:
+                framing: str | None = None, wide_share: float = WIDE_SHARE) -> tuple[Pose, str]:
     """A pose of ``kind`` (one of POSE_KINDS; random if None), turned towards ``facing`` (front/left/right,
     the image side; random if None) and framed as ``framing`` (full_body/cowboy_shot/upper_body; random if None).
 
-    WIDE_SHARE of the poses (and every pose of WIDE_KINDS) come from the wider distribution (see above).
+    ``wide_share`` of the poses (and every pose of WIDE_KINDS) come from the wider distribution (see above).
     A lying figure is drawn upright, framed, and turned by a right angle with its frame (her hips in the
     lower half). A pose that cannot have the asked framing (a cowboy shot of a figure with no knee or ankle
     below her hips) raises ValueError; a random framing falls back to full_body then.
@@ -352,7 +352,9 @@ def sample_pose(rng: np.random.Generator, kind: str | None = None, facing: str |
     Returns the true pose (normalised; joints out of the frame OUTSIDE with their coordinates kept; the far ear
     of a turned head HIDDEN, and the nose and eyes of a figure seen from behind) and the kind.
     :func:`framing_of` and :func:`seen_from_behind` tell the framing and the view back from the pose."""
-    wide = rng.random() < WIDE_SHARE
+    if not 0.0 <= wide_share <= 1.0:
+        raise ValueError(f"wide_share must be in [0, 1], got {wide_share}")
+    wide = rng.random() < wide_share
     if kind is None:
         kind = _choice(rng, POSE_KINDS, _KIND_P["wide" if wide else "narrow"])
     if kind not in POSE_KINDS:

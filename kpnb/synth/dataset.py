@@ -18,7 +18,7 @@ from .. import progress as kprogress
 from ..keypoints import MISSING, Pose, write_release_json
 from .palette import (BACKGROUND_COLOURS, DISTRACTOR_SHARES, EYE_COLOURS, HAIR_COLOURS, ID_BASE, KEYPOINT_JITTER,
                       LABELS, OUTFIT_COLOURS, SHIRT_COLOURS, SYNTH_VERSION, TAG_NOISE)
-from .characters import _choice, _u, framing_of, sample_attributes, sample_pose, seen_from_behind
+from .characters import WIDE_SHARE, _choice, _u, framing_of, sample_attributes, sample_pose, seen_from_behind
 from .painter import _background, _draw_character, render_character
 from .scenes import _comic, _estimate, _garbage, _mix, _scenery, _scramble
 from .tags import (REVEALING_TAGS, _EXTRA_TAGS, _POSE_WORDS, _WRONG_TAGS, _background_words, _character_tags, _meta,
@@ -32,9 +32,10 @@ def _sample_label(rng: np.random.Generator, distractor_frac: float) -> str:
     return _choice(rng, list(DISTRACTOR_SHARES), list(DISTRACTOR_SHARES.values()))
 
 
-def _character(rng: np.random.Generator, framing: str | None = None) -> tuple[dict[str, Any], Pose, str]:
+def _character(rng: np.random.Generator, framing: str | None = None, wide_share: float = WIDE_SHARE
+               ) -> tuple[dict[str, Any], Pose, str]:
     attrs = sample_attributes(rng)
-    pose, kind = sample_pose(rng, facing=attrs["facing"], framing=framing)
+    pose, kind = sample_pose(rng, facing=attrs["facing"], framing=framing, wide_share=wide_share)
     attrs["seat"] = kind == "sitting"
     attrs["framing"] = framing_of(pose)
     attrs["from_behind"] = seen_from_behind(pose)
@@ -42,9 +43,10 @@ def _character(rng: np.random.Generator, framing: str | None = None) -> tuple[di
 
 
 def make_candidate(index: int, seed: int, image_size: int, render_size: int,
-                   distractor_frac: float = 0.4) -> dict[str, Any]:
+                   distractor_frac: float = 0.4, wide_share: float = WIDE_SHARE) -> dict[str, Any]:
     """One dataset entry: ``image`` (PIL RGB, image_size square), ``est_pose`` (the keypoint file's pose),
-    ``meta`` (Danbooru-shaped record) and ``label`` (ground truth). Deterministic in (seed, index)."""
+    ``meta`` (Danbooru-shaped record) and ``label`` (ground truth). Deterministic in (seed, index).
+    ``wide_share``: the share of poses from the wider distribution (:func:`sample_pose`)."""
     rng = np.random.default_rng([int(seed), int(index)])
     iid = str(ID_BASE + int(index))
     S = int(render_size)
@@ -56,7 +58,7 @@ def make_candidate(index: int, seed: int, image_size: int, render_size: int,
     true: Pose | None = None
     general: list[str] = []
     if label in ("suitable", "estimator_failure", "rating", "sketch", "border"):
-        attrs, true, kind = _character(rng)
+        attrs, true, kind = _character(rng, wide_share=wide_share)
         caption = caption_of(attrs, kind, attrs["framing"], rng)
         general = ["1girl", "solo"] + _character_tags(attrs, kind, attrs["framing"])
         if label == "sketch":
@@ -87,7 +89,7 @@ def make_candidate(index: int, seed: int, image_size: int, render_size: int,
                 est = _estimate(true, rng)
     elif label == "multiple":
         n = 2 if rng.random() < 0.7 else 3
-        chars = [_character(rng, framing="full_body") for _ in range(n)]
+        chars = [_character(rng, framing="full_body", wide_share=wide_share) for _ in range(n)]
         attrs = chars[0][0]
         img = Image.fromarray(_background(attrs, S, S))
         poses = []
@@ -172,16 +174,18 @@ def _bordered(rng: np.random.Generator, attrs: dict[str, Any], pose: Pose, S: in
 
 
 # ================================================================================================ the dataset
-def _settings(n: int, image_size: int, render_size: int, seed: int, distractor_frac: float) -> dict[str, Any]:
+def _settings(n: int, image_size: int, render_size: int, seed: int, distractor_frac: float,
+              wide_share: float) -> dict[str, Any]:
     return {"generator": "kpnb.synth", "version": SYNTH_VERSION, "n": int(n), "seed": int(seed),
             "image_size": int(image_size), "render_size": int(render_size),
-            "distractor_frac": float(distractor_frac), "distractor_shares": DISTRACTOR_SHARES,
+            "distractor_frac": float(distractor_frac), "wide_share": float(wide_share),
+            "distractor_shares": DISTRACTOR_SHARES,
             "tag_noise": TAG_NOISE, "keypoint_jitter": KEYPOINT_JITTER, "id_base": ID_BASE}
 
 
-def _work(job: tuple[int, int, int, int, float, str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    index, seed, image_size, render_size, frac, out = job
-    c = make_candidate(index, seed, image_size, render_size, frac)
+def _work(job: tuple[int, int, int, int, float, float, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    index, seed, image_size, render_size, frac, wide_share, out = job
+    c = make_candidate(index, seed, image_size, render_size, frac, wide_share)
     iid = c["meta"]["id"]
     c["image"].save(os.path.join(out, "images", f"{iid}.png"))
     write_release_json(c["est_pose"], os.path.join(out, "keypoints", f"{iid}.json"))
@@ -202,8 +206,10 @@ def _complete(out: Path, settings: dict[str, Any]) -> bool:
 
 
 def write_dataset(out_dir: str | Path, n: int, image_size: int = 64, render_size: int = 256, seed: int = 0,
-                  distractor_frac: float = 0.4, workers: int = 2, progress: bool = True) -> dict[str, Any]:
-    """Write ``n`` candidates into ``out_dir`` (release layout + metadata.jsonl + labels.jsonl + dataset.json).
+                  distractor_frac: float = 0.4, workers: int = 2, progress: bool = True,
+                  wide_share: float = WIDE_SHARE) -> dict[str, Any]:
+    """Write ``n`` candidates into ``out_dir`` (release layout + metadata.jsonl + labels.jsonl + dataset.json);
+    ``wide_share`` of the characters' poses come from the wider distribution (:func:`sample_pose`).
 
     ``dataset.json`` is written last, so it marks a finished dataset: when it holds the same settings and every
     file is there, nothing is redone. ``workers`` processes draw in parallel (identical output for any count).
@@ -212,8 +218,10 @@ def write_dataset(out_dir: str | Path, n: int, image_size: int = 64, render_size
         raise ValueError(f"n, image_size and render_size must be positive (got {n}, {image_size}, {render_size})")
     if not 0.0 <= distractor_frac <= 1.0:
         raise ValueError(f"distractor_frac must be in [0, 1], got {distractor_frac}")
+    if not 0.0 <= wide_share <= 1.0:
+        raise ValueError(f"wide_share must be in [0, 1], got {wide_share}")
     out = Path(out_dir)
-    settings = _settings(n, image_size, render_size, seed, distractor_frac)
+    settings = _settings(n, image_size, render_size, seed, distractor_frac, wide_share)
     if _complete(out, settings):
         info = json.loads((out / "dataset.json").read_text())
         return {**info["summary"], "out_dir": str(out), "skipped": True}
@@ -226,7 +234,7 @@ def write_dataset(out_dir: str | Path, n: int, image_size: int = 64, render_size
         for p in (out / folder).iterdir():
             if p.suffix == ext and p.stem.isdigit() and p.stem not in wanted:
                 p.unlink()
-    jobs = [(i, seed, image_size, render_size, distractor_frac, str(out)) for i in range(n)]
+    jobs = [(i, seed, image_size, render_size, distractor_frac, wide_share, str(out)) for i in range(n)]
     bar = kprogress.bar(total=n, desc="synthetic dataset", disable=not progress, mininterval=1.0, unit_label="image")
     results: list[tuple[dict[str, Any], dict[str, Any]]] = []
     if workers and workers > 1 and n > 1:
