@@ -73,7 +73,8 @@ def training_rows(poses: np.ndarray, d: Mapping[str, Any], subset: str = "") -> 
     counts the rows with their repeats (notebook 04's "epochs" are steps x batch over the images)."""
     rows = subset_rows(poses, subset) if subset else np.arange(len(poses))
     repeat = dict(d.get("view_repeat") or {})
-    bad = {v: n for v, n in repeat.items() if v not in keypoints.VIEWS or not isinstance(n, int) or isinstance(n, bool) or n < 1}
+    bad = {v: n for v, n in repeat.items()   # a bool is an int: True is no repeat count
+           if v not in keypoints.VIEWS or isinstance(n, bool) or not isinstance(n, int) or n < 1}
     if bad:
         raise ValueError(f"diffusion.view_repeat: {bad} - each key one of {', '.join(keypoints.VIEWS)}, each value "
                          f"a whole number >= 1")
