@@ -118,7 +118,7 @@ def make_candidate(index: int, seed: int, image_size: int, render_size: int,
         est = _garbage(rng)
         attrs = {"scene": "outdoor" if "outdoors" in general else "room"}
     else:  # comic
-        img, fig, caption, general, mono = _comic(rng, S)
+        img, fig, caption, general, mono = _comic(rng, S, wide_share)
         revealing = [t for t in general if t in REVEALING_TAGS["comic"]]
         general = [t for t in general if t not in revealing]
         meta_tags = ["translated"] if rng.random() < 0.3 else []

@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 
 from ..keypoints import MISSING, N_JOINTS, VISIBLE, Pose
 from .palette import BACKGROUND_COLOURS, FRAMINGS, KEYPOINT_JITTER
-from .characters import _choice, _u, sample_attributes, sample_pose
+from .characters import WIDE_SHARE, _choice, _u, sample_attributes, sample_pose
 from .painter import _background, _draw_character, _shade
 
 
@@ -90,9 +90,11 @@ def _scenery(rng: np.random.Generator, S: int) -> tuple[Image.Image, str, list[s
     return img, desc, tags
 
 
-def _comic(rng: np.random.Generator, S: int) -> tuple[Image.Image, Pose | None, str, list[str], bool]:
+def _comic(rng: np.random.Generator, S: int, wide_share: float = WIDE_SHARE
+           ) -> tuple[Image.Image, Pose | None, str, list[str], bool]:
     """A comic page: white paper, bordered panels with small figures and speech bubbles. Returns the page,
-    the pose of one panel's figure (page coordinates) or None, a description, tags, and monochrome or not."""
+    the pose of one panel's figure (page coordinates) or None, a description, tags, and monochrome or not.
+    The figures' poses come from :func:`sample_pose` at ``wide_share``, as the dataset's characters'."""
     page = Image.new("RGB", (S, S), (252, 252, 250))
     mono = bool(rng.random() < 0.6)
     m, gut = 0.04 * S, _u(rng, 0.025, 0.045) * S
@@ -118,7 +120,8 @@ def _comic(rng: np.random.Generator, S: int) -> tuple[Image.Image, Pose | None, 
         panel = Image.fromarray(bg.copy())
         if rng.random() < 0.8:
             attrs = sample_attributes(rng)
-            pose, _ = sample_pose(rng, facing=attrs["facing"], framing=_choice(rng, FRAMINGS, [0.3, 0.2, 0.5]))
+            pose, _ = sample_pose(rng, facing=attrs["facing"], framing=_choice(rng, FRAMINGS, [0.3, 0.2, 0.5]),
+                                  wide_share=wide_share)
             side = min(w, h) * _u(rng, 0.8, 1.1)
             off = np.array([_u(rng, 0, max(w - side, 0)), h - side])
             P = pose.xy.astype(float) * side + off
