@@ -1,6 +1,6 @@
 """``python -m kpnb``: the ``kpnb`` command (also ``torchrun -m kpnb train ...``)."""
 import sys
 
-from .cli import main
+from kpnb.cli import main
 
 sys.exit(main())

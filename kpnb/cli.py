@@ -1,7 +1,7 @@
 """The ``kpnb`` command: ``kpnb run`` (notebooks headless with papermill), ``kpnb train`` (one training stage
 of a run, also under ``torchrun``), ``kpnb sample`` (images for pose files), ``kpnb synth``, ``kpnb data pack``
-(a candidate pool as resumable WebDataset shards, :mod:`kpnb.shards`), ``kpnb data filter`` (notebook 01's
-filter over those shards, :mod:`kpnb.stream_filter`), ``kpnb bench``, ``kpnb status`` (the
+(a candidate pool as resumable WebDataset shards, :mod:`kpnb.data.shards`), ``kpnb data filter`` (notebook 01's
+filter over those shards, :mod:`kpnb.data.stream_filter`), ``kpnb bench``, ``kpnb status`` (the
 README's status table from a run folder's metrics).
 
 ``kpnb run [--preset P] [--out DIR | --resume DIR [--rerun]] [--only 01,02] [-p name=value ...]``
@@ -12,14 +12,14 @@ README's status table from a run folder's metrics).
 * Notebooks run in order into ``DIR/notebooks/``; the first failure stops the run and prints the failing
   cell's error. ``--resume DIR`` skips notebooks that already finished (their metrics file exists), unless
   ``--rerun`` asks for them again.
-* While a notebook runs, its progress lines (:mod:`kpnb.progress`: model, step/total, losses, images/s, time
+* While a notebook runs, its progress lines (:mod:`kpnb.core.progress`: model, step/total, losses, images/s, time
   left) are printed, and kept in ``DIR/progress.log``; after each notebook its wall time and headline
-  metrics, at the end a table of all. ``--timeout S`` limits each cell (default :data:`kpnb.runs.CELL_TIMEOUT_S`
+  metrics, at the end a table of all. ``--timeout S`` limits each cell (default :data:`kpnb.core.settings.CELL_TIMEOUT_S`
   per preset); a cell past it, or a dead kernel, stops the run naming the notebook and cell, with everything
   written so far kept for ``--resume``.
 
 ``kpnb train STAGE --run DIR [--spec S] [--mode M] [--further] [-p section.key=value ...]`` trains one stage
-(:mod:`kpnb.stages`) into the run folder's checkpoints, where the notebooks find it. ``-p`` values are
+(:mod:`kpnb.run.stages`) into the run folder's checkpoints, where the notebooks find it. ``-p`` values are
 recorded in the run's ``config.json``, so the notebooks train with the same settings. Under
 ``torchrun --nproc_per_node N -m kpnb train STAGE --run-dir DIR`` every process joins one DDP group (NCCL on
 GPUs, gloo on CPUs); torchrun reads ``--run`` as its own ``--run-path``, hence the alias ``--run-dir``.
@@ -39,13 +39,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import progress as kprogress, runs
+from kpnb.core import files
+from kpnb.core import progress as kprogress
+from kpnb.core import settings as runs
+from kpnb.run import folder
 
 COMMON_PARAMETERS = ("preset", "run_dir", "overrides")
 
 
 def notebooks_dir() -> Path:
-    return runs.repo_root() / "notebooks"
+    return files.repo_root() / "notebooks"
 
 
 def list_notebooks() -> list[Path]:
@@ -100,7 +103,7 @@ def split_params(pairs: list[str], preset: str, nbs: list[Path]) -> tuple[dict[s
             nb_params[name] = runs.parse_value(value)
         else:
             raise runs.ConfigError(f"unknown parameter {name!r}; notebook parameters: {', '.join(sorted(known))}; "
-                                   f"preset settings look like section.key (see kpnb.runs.PRESETS)")
+                                   f"preset settings look like section.key (see kpnb.core.settings.PRESETS)")
     runs.preset_config(preset, overrides)  # validates every override
     return overrides, nb_params
 
@@ -130,7 +133,7 @@ HEADLINES = {
 def headline(root: Path, stem: str) -> str:
     """``key value`` pairs of a finished notebook's main metrics."""
     try:
-        m = runs.read_metrics(root, stem)
+        m = files.read_metrics(root, stem)
     except (OSError, ValueError):
         return ""
     if stem.startswith("05") and m.get("best_mode"):
@@ -181,7 +184,7 @@ def _stopped_cell(out_nb: Path) -> str:
     return f"{i} ({src[0][:60] if src else 'empty'})"
 
 
-def _ipc_kernel_manager(folder: Path) -> type:
+def _ipc_kernel_manager(sock_dir: Path) -> type:
     """A kernel manager whose kernel talks over local IPC sockets in ``folder`` (private: mode 0700) instead of
     TCP ports on localhost (jupyter_client warns that TCP is unencrypted; these sockets are reachable by this
     user alone)."""
@@ -195,7 +198,7 @@ def _ipc_kernel_manager(folder: Path) -> type:
 
         @default("ip")
         def _default_ip(self) -> str:
-            return str(folder / "kernel")
+            return str(sock_dir / "kernel")
 
         async def _async_interrupt_kernel(self) -> None:
             # jupyter_client interrupts the kernel before every shutdown. After a finished notebook the kernel
@@ -219,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         preset, saved_overrides = cfg["preset"], cfg.get("overrides", {})
     else:
         preset, saved_overrides = args.preset, {}
-        root = Path(args.out) if args.out else runs.default_run_dir(preset)
+        root = Path(args.out) if args.out else folder.default_run_dir(preset)
     try:
         nbs = _select(args.only)
         overrides, nb_params = split_params(args.param or [], preset, nbs)
@@ -229,7 +232,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     changed = {k: v for k, v in overrides.items() if saved_overrides.get(k, object()) != v}
     overrides = {**saved_overrides, **overrides}
     try:
-        runs.run_dir(root, preset, overrides)
+        folder.run_dir(root, preset, overrides)
     except runs.ConfigError as e:
         print(f"kpnb run: {e}", file=sys.stderr)
         return 2
@@ -239,7 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     new_params = {k: v for k, v in nb_params.items() if saved_params.get(k, object()) != v}
     nb_params = {**saved_params, **nb_params}
     if (args.resume and changed) or new_params:
-        runs.write_json(root / "config.json", {**cfg, "overrides": overrides, "params": nb_params,
+        files.write_json(root / "config.json", {**cfg, "overrides": overrides, "params": nb_params,
                                                "settings": runs.preset_config(preset, overrides)})
     if args.resume and (changed or new_params):  # name what they would change among the finished notebooks
         finished = [nb.stem for nb in list_notebooks() if (root / "metrics" / f"{nb.stem}.json").exists()
@@ -314,29 +317,29 @@ def _strip_ansi(s: str) -> str:
 
 # synth, bench and status import torch and the models: deferred so that `kpnb run --help` answers at once
 def cmd_synth(argv: list[str]) -> int:
-    from . import synth
+    from kpnb import synth
 
     return synth.main(argv) or 0
 
 
 def cmd_sample(argv: list[str]) -> int:
-    from . import sample
+    from kpnb.run import sample
 
     return sample.main(argv) or 0
 
 
 def cmd_data(argv: list[str]) -> int:
     if argv and argv[0] == "filter":
-        from . import stream_filter
+        from kpnb.run import filter as stream_filter
 
         return stream_filter.main(argv[1:]) or 0
-    from . import shards
+    from kpnb.data import shards
 
     return shards.main(argv) or 0
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from . import bench
+    from kpnb.run import bench
 
     return bench.main(argv) or 0
 
@@ -361,11 +364,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"kpnb train: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from . import runtime, stages
+    from kpnb.core import runtime
+    from kpnb.run import stages
 
     rt = runtime.use(runtime.Runtime.from_settings(cfg["runtime"]))
     if extra and rt.is_main:  # the notebooks read config.json: they must train with these settings too
-        runs.write_json(root / "config.json", {**saved, "overrides": overrides, "settings": cfg})
+        files.write_json(root / "config.json", {**saved, "overrides": overrides, "settings": cfg})
     if rt.is_main:
         print(f"kpnb train {args.stage}: run {root}, preset {saved['preset']}, {rt.describe()}", flush=True)
     try:
@@ -382,7 +386,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import status
+    from kpnb.run import status
 
     if not (Path(args.run) / "metrics").is_dir():
         print(f"kpnb status: {args.run} is not a run folder (no metrics/)", file=sys.stderr)

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from kpnb import data, pose_estimator, runs, stages
+from kpnb.core import settings
+from kpnb.data import subset as data
+from kpnb.run import folder as runs
+from kpnb.run import stages
+from kpnb.synth import renders as pose_estimator
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +19,7 @@ def tiny_ldm_run(tmp_path_factory):
     images, poses = pose_estimator.render_truth(32, seed=5, image_size=32, render_size=64)
     data.save_subset(root, "train", ids=[f"r{i}" for i in range(32)], images=images, poses=poses,
                      captions=[""] * 32, attrs=[{}] * 32)
-    cfg = runs.run_config(root)
+    cfg = settings.run_config(root)
     stages.train_vq(root, cfg, "f4", progress=False)
     stages.train_ldm(root, cfg, "f4", "skeleton", progress=False)
     return root

@@ -13,11 +13,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from kpnb import runs
+from kpnb.core import files as runs
 
 pytestmark = pytest.mark.slow
 CHROMIUM = next((p for p in (os.environ.get("KPNB_CHROMIUM"), shutil.which("chromium"),
@@ -31,16 +30,20 @@ EDITOR_CELL = f'''
 import numpy as np
 import torch
 from IPython.display import display
-from kpnb import diffusion, keypoints as kp, runs, vq
-from kpnb.widgets import PoseEditor
+from kpnb.core.files import repo_root
+from kpnb.core.settings import preset_config
+from kpnb.diffusion import ldm, sampling
+from kpnb.models import vq
+from kpnb.poses.formats import read_pose_dir
+from kpnb.run.widgets import PoseEditor
 
-cfg = runs.preset_config("smoke")
+cfg = preset_config("smoke")
 torch.manual_seed(0)
 ae = vq.VQModel(vq.vq_config_for("f8", cfg["vq"])).eval()  # a tiny untrained model: the path, not the picture
-model = diffusion.ldm_from_settings(cfg["diffusion"], "skeleton", (4, 4, 4)).eval()
-labels, poses = kp.read_pose_dir({str(runs.repo_root() / "data" / "poses")!r})
+model = ldm.ldm_from_settings(cfg["diffusion"], "skeleton", (4, 4, 4)).eval()
+labels, poses = read_pose_dir({str(repo_root() / "data" / "poses")!r})
 editor = PoseEditor(dict(zip(labels, poses)),
-                    lambda pose: diffusion.sample_images(model, ae, pose.to_array()[None], steps=2, seed=0))
+                    lambda pose: sampling.sample_images(model, ae, pose.to_array()[None], steps=2, seed=0))
 display(editor.widget)
 '''
 

@@ -7,7 +7,13 @@ import open_clip
 import pytest
 import torch
 
-from kpnb import attributes, clip as kc, runs
+from kpnb.core import files as runs
+from kpnb.core import settings
+from kpnb.evaluate import clip as clip_eval
+from kpnb.models import attributes
+from kpnb.models import clip as kc
+from kpnb.train import attributes as attribute_training
+from kpnb.train import clip as clip_training
 
 TINY = kc.domain_clip_config(image_size=32, patch_size=8, width=32, layers=1, text_width=32, text_layers=1,
                              context_length=8, embed_dim=32)
@@ -114,7 +120,7 @@ def test_make_cutouts():
 def test_domain_clip_learns_zero_shot_and_reloads(tmp_path):
     ims, lab, names = _squares(96)
     caps = [[f"a {names[l]} square", names[l]] for l in lab]
-    model, res = kc.train_domain_clip(ims, caps, tmp_path / "clip", steps=60, batch_size=16, lr=3e-3, warmup=5,
+    model, res = clip_training.train_domain_clip(ims, caps, tmp_path / "clip", steps=60, batch_size=16, lr=3e-3, warmup=5,
                                       model_cfg=TINY, progress=False)
     assert res.step == 60 and res.history[-1]["loss"] < res.history[0]["loss"]
     test, tlab, _ = _squares(60, seed=1)
@@ -127,7 +133,7 @@ def test_domain_clip_learns_zero_shot_and_reloads(tmp_path):
     assert s.shape == (60,) and s[red].mean() > 0.8 and s[~red].mean() < 0.2
     # CLIP score: matching text scores higher than a wrong one
     assert kc.clip_score(model, test[red], "a red square").mean() > kc.clip_score(model, test[red], "a blue square").mean()
-    again = kc.load_domain_clip(tmp_path / "clip")
+    again = clip_training.load_domain_clip(tmp_path / "clip")
     np.testing.assert_allclose(kc.clip_score(again, test[:5], "a red square"),
                                kc.clip_score(model, test[:5], "a red square"), atol=1e-4)
 
@@ -138,10 +144,10 @@ def test_attribute_classifier_reads_a_read_only_memmap_batch_by_batch(tmp_path):
     np.save(tmp_path / "ims.npy", ims)
     mm = np.load(tmp_path / "ims.npy", mmap_mode="r")  # a big subset, as data.load_subset gives it
     kw = dict(steps=3, batch_size=16, width=8, depth=2, progress=False)
-    a, _ = attributes.train_attribute_classifier(ims, labels, classes, tmp_path / "a", **kw)
+    a, _ = attribute_training.train_attribute_classifier(ims, labels, classes, tmp_path / "a", **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no torch warning about a non-writable array
-        b, _ = attributes.train_attribute_classifier(mm, labels, classes, tmp_path / "b", **kw)
+        b, _ = attribute_training.train_attribute_classifier(mm, labels, classes, tmp_path / "b", **kw)
         probs = attributes.attribute_probs(b, mm, batch_size=16)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
@@ -158,16 +164,16 @@ def test_attribute_classifier_shapes_and_learning(tmp_path):
     net = attributes.AttributeNet(classes, width=8, depth=2)
     logits = net(torch.zeros(5, 3, 32, 32))
     assert {k: tuple(v.shape) for k, v in logits.items()} == {"square": (5, 3), "band": (5, 2)}
-    model, res = attributes.train_attribute_classifier(ims, labels, classes, tmp_path / "attr", steps=60,
+    model, res = attribute_training.train_attribute_classifier(ims, labels, classes, tmp_path / "attr", steps=60,
                                                        batch_size=32, lr=5e-3, width=8, depth=2, progress=False)
     pred = attributes.predict_attributes(model, ims[:7])
     assert set(pred) == {"square", "band"} and pred["square"].shape == (7,) and set(pred["square"]) <= set(names)
-    acc = attributes.accuracy(model, ims, labels)
+    acc = clip_eval.accuracy(model, ims, labels)
     assert acc["square"] >= 0.9 and acc["band"] >= 0.9
-    again = attributes.load_attribute_classifier(tmp_path / "attr")
+    again = attribute_training.load_attribute_classifier(tmp_path / "attr")
     assert (attributes.predict_attributes(again, ims[:7])["square"] == pred["square"]).all()
     with pytest.raises(ValueError, match="not a attribute-classifier checkpoint"):
-        attributes.load_attribute_classifier(kc_trained_elsewhere(tmp_path))
+        attribute_training.load_attribute_classifier(kc_trained_elsewhere(tmp_path))
     with pytest.raises(ValueError, match="unknown value"):
         attributes.encode_labels(["red", "pink"], names, "square")
 
@@ -175,20 +181,20 @@ def test_attribute_classifier_shapes_and_learning(tmp_path):
 def kc_trained_elsewhere(tmp_path):
     """A checkpoint folder of another model (a 1-step domain CLIP)."""
     ims, lab, names = _squares(4)
-    kc.train_domain_clip(ims, [names[l] for l in lab], tmp_path / "other", steps=1, batch_size=4, model_cfg=TINY,
+    clip_training.train_domain_clip(ims, [names[l] for l in lab], tmp_path / "other", steps=1, batch_size=4, model_cfg=TINY,
                          progress=False)
     return tmp_path / "other"
 
 
 def test_attribute_classifier_from_preset_on_render_records(tmp_path):
-    sec = runs.preset_config("smoke")["clip"]
+    sec = settings.preset_config("smoke")["clip"]
     ims, _, _ = _squares(8)
     attrs = [{"hair_colour": "red", "outfit_colour": "blue"}, {"hair_colour": "black"}] * 4
     labels = attributes.labels_of(attrs)
     assert list(labels) == ["hair_colour", "outfit_colour"] and labels["outfit_colour"][:2] == ["blue", None]
-    model, res = attributes.train_from_preset(sec, ims, attrs, tmp_path / "attr", progress=False)
+    model, res = attribute_training.train_from_preset(sec, ims, attrs, tmp_path / "attr", progress=False)
     assert res.step == sec["attr_steps"] and model.classes == attributes.CLASSES
-    assert set(attributes.accuracy(model, ims, labels)) == {"hair_colour", "outfit_colour"}
+    assert set(clip_eval.accuracy(model, ims, labels)) == {"hair_colour", "outfit_colour"}
 
 
 def test_zero_shot_confusion_counts_labelled_images(tmp_path):
@@ -196,38 +202,38 @@ def test_zero_shot_confusion_counts_labelled_images(tmp_path):
     ims, lab, names = _squares(6)
     labels = [names[l] for l in lab]
     labels[0] = None  # no label: left out
-    acc, conf = kc.zero_shot_confusion(model, ims, labels, names, prompt=lambda c: f"a {c} square")
+    acc, conf = clip_eval.zero_shot_confusion(model, ims, labels, names, prompt=lambda c: f"a {c} square")
     _, pred = kc.zero_shot(model, ims[1:], [f"a {n} square" for n in names])
     assert conf.shape == (3, 3) and conf.sum() == 5 and np.trace(conf) == (pred == lab[1:]).sum()
     assert conf.sum(1).tolist() == np.bincount(lab[1:], minlength=3).tolist() and acc == np.trace(conf) / 5
-    hair, _ = kc.zero_shot_confusion(model, ims, ["red"] * 6, ["red", "blue"])  # asked as hair prompts
+    hair, _ = clip_eval.zero_shot_confusion(model, ims, ["red"] * 6, ["red", "blue"])  # asked as hair prompts
     assert 0 <= hair <= 1
 
 
 def test_caption_variants_cover_filter_prompts_and_attributes():
-    from kpnb.filtering import CLIP_NEGATIVES, CLIP_POSITIVE
+    from kpnb.data.filtering import CLIP_NEGATIVES, CLIP_POSITIVE
 
     assert set(kc.LABEL_DESCRIPTIONS.values()) == {CLIP_POSITIVE, *CLIP_NEGATIVES}
     rec = {"label": "suitable", "caption": "anime girl, long red hair, a blue dress",
            "attributes": {"hair_colour": "red", "outfit": "dress", "outfit_colour": "blue"}}
-    assert kc.caption_variants(rec) == ["anime girl, long red hair, a blue dress", CLIP_POSITIVE,
+    assert clip_training.caption_variants(rec) == ["anime girl, long red hair, a blue dress", CLIP_POSITIVE,
                                         "a girl with red hair", "a girl with red hair and a blue dress"]
     sketch = {"label": "sketch", "caption": "a monochrome line sketch of a girl", "attributes": {"hair_colour": "red"}}
-    assert kc.caption_variants(sketch) == ["a monochrome line sketch of a girl", "a monochrome sketch"]
-    assert kc.caption_variants(None, tags=["1girl", "red_hair"]) == ["1girl, red hair"]
+    assert clip_training.caption_variants(sketch) == ["a monochrome line sketch of a girl", "a monochrome sketch"]
+    assert clip_training.caption_variants(None, tags=["1girl", "red_hair"]) == ["1girl, red hair"]
     with pytest.raises(ValueError):
-        kc.caption_variants({})
+        clip_training.caption_variants({})
 
 
 def test_smoke_preset_trains(tmp_path):
-    sec = runs.preset_config("smoke")["clip"]
+    sec = settings.preset_config("smoke")["clip"]
     ims, lab, names = _squares(16, size=sec["image_size"])
-    model, res = kc.train_from_preset(sec, ims, [f"a {names[l]} square" for l in lab], tmp_path, progress=False)
+    model, res = clip_training.train_from_preset(sec, ims, [f"a {names[l]} square" for l in lab], tmp_path, progress=False)
     assert res.step == sec["steps"] and kc.preprocess_cfg(model)["size"] == (32, 32)
 
 
 def test_bench_clip_reports_training_and_tuning_speed():
-    from kpnb import bench
+    from kpnb.run import bench
 
     r = bench.bench_clip("smoke", steps=1, gpu_config=False)
     d = r["domain_clip"]

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import attributes, clip as kc, clip_tuning as ct, keypoints as kp, pose_estimator as pe, runs, vq
-from kpnb.images import to_model
+from kpnb.core import settings as runs
+from kpnb.core.images import to_model
+from kpnb.evaluate import pose as pose_eval
+from kpnb.evaluate import vq as vq_eval
+from kpnb.models import attributes, vq
+from kpnb.models import clip as kc
+from kpnb.models import pose_net as pe
+from kpnb.poses import pose as kp
+from kpnb.tuning import clip_tuning as ct
 
 TINY_CLIP = kc.domain_clip_config(image_size=16, patch_size=4, width=32, layers=1, text_width=32, text_layers=1,
                                   context_length=8, embed_dim=32)
@@ -236,7 +243,7 @@ def test_tune_samples_is_tune_with_the_presets_mask_anchor_and_keeper(tiny_model
     ims, poses = _images(), _poses()
     torch.manual_seed(1)
     keeper = pe.PoseNet(image_size=16, width=4).eval()
-    recon, _ = vq.reconstruct(model, ims)
+    recon, _ = vq_eval.reconstruct(model, ims)
     got = ct.tune_samples(model, clip_model, ims, poses, "red hair", sec, "head", keeper=keeper, recon=recon,
                           progress=False)
     with torch.no_grad():
@@ -289,6 +296,6 @@ def test_measure_with_a_keeper():
     keeper = pe.PoseNet(image_size=16, width=4).eval()
     ims, poses = _images(), _poses()
     m = ct.measure(ims, poses, est, keeper=keeper)
-    assert m["keeper_pck@0.1"] == pe.pck(pe.predict(keeper, ims), poses)["pck@0.1"]
-    assert m["pck@0.1"] == pe.pck(pe.predict(est, ims), poses)["pck@0.1"] and "rate" not in m
+    assert m["keeper_pck@0.1"] == pose_eval.pck(pe.predict(keeper, ims), poses)["pck@0.1"]
+    assert m["pck@0.1"] == pose_eval.pck(pe.predict(est, ims), poses)["pck@0.1"] and "rate" not in m
     assert "keeper_pck@0.1" not in ct.measure(ims, poses, est)

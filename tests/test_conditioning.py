@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import conditioning as C
-from kpnb.keypoints import FLIP_PERM, HIDDEN, MISSING, OUTSIDE, VISIBLE, Pose, PoseError, flip, grid_tokens
+from kpnb.poses import conditioning as C
+from kpnb.poses.pose import FLIP_PERM, HIDDEN, MISSING, OUTSIDE, VISIBLE, Pose, PoseError, flip, grid_tokens
 
 
 def random_poses(n, seed=0, edges=True):

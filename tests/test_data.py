@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kpnb import data, keypoints as kp
+from kpnb.data import folder as data
+from kpnb.core.files import repo_root
+from kpnb.data import real_poses, subset
+from kpnb.poses import formats as pose_files
+from kpnb.poses import pose as kp
 
 
 def _write_pose(path, seed):
@@ -82,17 +86,17 @@ def test_split_is_stable_and_proportional():
 def test_subset_round_trip_no_pickle(tmp_path):
     ims = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
     poses = np.random.default_rng(1).random((3, 17, 3)).astype(np.float32)
-    data.save_subset(tmp_path, "train", ids=["a", "b", "c"], images=ims, poses=poses,
+    subset.save_subset(tmp_path, "train", ids=["a", "b", "c"], images=ims, poses=poses,
                      captions=["x", "y", "z"], attrs=[{"hair_colour": "red"}, {}, {}])
-    s = data.load_subset(tmp_path, "train")
+    s = subset.load_subset(tmp_path, "train")
     assert list(s["ids"]) == ["a", "b", "c"] and np.array_equal(s["images"], ims)
     assert s["attrs"][0]["hair_colour"] == "red"
     with pytest.raises(data.DataError, match="notebook 01"):
-        data.load_subset(tmp_path, "val")
+        subset.load_subset(tmp_path, "val")
 
 
 def test_flip_images_mirrors_width():
-    # poses are flipped by kpnb.conditioning.flip_poses (tested there against kpnb.keypoints.flip)
+    # poses are flipped by kpnb.poses.conditioning.flip_poses (tested there against kpnb.poses.pose.flip)
     ims = np.random.default_rng(2).integers(0, 255, (2, 4, 5, 3)).astype(np.uint8)
     assert np.array_equal(data.flip_images(ims)[:, :, 0], ims[:, :, -1])
 
@@ -111,16 +115,16 @@ def _person(n_labelled=17, *, crowd=0, height=100.0, drop=(), v=2, ann_id=1, ima
 
 
 def test_the_rule_refuses_each_kind_of_unusable_person():
-    assert kp.coco_person_problem(_person()) is None
-    assert kp.coco_person_problem(_person(v=1)) is None                    # hidden joints are labelled
-    assert "crowd" in kp.coco_person_problem(_person(crowd=1))
-    assert "fewer than 8" in kp.coco_person_problem(_person(17, drop=range(7, 17)))   # 7 labelled
-    assert kp.coco_person_problem(_person(17, drop=range(8, 11))) is None  # 14 labelled
-    assert "shoulder" in kp.coco_person_problem(_person(drop=(6,)))
-    assert "hip" in kp.coco_person_problem(_person(drop=(11, 12)))
-    assert kp.coco_person_problem(_person(drop=(11,))) is None             # one hip is enough
-    assert "64 px" in kp.coco_person_problem(_person(height=63.0))
-    assert kp.coco_person_problem(_person(height=64.0)) is None
+    assert pose_files.coco_person_problem(_person()) is None
+    assert pose_files.coco_person_problem(_person(v=1)) is None                    # hidden joints are labelled
+    assert "crowd" in pose_files.coco_person_problem(_person(crowd=1))
+    assert "fewer than 8" in pose_files.coco_person_problem(_person(17, drop=range(7, 17)))   # 7 labelled
+    assert pose_files.coco_person_problem(_person(17, drop=range(8, 11))) is None  # 14 labelled
+    assert "shoulder" in pose_files.coco_person_problem(_person(drop=(6,)))
+    assert "hip" in pose_files.coco_person_problem(_person(drop=(11, 12)))
+    assert pose_files.coco_person_problem(_person(drop=(11,))) is None             # one hip is enough
+    assert "64 px" in pose_files.coco_person_problem(_person(height=63.0))
+    assert pose_files.coco_person_problem(_person(height=64.0)) is None
 
 
 def test_build_keeps_the_usable_people_and_only_the_listed_fields(tmp_path):
@@ -131,24 +135,24 @@ def test_build_keeps_the_usable_people_and_only_the_listed_fields(tmp_path):
             _person(ann_id=14, image_id=3)]
     src = tmp_path / "person_keypoints_x.json"
     src.write_text(json.dumps({"images": images, "annotations": anns}))
-    out = data.build_real_pose_set([src], tmp_path / "set.json")
+    out = real_poses.build_real_pose_set([src], tmp_path / "set.json")
     assert [a["id"] for a in out["annotations"]] == [10, 14]
     assert [im["id"] for im in out["images"]] == [1, 3]
     assert set(out["images"][0]) == {"id", "width", "height", "file_name", "coco_url"}
     assert "segmentation" not in out["annotations"][0] and out["info"]["counts"] == {src.name: [5, 2]}
     assert json.loads((tmp_path / "set.json").read_text()) == out
-    labels, poses = data.real_pose_set(tmp_path / "set.json")
+    labels, poses = real_poses.real_pose_set(tmp_path / "set.json")
     assert len(poses) == 2 and labels[0].startswith("set-coco1-")
 
 
 def test_the_committed_real_pose_set_obeys_its_rule():
-    obj = json.loads((data.repo_root() / data.REAL_POSES).read_text())
+    obj = json.loads((repo_root() / real_poses.REAL_POSES).read_text())
     anns, images = obj["annotations"], obj["images"]
     assert len(anns) == sum(kept for _, kept in obj["info"]["counts"].values()) == 78
     rule = obj["info"]["rule"]
     for a in anns:
-        assert kp.coco_person_problem(a, rule["min_joints"], rule["min_height"]) is None, a["id"]
-        assert kp.coco_person_problem(a) is None, a["id"]  # the file's rule is the default one
+        assert pose_files.coco_person_problem(a, rule["min_joints"], rule["min_height"]) is None, a["id"]
+        assert pose_files.coco_person_problem(a) is None, a["id"]  # the file's rule is the default one
         assert set(a) == {"id", "image_id", "keypoints", "num_keypoints", "bbox", "category_id", "iscrowd", "area"}
         assert a["num_keypoints"] == sum(v > 0 for v in a["keypoints"][2::3])
     assert len({a["id"] for a in anns}) == len(anns)
@@ -159,10 +163,10 @@ def test_the_committed_real_pose_set_obeys_its_rule():
 
 
 def test_real_poses_keep_their_geometry_and_missing_joints_stay_missing():
-    path = data.repo_root() / data.REAL_POSES
+    path = repo_root() / real_poses.REAL_POSES
     raw = json.loads(path.read_text())
     sizes = {im["id"]: (im["width"], im["height"]) for im in raw["images"]}
-    labels, poses = data.real_pose_set()
+    labels, poses = real_poses.real_pose_set()
     assert len(poses) == len(raw["annotations"]) == len(labels)
     n_missing = 0
     for ann, pose in zip(raw["annotations"], poses):

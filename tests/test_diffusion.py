@@ -1,19 +1,26 @@
 """Latent diffusion: schedule against the original, UNet layout, the DDIM step on hand-computed values, the
 eps/v conversion, DDIM determinism, guidance, inpainting, bad poses, and a tiny model whose loss falls when
-trained through kpnb.training."""
+trained through kpnb.train.loop."""
 import numpy as np
 import pytest
 import torch
 
-from kpnb import bench, pose_estimator, runs, training, unet
-from kpnb import diffusion as D
-from kpnb.keypoints import HIDDEN, MISSING, VISIBLE, PoseError
-from kpnb.pose_estimator import PoseNet
+from kpnb.core import settings as runs
+from kpnb.diffusion import ldm, schedule
+from kpnb.diffusion import sampling as D
+from kpnb.evaluate import pose as pose_eval
+from kpnb.models import pose_net as pose_estimator
+from kpnb.models import unet
+from kpnb.models.pose_net import PoseNet
+from kpnb.poses.pose import HIDDEN, MISSING, VISIBLE, PoseError
+from kpnb.run import bench
+from kpnb.train import checkpoints as training
+from kpnb.train import ldm as ldm_training
 
 
 def tiny(modes="tokens+skeleton", C=3, S=8, seed=0, prediction="eps"):
     torch.manual_seed(seed)
-    m = D.make_ldm(modes, (C, S, S), base=16, mults=(1, 2), num_res_blocks=1, attn_ds=(2,), heads=2, token_dim=16,
+    m = ldm.make_ldm(modes, (C, S, S), base=16, mults=(1, 2), num_res_blocks=1, attn_ds=(2,), heads=2, token_dim=16,
                    prediction=prediction)
     # zero-initialised output layers would make every prediction 0; give the test model real outputs
     with torch.no_grad():
@@ -36,7 +43,7 @@ def poses(n, seed=0):
 
 
 def test_schedule_is_ldm_linear():
-    s = D.Schedule()
+    s = schedule.Schedule()
     want = np.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000, dtype=np.float64) ** 2
     np.testing.assert_allclose(s.betas.numpy(), want, rtol=1e-12)
     assert abs(s.betas[0].item() - 0.0015) < 1e-12 and abs(s.betas[-1].item() - 0.0195) < 1e-12
@@ -52,7 +59,7 @@ def test_schedule_is_ldm_linear():
 
 def test_original_unet_layout_is_constructible():
     with torch.device("meta"):  # shapes only: 206M parameters need not be allocated here
-        u = D.original_ldm().unet
+        u = ldm.original_ldm().unet
     sd = u.state_dict()
     # the names and shapes of ldm's openaimodel.UNetModel (base 160, attention at ds 2, 4, 8, context 17)
     assert sd["input_blocks.0.0.weight"].shape == (160, 3, 3, 3)
@@ -66,15 +73,15 @@ def test_original_unet_layout_is_constructible():
 
 
 def test_ldm_state_dict_mapping_roundtrip():
-    u = D.UNet(D.UNetConfig(in_channels=3, out_channels=3, base=16, mults=(1, 2), num_res_blocks=1,
+    u = unet.UNet(unet.UNetConfig(in_channels=3, out_channels=3, base=16, mults=(1, 2), num_res_blocks=1,
                             attn_ds=(2,), heads=2, context_dim=17))
     sd = u.state_dict()
-    ldm = {"model.diffusion_model." + k: v for k, v in sd.items()}
-    ldm.update({"model_ema.diffusion_model" + k.replace(".", ""): v + 1 for k, v in sd.items()})
-    ldm["first_stage_model.encoder.conv_in.weight"] = torch.zeros(1)
-    got = D.unet_state_from_ldm(ldm, ema=False)
+    sd_ldm = {"model.diffusion_model." + k: v for k, v in sd.items()}
+    sd_ldm.update({"model_ema.diffusion_model" + k.replace(".", ""): v + 1 for k, v in sd.items()})
+    sd_ldm["first_stage_model.encoder.conv_in.weight"] = torch.zeros(1)
+    got = unet.unet_state_from_ldm(sd_ldm, ema=False)
     assert set(got) == set(sd)
-    got_ema = D.unet_state_from_ldm(ldm, ema=True)
+    got_ema = unet.unet_state_from_ldm(sd_ldm, ema=True)
     u.load_state_dict(got_ema)
     k = "input_blocks.0.0.weight"
     torch.testing.assert_close(u.state_dict()[k], sd[k])  # +1 applied: loaded the EMA copy
@@ -184,17 +191,17 @@ def test_tiny_model_learns_and_reloads(tmp_path):
     lat = torch.stack([blob, -blob, 0.5 * blob], 1) * 3
     cfg = settings(steps=30, batch_size=16, lr=3e-3, warmup=5, ckpt_every=15, attn_ds=[2], prediction="eps",
                    min_snr=0.0, lr_schedule="cosine")
-    model, res = D.train_ldm(lat, p, cfg, tmp_path / "ldm", "tokens+skeleton", progress=False)
+    model, res = ldm_training.train_ldm(lat, p, cfg, tmp_path / "ldm", "tokens+skeleton", progress=False)
     losses = [r["loss"] for r in res.history]
     assert losses[-1] < 0.6 * losses[0], losses
     assert abs(model.scale_factor - 1 / lat.std().item()) < 1e-5
-    again = D.load_ldm(tmp_path / "ldm")
+    again = ldm_training.load_ldm(tmp_path / "ldm")
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
     c = model.cond(p[:2])
     torch.testing.assert_close(again.eps(x, t, again.cond(p[:2])), model.eps(x, t, c))
     assert again.config() == model.config()
     # a second call resumes from the finished checkpoint (fused AdamW state included) and runs 3 more steps
-    _, res2 = D.train_ldm(lat, p, {**cfg, "steps": 33}, tmp_path / "ldm", "tokens+skeleton", progress=False)
+    _, res2 = ldm_training.train_ldm(lat, p, {**cfg, "steps": 33}, tmp_path / "ldm", "tokens+skeleton", progress=False)
     assert res2.start_step == 30 and res2.step == 33
 
 
@@ -248,10 +255,10 @@ def test_v_prediction_target_and_conversion():
     x = m.schedule.add_noise(z0, noise, t)
     torch.testing.assert_close(m.eps(x, t, m.cond(p)), noise, atol=1e-5, rtol=1e-5)
     assert float(m.loss(z0, p, p_uncond=0.0, min_snr=5.0)) < 1e-8
-    assert D.KeypointLDM.from_config(m.config()).prediction == "v"
+    assert ldm.KeypointLDM.from_config(m.config()).prediction == "v"
     old = m.config()
     del old["prediction"]   # checkpoints written before v existed are epsilon models
-    assert D.KeypointLDM.from_config(old).prediction == "eps"
+    assert ldm.KeypointLDM.from_config(old).prediction == "eps"
     with pytest.raises(ValueError, match="prediction"):
         tiny(prediction="x0")
 
@@ -277,14 +284,14 @@ class FakeVQ(torch.nn.Module):
 def test_latents_roundtrip_and_sampling_plumbing():
     vq = FakeVQ()
     imgs = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    lat = D.encode_latents(vq, imgs, batch_size=3)
+    lat = ldm.encode_latents(vq, imgs, batch_size=3)
     assert lat.shape == (4, 3, 8, 8)
-    sf = D.scale_factor_of(lat)
+    sf = ldm.scale_factor_of(lat)
     assert abs((lat * sf).std().item() - 1) < 1e-5
-    back = D.decode_latents(vq, lat * sf, sf)
+    back = ldm.decode_latents(vq, lat * sf, sf)
     assert back.shape == (4, 32, 32, 3) and back.dtype == np.uint8
     assert set(np.unique(back)) <= {0, 64, 128, 191, 255}  # quantised to the 5 levels, in uint8
-    snap = D.snap_to_codebook(vq, sf)
+    snap = ldm.snap_to_codebook(vq, sf)
     assert set(torch.unique(snap(lat * sf) / sf).tolist()) <= set(vq.levels.tolist())
     m = tiny("skeleton")
     m.scale_factor = sf
@@ -292,7 +299,7 @@ def test_latents_roundtrip_and_sampling_plumbing():
     assert out.shape == (3, 32, 32, 3)
     np.testing.assert_array_equal(out[2:], D.sample_images(m, vq, poses(3)[2:], steps=2, batch_size=2, seed=2))
     est = PoseNet(image_size=32, width=8)
-    imgs2, metrics = D.pose_fidelity(m, vq, est, poses(3), steps=2, ceiling={"pck@0.1": 0.5})
+    imgs2, metrics = pose_eval.pose_fidelity(m, vq, est, poses(3), steps=2, ceiling={"pck@0.1": 0.5})
     assert imgs2.shape == (3, 32, 32, 3) and 0 <= metrics["pck@0.1"] <= 1
     assert metrics["pck@0.1.ratio"] == pytest.approx(metrics["pck@0.1"] / 0.5)
     assert metrics["sample_images_per_s"] > 0
@@ -300,11 +307,11 @@ def test_latents_roundtrip_and_sampling_plumbing():
     pred = pose_estimator.predict(est, imgs2)
     found = pred.copy()
     found[..., 2] = VISIBLE
-    _, vs_target = D.pose_fidelity(m, vq, est, poses(3), steps=2, target=found)
-    assert vs_target["pck@0.1"] == pytest.approx(pose_estimator.pck(pred, found)["pck@0.1"])
+    _, vs_target = pose_eval.pose_fidelity(m, vq, est, poses(3), steps=2, target=found)
+    assert vs_target["pck@0.1"] == pytest.approx(pose_eval.pck(pred, found)["pck@0.1"])
     assert vs_target["pck@0.1"] > metrics["pck@0.1"] + 0.3   # (joints it calls outside count as not found)
     with pytest.raises(ValueError, match="target"):
-        D.pose_fidelity(m, vq, est, poses(3), steps=2, target=poses(2))
+        pose_eval.pose_fidelity(m, vq, est, poses(3), steps=2, target=poses(2))
 
 
 def test_positional_embedding_lets_attention_see_position():
@@ -328,10 +335,10 @@ def test_unknown_lr_schedule_is_refused(tmp_path):
     z, p = torch.randn(8, 3, 8, 8), poses(8)
     cfg = settings(steps=2, batch_size=4, mults=[1], attn_ds=[], token_dim=8, lr_schedule="warm")
     with pytest.raises(ValueError, match="lr_schedule"):
-        D.train_ldm(z, p, cfg, tmp_path / "a", "grid", progress=False)
+        ldm_training.train_ldm(z, p, cfg, tmp_path / "a", "grid", progress=False)
     del cfg["lr_schedule"]
     with pytest.raises(KeyError, match="lack lr_schedule"):  # the preset is the one place for the settings
-        D.train_ldm(z, p, cfg, tmp_path / "a", "grid", progress=False)
+        ldm_training.train_ldm(z, p, cfg, tmp_path / "a", "grid", progress=False)
 
 
 def test_sample_kwargs_from_a_preset():
@@ -345,23 +352,23 @@ def test_ddim_step_on_hand_computed_values():
     x_t = torch.tensor([1.0, -0.5], dtype=torch.float64)
     eps = torch.tensor([0.5, 1.0], dtype=torch.float64)
     # eta = 0: x0 = (x_t - 0.8 eps) / 0.6 = [0.6, -1.3] / 0.6; x_prev = 0.8 x0 + 0.6 eps
-    x_prev, x0 = D.ddim_step(x_t, eps, 0.36, 0.64)
+    x_prev, x0 = schedule.ddim_step(x_t, eps, 0.36, 0.64)
     torch.testing.assert_close(x0, torch.tensor([1.0, -1.3 / 0.6], dtype=torch.float64))
     torch.testing.assert_close(x_prev, torch.tensor([0.8 + 0.3, -0.8 * 1.3 / 0.6 + 0.6], dtype=torch.float64))
     # eq. 16: sigma(eta)^2 = eta^2 (1 - 0.64) / (1 - 0.36) (1 - 0.36 / 0.64) = eta^2 * 0.5625 * 0.4375
-    assert D.ddim_sigma(0.36, 0.64, 1.0) == pytest.approx(0.24609375 ** 0.5)
-    assert D.ddim_sigma(0.36, 0.64, 0.0) == 0.0
+    assert schedule.ddim_sigma(0.36, 0.64, 1.0) == pytest.approx(0.24609375 ** 0.5)
+    assert schedule.ddim_sigma(0.36, 0.64, 0.0) == 0.0
     # eta chosen so that sigma^2 = 0.2: the direction to x_t gets sqrt(1 - 0.64 - 0.2) = 0.4
     eta = (0.2 / 0.24609375) ** 0.5
     noise = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    x_prev, _ = D.ddim_step(x_t, eps, 0.36, 0.64, eta=eta, noise=noise)
+    x_prev, _ = schedule.ddim_step(x_t, eps, 0.36, 0.64, eta=eta, noise=noise)
     s = 0.2 ** 0.5
     torch.testing.assert_close(x_prev, torch.tensor([0.8 + 0.4 * 0.5 + s, -0.8 * 1.3 / 0.6 + 0.4 * 1.0 - s],
                                                     dtype=torch.float64))
     with pytest.raises(ValueError, match="noise"):
-        D.ddim_step(x_t, eps, 0.36, 0.64, eta=eta)
+        schedule.ddim_step(x_t, eps, 0.36, 0.64, eta=eta)
     # x0_fn: x0 clamped to [-1, 1] = [1, -1]; eps follows it: (x_t - 0.6 x0) / 0.8 = [0.5, 0.125]
-    x_prev, x0 = D.ddim_step(x_t, eps, 0.36, 0.64, x0_fn=lambda z: z.clamp(-1, 1))
+    x_prev, x0 = schedule.ddim_step(x_t, eps, 0.36, 0.64, x0_fn=lambda z: z.clamp(-1, 1))
     torch.testing.assert_close(x0, torch.tensor([1.0, -1.0], dtype=torch.float64))
     torch.testing.assert_close(x_prev, torch.tensor([0.8 + 0.6 * 0.5, -0.8 + 0.6 * 0.125], dtype=torch.float64))
 
@@ -370,15 +377,15 @@ def test_prediction_conversion_round_trip():
     # by hand at abar 0.36: v = 0.6 eps - 0.8 x0 = 0.6 * 0.5 - 0.8 * 1 = -0.5
     a = torch.tensor(0.36, dtype=torch.float64)
     x0, noise = torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
-    torch.testing.assert_close(D.prediction_target("v", x0, noise, a), torch.tensor([-0.5], dtype=torch.float64))
-    assert D.prediction_target("eps", x0, noise, a) is noise
+    torch.testing.assert_close(schedule.prediction_target("v", x0, noise, a), torch.tensor([-0.5], dtype=torch.float64))
+    assert schedule.prediction_target("eps", x0, noise, a) is noise
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
-    a = D.Schedule().abar(torch.tensor([0, 500, 999]), x0)
+    a = schedule.Schedule().abar(torch.tensor([0, 500, 999]), x0)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    for prediction in D.PREDICTIONS:
-        out = D.prediction_target(prediction, x0, noise, a)
-        eps, x0_back = D.eps_and_x0(prediction, out, x_t, a)
+    for prediction in schedule.PREDICTIONS:
+        out = schedule.prediction_target(prediction, x0, noise, a)
+        eps, x0_back = schedule.eps_and_x0(prediction, out, x_t, a)
         torch.testing.assert_close(eps, noise, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(x0_back, x0, atol=2e-3, rtol=1e-3)  # eps at t=999: x0 / sqrt(abar) amplifies
 
@@ -389,11 +396,11 @@ def test_train_on_rows_reads_only_those_rows(tmp_path):
     rows = np.array([1, 4, 5, 9])
     z[np.setdiff1d(np.arange(12), rows)] = float("nan")
     cfg = settings(steps=4, batch_size=4, mults=[1], attn_ds=[], token_dim=8)
-    model, res = D.train_ldm(z, p, cfg, tmp_path / "a", "skeleton", progress=False, scale_factor=1.0, rows=rows)
+    model, res = ldm_training.train_ldm(z, p, cfg, tmp_path / "a", "skeleton", progress=False, scale_factor=1.0, rows=rows)
     assert res.step == 4 and all(torch.isfinite(q).all() for q in model.parameters())
     assert training.read_checkpoint_info(tmp_path / "a")["config"]["n_train"] == 4
     with pytest.raises(ValueError, match="rows"):
-        D.train_ldm(z, p, cfg, tmp_path / "b", "skeleton", progress=False, scale_factor=1.0, rows=[12])
+        ldm_training.train_ldm(z, p, cfg, tmp_path / "b", "skeleton", progress=False, scale_factor=1.0, rows=[12])
 
 
 def test_joint_drop_trains_the_missing_and_hidden_codes(tmp_path):
@@ -402,11 +409,11 @@ def test_joint_drop_trains_the_missing_and_hidden_codes(tmp_path):
     z, p = torch.randn(16, 3, 8, 8), poses(16)
     cfg = settings(steps=3, batch_size=8, mults=[1], attn_ds=[], token_dim=8, p_uncond=0.0, joint_drop=0.0)
     torch.manual_seed(cfg["seed"])  # the initial weights train_ldm starts from
-    init = D.ldm_from_settings(cfg, "tokens", (3, 8, 8), scale_factor=1.0)
+    init = ldm.ldm_from_settings(cfg, "tokens", (3, 8, 8), scale_factor=1.0)
     rows = [MISSING, HIDDEN]
     before = init.cond.vis_emb.weight[rows].clone()
-    off, _ = D.train_ldm(z, p, cfg, tmp_path / "off", "tokens", progress=False, scale_factor=1.0)
-    on, _ = D.train_ldm(z, p, {**cfg, "joint_drop": 0.3}, tmp_path / "on", "tokens", progress=False, scale_factor=1.0)
+    off, _ = ldm_training.train_ldm(z, p, cfg, tmp_path / "off", "tokens", progress=False, scale_factor=1.0)
+    on, _ = ldm_training.train_ldm(z, p, {**cfg, "joint_drop": 0.3}, tmp_path / "on", "tokens", progress=False, scale_factor=1.0)
     assert torch.equal(off.cond.vis_emb.weight[rows], before)
     assert (on.cond.vis_emb.weight[rows] - before).abs().amax(1).min() > 0
     assert training.read_checkpoint_info(tmp_path / "on")["config"]["train"]["joint_drop"] == 0.3

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import cli, data, pose_estimator, runs, stages, training
+from kpnb import cli
+from kpnb.core import files
+from kpnb.core import settings as runs
+from kpnb.data import subset as data
+from kpnb.run import folder, stages
+from kpnb.synth import renders as pose_estimator
+from kpnb.train import checkpoints
+from kpnb.train import loop as training
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")
@@ -27,7 +34,7 @@ LDM = ["-p", "diffusion.ckpt_every=10", "-p", "diffusion.warmup=0"]
 def run_template(tmp_path_factory) -> Path:
     """A smoke run folder with a training subset (exact renders) and a trained f4 autoencoder."""
     root = tmp_path_factory.mktemp("run") / "run"
-    runs.run_dir(root, "smoke")
+    folder.run_dir(root, "smoke")
     for split, n, seed in (("train", 48, 5), ("val", 16, 6)):
         images, poses = pose_estimator.render_truth(n, seed=seed, image_size=32, render_size=64)
         data.save_subset(root, split, ids=[f"{split}{i}" for i in range(n)], images=images, poses=poses,
@@ -67,7 +74,7 @@ def _ckpt(root: Path) -> Path:
 
 
 def _params(root: Path) -> dict[str, torch.Tensor]:
-    tensors, _ = runs.load_tensors(training.latest_checkpoint(_ckpt(root)).with_suffix(".safetensors"))
+    tensors, _ = files.load_tensors(checkpoints.latest_checkpoint(_ckpt(root)).with_suffix(".safetensors"))
     return {k: v for k, v in tensors.items() if k.startswith("module/")}
 
 
@@ -106,7 +113,7 @@ def test_checkpoint_of_two_ranks_resumes_on_one(run_template, tmp_path):
     """N -> M: 10 steps on 2 ranks, then 10 more in one process, equals 20 steps in one process."""
     split, whole = _copy(run_template, tmp_path / "split"), _copy(run_template, tmp_path / "whole")
     _train(split, 10, 2)
-    assert json.loads(training.latest_checkpoint(_ckpt(split)).read_text())["world_size"] == 2
+    assert json.loads(checkpoints.latest_checkpoint(_ckpt(split)).read_text())["world_size"] == 2
     _train(split, 20, 1)
     _train(whole, 20, 1)
     la, lb = _losses(split), _losses(whole)
@@ -126,7 +133,7 @@ def test_killed_rank_resumes_from_last_checkpoint(run_template, tmp_path):
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
-            last = training.latest_checkpoint(_ckpt(killed))
+            last = checkpoints.latest_checkpoint(_ckpt(killed))
             if last is not None and json.loads(last.read_text())["step"] >= 20:
                 break
             time.sleep(0.2)
@@ -140,7 +147,7 @@ def test_killed_rank_resumes_from_last_checkpoint(run_template, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
-    resumed_at = json.loads(training.latest_checkpoint(_ckpt(killed)).read_text())["step"]
+    resumed_at = json.loads(checkpoints.latest_checkpoint(_ckpt(killed)).read_text())["step"]
     assert resumed_at >= 20 and resumed_at % 10 == 0
     end = resumed_at + 20
     # the config differs only in "steps", which a resume may change
@@ -157,10 +164,10 @@ def test_notebook_04_goes_on_from_what_torchrun_trained(run_template, tmp_path):
     root = _copy(run_template, tmp_path / "run")
     steps = runs.run_config(root)["diffusion"]["steps"]
     _train(root, steps, 2)
-    last = training.latest_checkpoint(_ckpt(root))
+    last = checkpoints.latest_checkpoint(_ckpt(root))
     before = last.read_bytes()
     assert cli.main(["run", "--resume", str(root), "--only", "04", "--no-progress"]) == 0
-    assert training.latest_checkpoint(_ckpt(root)) == last and last.read_bytes() == before  # not retrained
+    assert checkpoints.latest_checkpoint(_ckpt(root)) == last and last.read_bytes() == before  # not retrained
     assert json.loads(last.read_text())["world_size"] == 2
-    m = runs.read_metrics(root, "04_ldm_training")
+    m = files.read_metrics(root, "04_ldm_training")
     assert m[f"{MODE}.train_steps"] == steps and f"grid.train_steps" in m

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from kpnb import data, filtering, synth
+from kpnb import synth
+from kpnb.data import filtering
+from kpnb.data import folder as data
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_image_features_in_blocks_equal_one_pass():
 
 
 def test_strict_keeps_only_whole_unoccluded_figures():
-    from kpnb.keypoints import HIDDEN, MISSING, OUTSIDE, VISIBLE
+    from kpnb.poses.pose import HIDDEN, MISSING, OUTSIDE, VISIBLE
     p = np.zeros((4, 17, 3), np.float32)
     p[..., :2], p[..., 2] = 0.5, VISIBLE
     p[1, 15, 2] = OUTSIDE   # an ankle out of the frame: a crop

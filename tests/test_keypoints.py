@@ -1,11 +1,13 @@
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kpnb import keypoints as kp
+from kpnb.poses import analysis as pose_analysis
+from kpnb.poses import formats as pose_files
+from kpnb.poses import pose as kp
 
 POSES = Path(__file__).resolve().parents[1] / "data" / "poses"
 
@@ -26,11 +28,11 @@ def test_example_poses_load():
     files = sorted((ROOT / "data" / "poses").glob("*.json"))
     assert len(files) == 2
     for f in files:
-        pose = kp.read_release_json(f)
+        pose = pose_files.read_release_json(f)
         assert pose.xy.shape == (17, 2)
         assert pose.in_frame.sum() >= 10
     # 1000846: knee_left is stored as [533.2, 245.2] -> y = 533.2 is below the 512 frame
-    p = kp.read_release_json(ROOT / "data" / "poses" / "1000846.json")
+    p = pose_files.read_release_json(ROOT / "data" / "poses" / "1000846.json")
     j = kp.JOINT_INDEX["knee_left"]
     assert p.vis[j] == kp.OUTSIDE
     assert p.xy[j, 1] == pytest.approx(533.2 / 512, rel=1e-5)  # kept, not clamped
@@ -40,17 +42,17 @@ def test_example_poses_load():
 def test_release_axis_order():
     obj = {n: [10.0, 300.0] for n in kp.JOINTS}  # [y, x]
     obj["nose"] = [100.0, 400.0]
-    p = kp.pose_from_release(obj)
+    p = pose_files.pose_from_release(obj)
     assert p.xy[0, 0] == pytest.approx(400 / 512)  # x from the second value
     assert p.xy[0, 1] == pytest.approx(100 / 512)  # y from the first value
-    assert kp.pose_to_release(p)["nose"] == pytest.approx([100.0, 400.0])
+    assert pose_files.pose_to_release(p)["nose"] == pytest.approx([100.0, 400.0])
 
 
 def test_release_round_trip_with_outside(tmp_path):
     p = _pose(1, n_outside=3)
     path = tmp_path / "p.json"
-    kp.write_release_json(p, path)
-    q = kp.read_release_json(path)
+    pose_files.write_release_json(p, path)
+    q = pose_files.read_release_json(path)
     assert q == p
     assert (q.vis == kp.OUTSIDE).sum() == 3
 
@@ -58,7 +60,7 @@ def test_release_round_trip_with_outside(tmp_path):
 def test_negative_values_are_outside():
     obj = {n: [100.0, 100.0] for n in kp.JOINTS}
     obj["wrist_left"] = [-20.0, 50.0]
-    p = kp.pose_from_release(obj)
+    p = pose_files.pose_from_release(obj)
     assert p.vis[kp.JOINT_INDEX["wrist_left"]] == kp.OUTSIDE
     assert p.xy[kp.JOINT_INDEX["wrist_left"], 1] < 0
 
@@ -69,7 +71,7 @@ def test_negative_values_are_outside():
 ])
 def test_release_errors_name_field(bad, field):
     with pytest.raises(kp.PoseError) as e:
-        kp.pose_from_release(bad, source="x.json")
+        pose_files.pose_from_release(bad, source="x.json")
     assert "x.json" in str(e.value)
     if field:
         assert field in str(e.value)
@@ -80,16 +82,16 @@ def test_release_errors_nan_and_types():
     for bad in ([float("nan"), 1.0], ["a", 1.0], [1.0], [True, 2.0], None, [1.0, float("inf")]):
         obj = dict(base, elbow_right=bad)
         with pytest.raises(kp.PoseError, match="elbow_right"):
-            kp.pose_from_release(obj, source="f.json")
+            pose_files.pose_from_release(obj, source="f.json")
 
 
 def test_read_release_bad_file(tmp_path):
     f = tmp_path / "broken.json"
     f.write_text("{not json")
     with pytest.raises(kp.PoseError, match="broken.json"):
-        kp.read_release_json(f)
+        pose_files.read_release_json(f)
     with pytest.raises(kp.PoseError, match="missing.json"):
-        kp.read_release_json(tmp_path / "missing.json")
+        pose_files.read_release_json(tmp_path / "missing.json")
 
 
 json_values = st.recursive(
@@ -106,7 +108,7 @@ joint_value = st.one_of(
 @given(st.one_of(json_values, st.fixed_dictionaries({n: joint_value for n in kp.JOINTS})))
 def test_reader_never_raises_anything_else(obj):
     try:
-        pose = kp.pose_from_release(obj, source="h.json")
+        pose = pose_files.pose_from_release(obj, source="h.json")
     except kp.PoseError as e:
         assert "h.json" in str(e)
     else:
@@ -122,34 +124,34 @@ def test_coco_one_and_many_people():
     coco = {"images": [{"id": 7, "width": 200, "height": 100}],
             "annotations": [{"image_id": 7, "keypoints": kps, "bbox": [10, 20, 16, 16]},
                             {"image_id": 7, "keypoints": [x * 2 if k % 3 != 2 else x for k, x in enumerate(kps)]}]}
-    people = kp.read_coco(coco)
+    people = pose_files.read_coco(coco)
     assert len(people) == 2
     p = people[0]["pose"]
     assert p.xy[0, 0] == pytest.approx(10 / 200) and p.xy[0, 1] == pytest.approx(20 / 100)
     assert p.vis[5] == kp.HIDDEN and p.vis[9] == kp.MISSING and p.vis[0] == kp.VISIBLE
     # round trip
-    back = kp.pose_to_coco(p, 200, 100)
+    back = pose_files.pose_to_coco(p, 200, 100)
     assert back == pytest.approx([float(v) for v in kps])
     # mapped into the frame by its bbox: centred, in frame
-    f = kp.coco_to_frame(people[0])
+    f = pose_files.coco_to_frame(people[0])
     assert f.in_frame[f.labelled].all()
     assert np.allclose(f.xy[f.labelled].mean(0), 0.5, atol=0.2)
 
 
 def test_coco_errors():
     with pytest.raises(kp.PoseError, match="51"):
-        kp.pose_from_coco([1, 2, 3], 10, 10)
+        pose_files.pose_from_coco([1, 2, 3], 10, 10)
     with pytest.raises(kp.PoseError, match="positive"):
-        kp.pose_from_coco([0] * 51, -5, 10)
+        pose_files.pose_from_coco([0] * 51, -5, 10)
     with pytest.raises(kp.PoseError, match="visibility"):
-        kp.pose_from_coco([1, 1, 7] + [0] * 48, 10, 10)
+        pose_files.pose_from_coco([1, 1, 7] + [0] * 48, 10, 10)
     with pytest.raises(kp.PoseError, match="width"):
-        kp.read_coco([{"keypoints": [0] * 51}])
+        pose_files.read_coco([{"keypoints": [0] * 51}])
 
 
 def test_coco_outside_round_trip():
     p = _pose(3, n_outside=2)
-    q = kp.pose_from_coco(kp.pose_to_coco(p, 64, 64), 64, 64)
+    q = pose_files.pose_from_coco(pose_files.pose_to_coco(p, 64, 64), 64, 64)
     assert q == p
 
 
@@ -174,7 +176,7 @@ def test_grid_tokens_hand_computed():
     obj["eye_left"] = [600.0, -40.0]  # clamped: y -> 31, x -> -3 -> 0
     obj["eye_right"] = [31.9, 47.9]   # 1.99 -> 1 ; 2.99 -> 2 (floor, not nearest)
     obj["ear_left"] = [256.0, 15.99]  # on a cell border: 16 ; 0.999 -> 0
-    p = kp.pose_from_release(obj)
+    p = pose_files.pose_from_release(obj)
     t = kp.grid_tokens(p)
     assert t[0] == 6 + 32 * 12        # faithful: row (y) is the fast index
     assert t[1] == 31 + 32 * 0
@@ -201,7 +203,7 @@ EXAMPLE_TOKENS = {
 
 @pytest.mark.parametrize("pose_id", sorted(EXAMPLE_TOKENS))
 def test_grid_tokens_of_the_example_poses(pose_id):
-    (_, pose), = kp.read_pose_file(POSES / f"{pose_id}.json")[0]
+    (_, pose), = pose_files.read_pose_file(POSES / f"{pose_id}.json")[0]
     assert kp.grid_tokens(pose).tolist() == EXAMPLE_TOKENS[pose_id]
 
 
@@ -218,43 +220,43 @@ def test_draw_skeleton_colours_sides():
 
 
 def test_plausibility_features_detect_scramble():
-    p = kp.read_release_json(ROOT / "data" / "poses" / "1001870.json")
-    f = kp.plausibility_features(p)
+    p = pose_files.read_release_json(ROOT / "data" / "poses" / "1001870.json")
+    f = pose_analysis.plausibility_features(p)
     assert 0 <= f["frac_in_frame"] <= 1
     assert f["lr_consistency"] == 1.0
     s = p.copy()
     perm = list(range(17))
     perm[11], perm[12] = 12, 11  # only the hips swapped: their left/right order disagrees with the shoulders'
     s.xy = s.xy[perm]
-    g = kp.plausibility_features(s)
+    g = pose_analysis.plausibility_features(s)
     assert g["lr_consistency"] < 1.0
     assert f["hip_mid_y"] == pytest.approx((p.xy[11, 1] + p.xy[12, 1]) / 2)
 
 
 def test_nearest_poses_fits_scale_and_shift_over_labelled_joints():
-    p = kp.read_release_json(ROOT / "data" / "poses" / "1001870.json")
+    p = pose_files.read_release_json(ROOT / "data" / "poses" / "1001870.json")
     others = [_pose(s) for s in range(5)]
     moved = p.xy * 0.5 + [0.2, 0.1]               # the same pose, smaller and shifted
     ref = np.stack([o.to_array() for o in others[:2]] + [kp.Pose(moved, p.vis).to_array()] +
                    [o.to_array() for o in others[2:]])
-    nn = kp.nearest_poses([p], ref)
+    nn = pose_analysis.nearest_poses([p], ref)
     assert nn["index"][0] == 2 and nn["distance"][0] == pytest.approx(0, abs=1e-5) and nn["pck"][0] == 1.0
     # a tilt is a difference (no rotation is fitted); a joint missing in the pose does not count
     t = np.radians(20)
     tilted = (p.xy - 0.5) @ np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]).T + 0.5
-    assert kp.nearest_poses([p], [kp.Pose(tilted, p.vis)])["distance"][0] > 0.02
+    assert pose_analysis.nearest_poses([p], [kp.Pose(tilted, p.vis)])["distance"][0] > 0.02
     q = p.copy()
     q.vis[9] = kp.MISSING
     off = ref.copy()
     off[2, 9, :2] += 0.3                           # the reference's wrist far off: only q ignores it
-    assert kp.nearest_poses([q], off)["pck"][0] == 1.0
-    assert kp.nearest_poses([p], off)["pck"][0] < 1.0
+    assert pose_analysis.nearest_poses([q], off)["pck"][0] == 1.0
+    assert pose_analysis.nearest_poses([p], off)["pck"][0] < 1.0
     empty = kp.Pose(np.zeros((17, 2)), np.zeros(17))
-    assert nn["index"].dtype.kind == "i" and kp.nearest_poses([empty], ref)["index"][0] == -1
+    assert nn["index"].dtype.kind == "i" and pose_analysis.nearest_poses([empty], ref)["index"][0] == -1
 
 
 def test_complete_poses_fills_unlabelled_joints_from_the_nearest_reference():
-    p = kp.read_release_json(ROOT / "data" / "poses" / "1001870.json")
+    p = pose_files.read_release_json(ROOT / "data" / "poses" / "1001870.json")
     ref_pose = p.copy()
     ref_pose.vis[[0, 1, 2]] = kp.HIDDEN                 # the reference marks nose and eyes hidden (a back view)
     ref_pose.xy[16] = (0.5, 1.3)
@@ -264,20 +266,22 @@ def test_complete_poses_fills_unlabelled_joints_from_the_nearest_reference():
     q = p.to_array()
     q[[0, 1, 2, 16], :2], q[[0, 1, 2, 16], 2] = 0, kp.MISSING         # as COCO leaves them: unlabelled
     q[9, 2] = kp.HIDDEN
-    out = kp.complete_poses([q], ref)[0]
+    out = pose_analysis.complete_poses([q], ref)[0]
     np.testing.assert_array_equal(out[[0, 1, 2], 2], kp.HIDDEN)      # the reference's codes, at its fitted places
     np.testing.assert_allclose(out[[0, 1, 2], :2], p.xy[[0, 1, 2]], atol=1e-5)
     assert out[16, 2] == kp.OUTSIDE and out[16, 1] > 1              # placed below the frame: OUTSIDE
     keep = [j for j in range(17) if j not in (0, 1, 2, 16)]
     np.testing.assert_array_equal(out[keep], q[keep])               # labelled joints as they were (9 still hidden)
     full = p.to_array()
-    np.testing.assert_array_equal(kp.complete_poses([full], ref)[0], full)   # nothing to fill
+    np.testing.assert_array_equal(pose_analysis.complete_poses([full], ref)[0], full)   # nothing to fill
     with pytest.raises(ValueError, match="reference"):
-        kp.complete_poses([q], np.zeros((0, 17, 3)))
+        pose_analysis.complete_poses([q], np.zeros((0, 17, 3)))
 
 
 def test_read_pose_dir_reads_sorted_and_names_bad_files(tmp_path):
-    from kpnb import figures, keypoints as kpm
+    from kpnb.poses import formats as kpm
+    from kpnb.poses import pose as kp
+    from kpnb.run import figures
 
     pose = kpm.read_release_json(sorted(Path("data/poses").glob("*.json"))[0])
     for name in ("b", "a"):
@@ -288,7 +292,7 @@ def test_read_pose_dir_reads_sorted_and_names_bad_files(tmp_path):
                                    for _ in range(2)]), 2, path=tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 0 and fig is not None
     (tmp_path / "c.json").write_text("{not json")
-    with pytest.raises(kpm.PoseError, match="c.json"):
+    with pytest.raises(kp.PoseError, match="c.json"):
         kpm.read_pose_dir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         kpm.read_pose_dir(tmp_path / "empty")
@@ -298,7 +302,8 @@ def test_openpose_joint_maps_follow_openposes_documented_order():
     """OpenPose COCO-18: 0 Nose 1 Neck 2 RShoulder 3 RElbow 4 RWrist 5 LShoulder 6 LElbow 7 LWrist 8 RHip 9 RKnee
     10 RAnkle 11 LHip 12 LKnee 13 LAnkle 14 REye 15 LEye 16 REar 17 LEar; BODY_25 inserts MidHip at 8 (so the
     hips, knees and ankles move up by one) and adds the feet at 19-24."""
-    from kpnb import keypoints as kpm
+    from kpnb.poses import formats as kpm
+    from kpnb.poses import pose as kp
 
     named = {18: {"nose": 0, "eye_left": 15, "ear_right": 16, "shoulder_left": 5, "wrist_right": 4, "hip_right": 8,
                   "ankle_left": 13},
@@ -306,15 +311,15 @@ def test_openpose_joint_maps_follow_openposes_documented_order():
                   "ankle_left": 14}}
     for n, want in named.items():
         for joint, index in want.items():
-            assert kpm.OPENPOSE_TO_KPNB[n][kpm.JOINT_INDEX[joint]] == index, (n, joint)
+            assert kpm.OPENPOSE_TO_KPNB[n][kp.JOINT_INDEX[joint]] == index, (n, joint)
         kps = []
         for i in range(n):  # joint i at x = 10 i + 5; the neck left out (confidence 0)
             kps += [10.0 * i + 5, 100.0, 0.0 if i == 1 else 0.9]
         people = kpm.read_openpose({"canvas_width": 400, "canvas_height": 400, "people": [{"pose_keypoints_2d": kps}]})
         pose = people[0]["pose"]
         for joint, index in want.items():
-            assert pose.xy[kpm.JOINT_INDEX[joint], 0] == pytest.approx((10 * index + 5) / 400)
-    with pytest.raises(kpm.PoseError, match="54 .COCO-18. or 75"):
+            assert pose.xy[kp.JOINT_INDEX[joint], 0] == pytest.approx((10 * index + 5) / 400)
+    with pytest.raises(kp.PoseError, match="54 .COCO-18. or 75"):
         kpm.read_openpose({"people": [{"pose_keypoints_2d": [1, 2, 3]}]})
 
 
@@ -323,12 +328,12 @@ def test_pose_views_reads_the_view_from_the_shoulders_as_the_synthetic_truth_has
     rng = np.random.default_rng(0)
     poses = [synth.characters.sample_pose(rng)[0] for _ in range(600)]
     behind = np.array([synth.characters.seen_from_behind(p) for p in poses])
-    views = kp.pose_views(poses)
+    views = pose_analysis.pose_views(poses)
     assert set(views) <= set(kp.VIEWS) and 0.05 < behind.mean() < 0.2
     assert (views[behind] == "back").mean() > 0.8 and (views[~behind] == "back").mean() == 0
     assert (views[~behind] == "front").mean() > 0.85
     # a mirror image is seen from the same side: flip swaps the labels with the places
-    assert (kp.pose_views([kp.flip(p) for p in poses]) == views).all()
+    assert (pose_analysis.pose_views([kp.flip(p) for p in poses]) == views).all()
     a = poses[0].to_array()
     a[:, 2] = kp.VISIBLE
     a[[5, 6, 11, 12], :2] = [[0.6, 0.3], [0.4, 0.3], [0.58, 0.6], [0.42, 0.6]]   # left shoulder on the image's right
@@ -336,4 +341,4 @@ def test_pose_views_reads_the_view_from_the_shoulders_as_the_synthetic_truth_has
     side[[5, 6], 0] = [0.52, 0.48]
     back[[5, 6], 0] = [0.4, 0.6]
     unknown[11, 2] = kp.MISSING
-    assert list(kp.pose_views([a, side, back, unknown])) == ["front", "side", "back", "unknown"]
+    assert list(pose_analysis.pose_views([a, side, back, unknown])) == ["front", "side", "back", "unknown"]

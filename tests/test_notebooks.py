@@ -3,7 +3,10 @@ import json
 
 import pytest
 
-from kpnb import cli, runs, training
+from kpnb import cli
+from kpnb.core import files as runs
+from kpnb.core import settings
+from kpnb.train import checkpoints as training
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +40,7 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "smoke"
     log = out.parent / "settings_read.jsonl"
     with pytest.MonkeyPatch.context() as mp:  # each notebook logs the settings it read (runs.NotebookRun)
-        mp.setenv(runs.SETTINGS_LOG_ENV, str(log))
+        mp.setenv(settings.SETTINGS_LOG_ENV, str(log))
         rc = cli.main(["run", "--preset", "smoke", "--out", str(out), "--no-progress",
                        "--only", ",".join(k[:2] for k in EXPECTED)])
     assert rc == 0
@@ -45,7 +48,7 @@ def smoke_run(tmp_path_factory):
 
 
 # read only on a path the smoke run does not take: with clip.pretrained_path naming a local open_clip file
-# (kpnb.clip.clip_for_run; tests/test_clip.py loads a pretrained file)
+# (kpnb.run.stages.clip_for_run; tests/test_clip.py loads a pretrained file)
 READ_ON_OTHER_PATHS = {"clip.pretrained_arch", "clip.pretrained_tag"}
 
 
@@ -54,7 +57,7 @@ def test_every_setting_is_read(smoke_run):
     lines = (smoke_run.parent / "settings_read.jsonl").read_text().splitlines()
     read = set().union(*(json.loads(line)["read"] for line in lines))
     assert {json.loads(line)["notebook"] for line in lines} == set(EXPECTED)
-    unread = sorted(f"{s}.{k}" for s, section in runs.BASE.items() for k in section
+    unread = sorted(f"{s}.{k}" for s, section in settings.BASE.items() for k in section
                     if f"{s}.{k}" not in read | READ_ON_OTHER_PATHS)
     assert not unread, f"settings no notebook reads: {unread}"
 
@@ -137,9 +140,10 @@ def test_notebook_01_over_packed_shards_equals_the_pool_in_memory(smoke_run, tmp
     stage table, precision, recall and split as notebook 01 in memory, the subset memory-mapped and equal."""
     import numpy as np
 
-    from kpnb import data, shards
+    from kpnb.data import shards
+    from kpnb.data import subset as data
 
-    size = runs.run_config(smoke_run)["data"]["image_size"]
+    size = settings.run_config(smoke_run)["data"]["image_size"]
     shards.pack(smoke_run / "dataset", tmp_path / "shards", size=size, shard_size=64, workers=1, progress=False)
     out = tmp_path / "r"
     assert cli.main(["run", "--preset", "smoke", "--out", str(out), "--only", "01", "--no-progress",
@@ -201,7 +205,7 @@ def test_every_notebook_runs_under_the_gpu_preset_at_tiny_sizes(tmp_path):
     assert cli.main(args) == 0
     for stem in EXPECTED:
         assert runs.read_metrics(out, stem)["preset"] == "gpu"
-    cfg = runs.run_config(out)
+    cfg = settings.run_config(out)
     assert cfg["runtime"]["precision"] == "auto" and cfg["runtime"]["workers"] == 2
     info = json.loads(training.latest_checkpoint(out / "checkpoints" / "ldm-f4-grid").read_text())
     unet = info["config"]["ldm"]["unet"]

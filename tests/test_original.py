@@ -1,4 +1,4 @@
-"""Importing the original checkpoints (kpnb.original): Lightning-like files at tiny widths with the original
+"""Importing the original checkpoints (kpnb.original.ldm): Lightning-like files at tiny widths with the original
 key layouts, outputs against an independent taming-style reference, EMA choice, schedule and scale_factor,
 and pickles that would run code (refused, nothing runs) or name Lightning classes (inert placeholders).
 
@@ -18,10 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kpnb import diffusion as D
-from kpnb import original as O
-from kpnb import vq as V
-from kpnb.runs import UnsafeFileError
+from kpnb.core.files import UnsafeFileError
+from kpnb.diffusion import ldm as D
+from kpnb.diffusion import sampling
+from kpnb.models import vq as V
+from kpnb.original import lightning as lightning_ckpt
+from kpnb.original import common as original_common
+from kpnb.original import ldm as O
+from kpnb.original import vq as original_vq
 
 CH, MULT, NRB, Z, NE = 64, (1, 2), 2, 3, 32  # taming's ch, ch_mult, num_res_blocks, z_channels=embed_dim, n_embed
 
@@ -176,7 +180,7 @@ def test_reference_layout_has_the_literal_taming_names():
 def test_vq_import_maps_every_key_and_matches_the_reference(tmp_path, capsys):
     sd = taming_vq_state()
     path = save(lightning(sd), tmp_path / "last.ckpt")
-    vq = O.load_original_vq(path, image_size=16)
+    vq = original_vq.load_original_vq(path, image_size=16)
     printed = capsys.readouterr().out
     rep = vq.import_report
     assert "left over (unused): 4 keys" in printed and "missing: 0" in printed
@@ -205,7 +209,7 @@ def test_vq_import_maps_every_key_and_matches_the_reference(tmp_path, capsys):
     torch.testing.assert_close(rec, rec_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(vq.decode_indices(idx), rec_ref, atol=1e-4, rtol=1e-4)
     # the inverse mapping gives back exactly the original keys and tensors
-    back = O.vq_state_to_original(vq)
+    back = original_vq.vq_state_to_original(vq)
     assert set(back) == model_keys
     for k in model_keys:
         assert torch.equal(back[k], sd[k]), k
@@ -214,12 +218,12 @@ def test_vq_import_maps_every_key_and_matches_the_reference(tmp_path, capsys):
 def test_full_size_layouts_are_recognised():
     """The released sizes (shapes only, on the meta device): vq-f4 Danbooru and the keypoint UNet."""
     sd = taming_vq_state(ch=128, ch_mult=(1, 2, 4), nrb=2, z=3, n_embed=8192, loss=False, meta=True)
-    cfg = O.vq_config_from_state(sd)
+    cfg = original_vq.vq_config_from_state(sd)
     assert cfg == V.VQConfig(**{**V.GPU_MODELS["f4"], "quant_conv": True})
     with torch.device("meta"):
         model = V.VQModel(cfg)
         unet = D.original_ldm().unet
-    assert {s for srcs in O.vq_key_map(model).values() for s in srcs} == set(sd)
+    assert {s for srcs in original_vq.vq_key_map(model).values() for s in srcs} == set(sd)
     assert all(m.num_groups == 32 for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
     assert O.unet_config_from_state(unet.state_dict(), heads=8) == D.UNetConfig.original()
 
@@ -227,7 +231,7 @@ def test_full_size_layouts_are_recognised():
 def test_vq_bare_state_dict_and_legacy_format(tmp_path):
     sd = taming_vq_state(loss=False)
     path = save(sd, tmp_path / "bare.pt", _use_new_zipfile_serialization=False)
-    vq = O.load_original_vq(path, image_size=16, verbose=False)
+    vq = original_vq.load_original_vq(path, image_size=16, verbose=False)
     assert set(vq.import_report.mapped) == set(sd) and not vq.import_report.unused
 
 
@@ -235,21 +239,21 @@ def test_vq_layouts_kpnb_cannot_represent_are_refused(tmp_path):
     sd = taming_vq_state(loss=False)
     level_attn = {**sd, "encoder.down.1.attn.0.q.weight": torch.zeros(128, 128, 1, 1)}
     with pytest.raises(O.CheckpointImportError, match="attention"):
-        O.load_original_vq(save(lightning(level_attn), tmp_path / "a.ckpt"), verbose=False)
+        original_vq.load_original_vq(save(lightning(level_attn), tmp_path / "a.ckpt"), verbose=False)
     narrow = taming_vq_state(ch=32, loss=False)  # kpnb's GroupNorm would take 16 groups at width 32
     with pytest.raises(O.CheckpointImportError, match="GroupNorm"):
-        O.load_original_vq(save(lightning(narrow), tmp_path / "b.ckpt"), verbose=False)
+        original_vq.load_original_vq(save(lightning(narrow), tmp_path / "b.ckpt"), verbose=False)
     stray = {**sd, "decoder.extra.weight": torch.zeros(1)}
     with pytest.raises(O.CheckpointImportError, match="decoder.extra.weight"):
-        O.load_original_vq(save(lightning(stray), tmp_path / "c.ckpt"), verbose=False)
+        original_vq.load_original_vq(save(lightning(stray), tmp_path / "c.ckpt"), verbose=False)
     wrong = {**sd, "decoder.up.0.block.1.conv1.weight": torch.zeros(64, 64, 1, 1)}
     with pytest.raises(O.CheckpointImportError, match=r"decoder.up.0.block.1.conv1.weight.*decoder.up.5.conv1"):
-        O.load_original_vq(save(lightning(wrong), tmp_path / "d.ckpt"), verbose=False)
+        original_vq.load_original_vq(save(lightning(wrong), tmp_path / "d.ckpt"), verbose=False)
 
 
 def test_missing_files_say_what_to_download_and_where(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"VQGAN f4.*data/checkpoints/original_vq_f4.ckpt"):
-        O.load_original_vq(tmp_path / "nope.ckpt")
+        original_vq.load_original_vq(tmp_path / "nope.ckpt")
     with pytest.raises(FileNotFoundError, match=r"latent-diffusion.*data/checkpoints/original_ldm_keypoints.ckpt"):
         O.load_original_ldm(tmp_path / "nope.ckpt")
 
@@ -337,7 +341,7 @@ def test_ldm_import_ema_schedule_scale_and_first_stage(tmp_path):
     # sampling runs end to end at guidance 1 (the original had no null pose)
     poses = torch.rand(1, 17, 3)
     poses[..., 2] = 2
-    out = D.ddim_sample(ldm, poses, steps=2, seed=0)
+    out = sampling.ddim_sample(ldm, poses, steps=2, seed=0)
     assert out.shape == (1, 3, 8, 8) and torch.isfinite(out).all()
 
 
@@ -418,19 +422,19 @@ def test_lightning_metadata_becomes_inert_placeholders(tmp_path, fake_lightning)
                                                        "current_score": np.float64(0.2)}},
                    hyper_parameters=hp, trainer_state=inst, hook=fl.CallsRun())
     path = save(ck, tmp_path / "meta.ckpt")
-    got = O.load_lightning_checkpoint(path)
+    got = original_common.load_lightning_checkpoint(path)
     assert not fl.marker.exists()  # nothing of the "real" classes ran
     assert set(got.placeholders) == {"pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
                                      "pytorch_lightning.utilities.run"}
     (key,) = got.raw["callbacks"]
-    assert issubclass(key, O.LightningPlaceholder) and key is not fl.ModelCheckpoint
+    assert issubclass(key, lightning_ckpt.LightningPlaceholder) and key is not fl.ModelCheckpoint
     assert key.original == "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
     assert float(got.raw["callbacks"][key]["current_score"]) == 0.2
     assert type(got.raw["hyper_parameters"]) is dict and got.raw["hyper_parameters"] == {"lr": 2e-6}
-    assert isinstance(got.raw["trainer_state"], O.LightningPlaceholder)
+    assert isinstance(got.raw["trainer_state"], lightning_ckpt.LightningPlaceholder)
     assert got.raw["trainer_state"].state == {"monitor": "val/loss", "best_k": 3}
     assert got.raw["hook"].args == ("touch it",) and "inert placeholder" in repr(got.raw["hook"])
-    vq = O.load_original_vq(path, image_size=16, verbose=False)
+    vq = original_vq.load_original_vq(path, image_size=16, verbose=False)
     assert any("placeholders" in n for n in vq.import_report.notes) and not fl.marker.exists()
 
 
@@ -461,7 +465,7 @@ def test_code_running_pickles_are_refused_and_never_run(tmp_path, payload, name)
         else:
             ck["state_dict"]["encoder.conv_in.weight"] = payload(marker)
         path = save(ck, tmp_path / f"evil{i}.ckpt")
-        for load in (O.load_original_vq, O.load_original_ldm, O.load_lightning_checkpoint):
+        for load in (original_vq.load_original_vq, O.load_original_ldm, original_common.load_lightning_checkpoint):
             with pytest.raises(UnsafeFileError) as err:
                 load(path)
             assert str(path) in str(err.value) and name in str(err.value) and "refused" in str(err.value)
@@ -469,7 +473,7 @@ def test_code_running_pickles_are_refused_and_never_run(tmp_path, payload, name)
     raw = tmp_path / "raw.ckpt"
     raw.write_bytes(pickle.dumps({"state_dict": {}, "x": payload(marker)}, protocol=4))
     with pytest.raises(UnsafeFileError, match=name):
-        O.load_lightning_checkpoint(raw)
+        original_common.load_lightning_checkpoint(raw)
     assert not marker.exists()
 
 
@@ -482,7 +486,7 @@ def test_torch_functions_outside_the_weights_only_list_are_refused_by_torch(tmp_
     """A torch.* global passes kpnb's own scan; torch's weights-only unpickler refuses it."""
     path = save(lightning(taming_vq_state(loss=False), extra=_TorchCall()), tmp_path / "t.ckpt")
     with pytest.raises(UnsafeFileError, match=r"t\.ckpt: refused by torch.load\(weights_only=True\).*set_default"):
-        O.load_original_vq(path)
+        original_vq.load_original_vq(path)
     assert torch.get_default_dtype() == torch.float32
 
 
@@ -490,14 +494,14 @@ def test_garbage_file_is_refused(tmp_path):
     p = tmp_path / "junk.ckpt"
     p.write_bytes(b"this is not a checkpoint")
     with pytest.raises(UnsafeFileError, match="junk.ckpt"):
-        O.load_original_vq(p)
+        original_vq.load_original_vq(p)
 
 
 # ---- kpnb's exporter: a grid model in the released checkpoint's layout -------------------------------
 def exported_checkpoint(path, seed=0):
     """A small kpnb grid-mode LDM and taming-layout VQ written by original.save_original_ldm: (path, ldm, vq)."""
-    from kpnb.conditioning import PoseConditioner
-    from kpnb.vq import VQConfig, VQModel
+    from kpnb.models.vq import VQConfig, VQModel
+    from kpnb.poses.conditioning import PoseConditioner
 
     torch.manual_seed(seed)
     vq = VQModel(VQConfig(factor=4, image_size=16, latent_channels=3, n_codes=16, base_width=64,
@@ -521,11 +525,11 @@ def test_exported_grid_model_reads_back_as_the_same_model(tmp_path):
         torch.testing.assert_close(back_vq.encode(img), vq.encode(img))
     poses = torch.rand(2, 17, 3)
     poses[..., 2] = 2
-    torch.testing.assert_close(D.ddim_sample(back, poses, steps=3, seed=1), D.ddim_sample(ldm, poses, steps=3, seed=1))
+    torch.testing.assert_close(sampling.ddim_sample(back, poses, steps=3, seed=1), sampling.ddim_sample(ldm, poses, steps=3, seed=1))
 
 
 def test_exporter_refuses_what_the_original_could_not_be(tmp_path):
-    from kpnb.conditioning import PoseConditioner
+    from kpnb.poses.conditioning import PoseConditioner
 
     _, ldm, vq = exported_checkpoint(tmp_path / "a.ckpt")
     cfg = {**UCFG, "context_dim": None, "in_channels": 3 + PoseConditioner("skeleton", latent_size=8).concat_channels}

@@ -3,8 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import pose_estimator as E
-from kpnb.keypoints import HIDDEN, MISSING, OUTSIDE, VISIBLE
+from kpnb.evaluate import pose as E
+from kpnb.models import pose_net
+from kpnb.poses.pose import HIDDEN, MISSING, OUTSIDE, VISIBLE
+from kpnb.synth import renders
+from kpnb.train import estimator as estimator_training
 
 
 def box_pose(w=0.4, h=0.2):
@@ -118,39 +121,39 @@ def test_soft_argmax_reads_the_peak():
     hm = torch.full((1, 2, 16, 16), -30.0)
     hm[0, 0, 4, 10] = 30.0
     hm[0, 1, 15, 0] = 30.0
-    xy = E.soft_argmax(hm)[0]
+    xy = pose_net.soft_argmax(hm)[0]
     torch.testing.assert_close(xy, torch.tensor([[10.5 / 16, 4.5 / 16], [0.5 / 16, 15.5 / 16]]))
 
 
 def test_estimator_on_a_few_renders(tmp_path):
-    imgs, poses = E.render_truth(6, seed=5, image_size=32, render_size=64)
+    imgs, poses = renders.render_truth(6, seed=5, image_size=32, render_size=64)
     assert imgs.shape == (6, 32, 32, 3) and imgs.dtype == np.uint8 and poses.shape == (6, 17, 3)
     assert E.pck(poses[..., :2], poses)["pck@0.05"] == 1.0
     cfg = {"steps": 3, "batch_size": 4, "lr": 2e-3, "width": 8, "ckpt_every": 3, "seed": 0}
-    model, res = E.train_estimator(imgs, poses, cfg, tmp_path / "est", progress=False)
+    model, res = estimator_training.train_estimator(imgs, poses, cfg, tmp_path / "est", progress=False)
     assert res.step == 3 and np.isfinite(res.history[-1]["loss"])
-    pred = E.predict(model, imgs)
+    pred = pose_net.predict(model, imgs)
     assert pred.shape == (6, 17, 3) and pred.dtype == np.float32
     assert set(np.unique(pred[..., 2])) <= {OUTSIDE, HIDDEN, VISIBLE}
     assert np.all((pred[..., :2] > 0) & (pred[..., :2] < 1))
     # other image sizes are resized to the network's input
-    assert E.predict(model, np.zeros((2, 48, 48, 3), np.uint8)).shape == (2, 17, 3)
-    model2, res2 = E.train_estimator(imgs, poses, {**cfg, "steps": 4}, tmp_path / "est", progress=False)
+    assert pose_net.predict(model, np.zeros((2, 48, 48, 3), np.uint8)).shape == (2, 17, 3)
+    model2, res2 = estimator_training.train_estimator(imgs, poses, {**cfg, "steps": 4}, tmp_path / "est", progress=False)
     assert res2.start_step == 3 and res2.step == 4  # resumed with more steps
-    again = E.load_estimator(tmp_path / "est")
-    pred = E.predict(model2, imgs)  # the same weights as the checkpoint of step 4
-    np.testing.assert_allclose(E.predict(again, imgs), pred, atol=1e-5)
+    again = estimator_training.load_estimator(tmp_path / "est")
+    pred = pose_net.predict(model2, imgs)  # the same weights as the checkpoint of step 4
+    np.testing.assert_allclose(pose_net.predict(again, imgs), pred, atol=1e-5)
     c = E.ceiling(model, imgs, poses)
     assert 0.0 <= c["pck@0.1"] <= 1.0 and c["n_images"] == 6
     assert 0.0 <= c["ap"] <= 1.0 and c["n_images"] == 6
-    scored, scores = E.predict(model2, imgs, with_scores=True)
+    scored, scores = pose_net.predict(model2, imgs, with_scores=True)
     np.testing.assert_array_equal(scored, pred)
     assert scores.shape == (6,) and np.all((scores > 0) & (scores <= 1))
 
 
 def test_partial_figures_leave_joints_out():
-    whole_imgs, whole = E.render_truth(12, seed=5, image_size=32, render_size=64)
-    part_imgs, part = E.render_truth(12, seed=5, image_size=32, render_size=64, partial=1.0)
+    whole_imgs, whole = renders.render_truth(12, seed=5, image_size=32, render_size=64)
+    part_imgs, part = renders.render_truth(12, seed=5, image_size=32, render_size=64, partial=1.0)
     assert not (whole[..., 2] == MISSING).any()
     missing = part[..., 2] == MISSING
     assert 0.1 < missing.mean() < 0.45 and missing.any(1).sum() >= 10   # about PARTIAL_DROP of the joints
@@ -158,7 +161,7 @@ def test_partial_figures_leave_joints_out():
     kept = ~missing & (part[..., 2] != HIDDEN)
     np.testing.assert_array_equal(part[kept][:, :2], whole[kept][:, :2])  # the same figures, joints left out
     assert (part_imgs != whole_imgs).any()
-    _, half = E.render_truth(12, seed=5, image_size=32, render_size=64, partial=0.5)
+    _, half = renders.render_truth(12, seed=5, image_size=32, render_size=64, partial=0.5)
     assert 0 < (half[..., 2] == MISSING).any(1).sum() < 12
 
 
@@ -168,23 +171,23 @@ def test_keeper_is_trained_apart_from_the_judge(tmp_path):
            "train_seed": 1, "val_seed": 2, "ckpt_every": 2, "seed": 0, "partial": 0.5}
     for seed in (1, 2):
         with pytest.raises(ValueError, match="keeper_seed"):
-            E.fit_keeper(cfg, seed, tmp_path / f"k{seed}", progress=False)
-    keeper, info = E.fit_keeper(cfg, 11, tmp_path / "k", progress=False)
+            estimator_training.fit_keeper(cfg, seed, tmp_path / f"k{seed}", progress=False)
+    keeper, info = estimator_training.fit_keeper(cfg, 11, tmp_path / "k", progress=False)
     assert info["steps"] == 2 and 0.0 <= info["ceiling.pck@0.1"] <= 1.0
     assert keeper.image_size == 32
     # a budget of its own (clip.keeper_steps / keeper_n_train)
-    _, info = E.fit_keeper(cfg, 11, tmp_path / "k3", steps=3, n_train=6, progress=False)
+    _, info = estimator_training.fit_keeper(cfg, 11, tmp_path / "k3", steps=3, n_train=6, progress=False)
     assert info["steps"] == 3 and info["n_train"] == 6
 
 
 def test_estimator_training_is_reproducible(tmp_path):
     # the initial weights come from the seed, not from whatever the process's random state was
-    imgs, poses = E.render_truth(4, seed=5, image_size=32, render_size=64)
+    imgs, poses = renders.render_truth(4, seed=5, image_size=32, render_size=64)
     cfg = {"steps": 2, "batch_size": 4, "lr": 2e-3, "width": 8, "ckpt_every": 2, "seed": 3}
     torch.manual_seed(1)
-    a, _ = E.train_estimator(imgs, poses, cfg, tmp_path / "a", progress=False)
+    a, _ = estimator_training.train_estimator(imgs, poses, cfg, tmp_path / "a", progress=False)
     torch.manual_seed(2)
-    b, _ = E.train_estimator(imgs, poses, cfg, tmp_path / "b", progress=False)
+    b, _ = estimator_training.train_estimator(imgs, poses, cfg, tmp_path / "b", progress=False)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
 
@@ -192,7 +195,7 @@ def test_estimator_training_is_reproducible(tmp_path):
 def test_pck_on_real_poses_ignores_missing_joints():
     """The real-pose set has joints COCO did not label (MISSING, stored at (0, 0)): they are neither scored
     nor part of the box that sets the scale."""
-    from kpnb import data
+    from kpnb.data import real_poses as data
 
     _, poses = data.real_pose_set()
     tgt = np.stack([p.to_array() for p in poses if (p.vis == MISSING).any()])
@@ -213,17 +216,17 @@ def test_pck_on_real_poses_ignores_missing_joints():
 
 
 def test_render_poses_draws_the_given_poses_reproducibly():
-    from kpnb import data
+    from kpnb.data import real_poses as data
 
     _, poses = data.real_pose_set()
     arr = np.stack([p.to_array() for p in poses[:3]])
-    a = E.render_poses(arr, seed=0, image_size=32, render_size=64)
+    a = renders.render_poses(arr, seed=0, image_size=32, render_size=64)
     assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
-    np.testing.assert_array_equal(a, E.render_poses(arr, seed=0, image_size=32, render_size=64))
-    assert not np.array_equal(a, E.render_poses(arr, seed=1, image_size=32, render_size=64))  # other characters
+    np.testing.assert_array_equal(a, renders.render_poses(arr, seed=0, image_size=32, render_size=64))
+    assert not np.array_equal(a, renders.render_poses(arr, seed=1, image_size=32, render_size=64))  # other characters
     moved = arr.copy()
     moved[0, :, 0] = np.where(moved[0, :, 2] != MISSING, moved[0, :, 0] - 0.1, 0)
-    b = E.render_poses(moved, seed=0, image_size=32, render_size=64)
+    b = renders.render_poses(moved, seed=0, image_size=32, render_size=64)
     assert not np.array_equal(a[0], b[0]) and np.array_equal(a[1:], b[1:])   # the pose is what is drawn
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from kpnb import quality
-from kpnb.keypoints import VISIBLE
+from kpnb.evaluate import quality
+from kpnb.poses.pose import VISIBLE
 
 
 class TinyFeatures(nn.Module):
@@ -45,7 +45,7 @@ def test_fid_of_a_set_against_itself_is_about_zero_and_grows_with_a_shift():
 
 
 def test_clip_features_path(tmp_path):
-    from kpnb import clip
+    from kpnb.models import clip
 
     model = clip.create_domain_clip(clip.domain_clip_config(image_size=16, patch_size=8, width=32, layers=1),
                                     tmp_path / "clip")

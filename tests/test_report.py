@@ -1,10 +1,12 @@
 import json
 
-from kpnb import report, runs
+from kpnb.core import files
+from kpnb.run import folder as runs
+from kpnb.run import report
 
 
 def _metrics(root, stem, **m):
-    runs.write_metrics(root, stem, m, preset="smoke", seconds=12.0)
+    files.write_metrics(root, stem, m, preset="smoke", seconds=12.0)
 
 
 def test_report_tables_come_from_the_metrics_files(tmp_path):
@@ -88,10 +90,12 @@ def test_claims_compare_the_numbers_and_say_what_is_not_measured():
 
 
 def test_status_table_reads_the_metrics_files(tmp_path):
-    from kpnb import runs, status
+    from kpnb.core import files
+    from kpnb.run import folder as runs
+    from kpnb.run import status
 
     runs.run_dir(tmp_path, "smoke")
-    runs.write_metrics(tmp_path, "03_vq_training", {"f4.psnr": 26.7, "f4.codebook_used_fraction": 1.0,
+    files.write_metrics(tmp_path, "03_vq_training", {"f4.psnr": 26.7, "f4.codebook_used_fraction": 1.0,
                                                     "f4.train_seconds": 258.0, "f4.latent_channels": 8,
                                                     "f4.code_groups": 4, "f4.n_codes": 256}, preset="smoke", seconds=800)
     table = status.status_table(tmp_path)
@@ -116,7 +120,7 @@ def test_generators_table_names_every_diffusion_model_beside_the_transformer():
 
 
 def test_real_pose_numbers_reach_the_report_and_the_status_table_but_are_no_mode(tmp_path):
-    from kpnb import status
+    from kpnb.run import status
 
     smp = {"best_mode": "long", "long.mode": "skeleton", "pck_ceiling@0.1": 0.97, "long.pck@0.1": 0.86,
            "long.pck@0.1.ratio": 0.89, "n_eval": 128, "real_poses.n": 78, "real_poses.pck@0.1": 0.35,
@@ -161,7 +165,7 @@ def test_pck_by_view_is_a_table_of_the_report_when_measured(tmp_path):
     assert "### By view" in report.write_report(tmp_path).read_text()
     (tmp_path / "metrics" / "05_sampling.json").write_text(json.dumps({"best_mode": "long"}))
     assert "### By view" not in report.write_report(tmp_path).read_text()
-    from kpnb import status
+    from kpnb.run import status
     both = {**smp, "by_view.real_poses.back.pck@0.1": 0.52, "by_view.real_poses.back.n": 18.0}   # a mean
     assert "seen from behind: held-out 0.450 (13 poses), real 0.520 (18)" in status._sampling(both)
     assert "seen from behind" not in status._sampling({"best_mode": "long"})

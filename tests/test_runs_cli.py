@@ -4,7 +4,10 @@ import sys
 
 import pytest
 
-from kpnb import cli, runs
+from kpnb import cli
+from kpnb.core import files
+from kpnb.core import settings as runs
+from kpnb.run import folder
 
 
 def test_preset_config_overrides_and_refusals():
@@ -50,7 +53,7 @@ def test_preset_delta_with_unknown_key_is_refused():
 def test_settings_read_log(tmp_path, monkeypatch):
     log = tmp_path / "read.jsonl"
     monkeypatch.setenv(runs.SETTINGS_LOG_ENV, str(log))
-    nb = runs.NotebookRun("01_x", "smoke", str(tmp_path / "run"))
+    nb = folder.NotebookRun("01_x", "smoke", str(tmp_path / "run"))
     assert nb.cfg["data"]["seed"] == 0 and nb.cfg["vq"].get("steps") == 6
     nb.finish({})
     runtime_keys = [f"runtime.{k}" for k in sorted(runs.BASE["runtime"])]  # every notebook reads them at start
@@ -58,25 +61,25 @@ def test_settings_read_log(tmp_path, monkeypatch):
 
 
 def test_run_dir_refuses_mixed_presets(tmp_path):
-    runs.run_dir(tmp_path / "r", "smoke")
+    folder.run_dir(tmp_path / "r", "smoke")
     assert json.loads((tmp_path / "r" / "config.json").read_text())["preset"] == "smoke"
     with pytest.raises(runs.ConfigError, match="smoke"):
-        runs.run_dir(tmp_path / "r", "cpu")
+        folder.run_dir(tmp_path / "r", "cpu")
 
 
 def test_metrics_file(tmp_path):
-    runs.run_dir(tmp_path, "smoke")
-    p = runs.write_metrics(tmp_path, "01_x", {"a": 1.5, "b": None, "notes": "why"}, preset="smoke", seconds=3.21)
+    folder.run_dir(tmp_path, "smoke")
+    p = files.write_metrics(tmp_path, "01_x", {"a": 1.5, "b": None, "notes": "why"}, preset="smoke", seconds=3.21)
     m = json.loads(p.read_text())
     assert m["a"] == 1.5 and m["b"] is None and m["preset"] == "smoke" and m["torch_threads"] >= 1
     with pytest.raises(TypeError, match="nested"):
-        runs.write_metrics(tmp_path, "01_x", {"a": {"b": 1}}, preset="smoke", seconds=0)
+        files.write_metrics(tmp_path, "01_x", {"a": {"b": 1}}, preset="smoke", seconds=0)
 
 
 def test_atomic_write_leaves_no_temp_on_error(tmp_path):
-    runs.atomic_write_bytes(tmp_path / "f.bin", b"ok")
+    files.atomic_write_bytes(tmp_path / "f.bin", b"ok")
     with pytest.raises(TypeError):
-        runs.atomic_write_bytes(tmp_path / "f.bin", 12345)  # not bytes
+        files.atomic_write_bytes(tmp_path / "f.bin", 12345)  # not bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
     assert (tmp_path / "f.bin").read_bytes() == b"ok"
 
@@ -123,7 +126,7 @@ def _notebook(path, *cells):
     nbformat.write(nb, str(path))
 
 
-FINISH = 'from kpnb import runs\nnb = runs.NotebookRun(NAME, preset, run_dir, overrides)\nnb.finish({"ok": 1})'
+FINISH = 'from kpnb.run import folder\nnb = folder.NotebookRun(NAME, preset, run_dir, overrides)\nnb.finish({"ok": 1})'
 
 
 @pytest.fixture
@@ -181,7 +184,7 @@ def test_a_dead_kernel_stops_the_run_named(tiny_notebooks, tmp_path, capsys):
 
 def test_progress_lines_reach_the_console_and_the_log(tiny_notebooks, tmp_path, capsys):
     _notebook(tiny_notebooks / "01_loop.ipynb",
-              "from kpnb import progress\nimport time\n"
+              "from kpnb.core import progress\nimport time\n"
               "b = progress.bar(total=3, desc='demo loop')\n"
               "for i in range(3):\n    b.set_postfix(loss=0.5 / (i + 1)); b.update(1); time.sleep(0.3)\nb.close()",
               FINISH.replace("NAME", '"01_loop"'))
@@ -208,7 +211,7 @@ def test_every_preset_has_a_cell_timeout():
 
 @pytest.mark.parametrize("disable", [False, True])
 def test_a_bar_iterated_counts_each_item_once(tmp_path, monkeypatch, disable):
-    from kpnb import progress
+    from kpnb.core import progress
 
     log = tmp_path / "progress.log"
     monkeypatch.setenv("KPNB_PROGRESS_LOG", str(log))

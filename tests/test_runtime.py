@@ -1,4 +1,4 @@
-"""kpnb.runtime: settings, bf16 autocast training steps of every model on the CPU, device-free checkpoints,
+"""kpnb.core.runtime: settings, bf16 autocast training steps of every model on the CPU, device-free checkpoints,
 DataLoader workers."""
 from __future__ import annotations
 
@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import attributes, clip as kc, diffusion, pose_estimator, runs, runtime, training, transformer, vq
+from kpnb.core import files, runtime
+from kpnb.core import settings as runs
+from kpnb.diffusion import ldm as diffusion
+from kpnb.models import clip as kc
+from kpnb.models import pose_net, vq
+from kpnb.train import attributes, transformer
+from kpnb.train import checkpoints as training
+from kpnb.train import clip as clip_training
+from kpnb.train import estimator as pose_estimator
+from kpnb.train import ldm as ldm_training
+from kpnb.train import vq as vq_training
 
 BF16 = runtime.Runtime(torch.device("cpu"), precision="bf16")
 SMOKE = runs.preset_config("smoke")
@@ -48,7 +58,7 @@ def test_settings_resolve_and_bad_values_are_refused():
 
 
 def test_bf16_autocast_step_vq(tmp_path):
-    model, info = vq.train_vq("f8", _images(8), SMOKE["vq"], tmp_path / "vq", progress=False, runtime=BF16,
+    model, info = vq_training.train_vq("f8", _images(8), SMOKE["vq"], tmp_path / "vq", progress=False, runtime=BF16,
                               steps=4, disc_start=2)
     assert info["steps"] == 4 and np.isfinite(info["history"][-1]["loss"])
     assert {"g_loss", "d_loss"} <= set(info["history"][-1])  # the GAN phase ran under autocast too
@@ -61,7 +71,7 @@ def test_bf16_autocast_step_ldm(tmp_path):
     torch.manual_seed(int(cfg["seed"]))
     start = diffusion.ldm_from_settings(cfg, "tokens+skeleton", (4, 4, 4), scale_factor=1.0).state_dict()
     start = {k: v.clone() for k, v in start.items()}
-    ema, res = diffusion.train_ldm(z, _poses(16), {**cfg, "steps": 3}, tmp_path / "ldm", "tokens+skeleton",
+    ema, res = ldm_training.train_ldm(z, _poses(16), {**cfg, "steps": 3}, tmp_path / "ldm", "tokens+skeleton",
                                    scale_factor=1.0, progress=False, runtime=BF16)
     assert res.step == 3 and np.isfinite(res.history[-1]["loss"])
     model = diffusion.ldm_from_settings(cfg, "tokens+skeleton", (4, 4, 4), scale_factor=1.0)
@@ -74,7 +84,7 @@ def test_bf16_autocast_step_estimator(tmp_path):
     model, res = pose_estimator.train_estimator(_images(8), _poses(8), cfg, tmp_path / "est", progress=False,
                                                 runtime=BF16)
     assert res.step == 3 and np.isfinite(res.history[-1]["loss"])
-    assert pose_estimator.predict(model, _images(2)).shape == (2, 17, 3)
+    assert pose_net.predict(model, _images(2)).shape == (2, 17, 3)
 
 
 def test_bf16_autocast_step_transformer(tmp_path):
@@ -88,7 +98,7 @@ def test_bf16_autocast_step_transformer(tmp_path):
 def test_bf16_autocast_step_clip_and_attributes(tmp_path):
     tiny = kc.domain_clip_config(image_size=32, patch_size=8, width=32, layers=1, text_width=32, text_layers=1,
                                  context_length=8, embed_dim=32)
-    model, res = kc.train_domain_clip(_images(8), ["a girl with red hair"] * 8, tmp_path / "clip", steps=3,
+    model, res = clip_training.train_domain_clip(_images(8), ["a girl with red hair"] * 8, tmp_path / "clip", steps=3,
                                       batch_size=4, warmup=1, model_cfg=tiny, progress=False, runtime=BF16)
     assert res.step == 3 and np.isfinite(res.history[-1]["loss"])
     classes = {"hair": ["red", "blue"]}
@@ -103,7 +113,7 @@ def test_checkpoints_hold_cpu_fp32_tensors_and_load_onto_the_current_device(tmp_
     tensors: load_trained puts the model on the current runtime's device, whichever that is."""
     cfg = {**SMOKE["estimator"], "steps": 2}
     pose_estimator.train_estimator(_images(8), _poses(8), cfg, tmp_path / "est", progress=False, runtime=BF16)
-    tensors, _ = runs.load_tensors(training.latest_checkpoint(tmp_path / "est").with_suffix(".safetensors"))
+    tensors, _ = files.load_tensors(training.latest_checkpoint(tmp_path / "est").with_suffix(".safetensors"))
     assert all(t.device.type == "cpu" for t in tensors.values())
     assert all(t.dtype != torch.bfloat16 for t in tensors.values())
     prev = runtime.current()
@@ -122,7 +132,7 @@ def test_dataloader_workers_give_the_same_batches_as_the_main_thread(tmp_path):
     out = {}
     for workers in (0, 2):
         rt = runtime.Runtime(torch.device("cpu"), workers=workers)
-        _, res = diffusion.train_ldm(z, _poses(16), cfg, tmp_path / f"w{workers}", "skeleton", scale_factor=1.0,
+        _, res = ldm_training.train_ldm(z, _poses(16), cfg, tmp_path / f"w{workers}", "skeleton", scale_factor=1.0,
                                      progress=False, runtime=rt)
         out[workers] = [r["loss"] for r in res.history]
     assert out[0] == out[2]

@@ -7,7 +7,13 @@ import shutil
 import numpy as np
 import pytest
 
-from kpnb import data, keypoints as kp, pose_estimator, runs, sample, stages
+from kpnb.core import files as runs
+from kpnb.core import settings
+from kpnb.data import subset as data
+from kpnb.poses import analysis as pose_analysis
+from kpnb.poses import formats as pose_formats
+from kpnb.poses import pose as kp
+from kpnb.run import sample
 
 POSES = runs.repo_root() / "data" / "poses"
 
@@ -21,8 +27,8 @@ def run(tiny_ldm_run):
 def pose_files(tmp_path):
     release = tmp_path / "release.json"
     shutil.copy(POSES / "1000846.json", release)
-    pose = kp.read_release_json(release)
-    full = kp.pose_to_coco(pose, 600, 600)  # a square canvas: the same shape as the release pose
+    pose = pose_formats.read_release_json(release)
+    full = pose_formats.pose_to_coco(pose, 600, 600)  # a square canvas: the same shape as the release pose
     few = [0.0] * 51
     few[0:3], few[15:18] = [100.0, 50.0, 2], [120.0, 90.0, 2]  # nose and left shoulder only
     coco = tmp_path / "coco.json"
@@ -30,7 +36,7 @@ def pose_files(tmp_path):
                                 "annotations": [{"image_id": 7, "keypoints": full},
                                                 {"image_id": 7, "keypoints": few}]}))
     body25 = np.zeros((25, 3))
-    for j, o in enumerate(kp.OPENPOSE_TO_KPNB[25]):  # kpnb joint j sits at OpenPose index o
+    for j, o in enumerate(pose_formats.OPENPOSE_TO_KPNB[25]):  # kpnb joint j sits at OpenPose index o
         if pose.labelled[j]:
             body25[o] = [pose.xy[j, 0] * 512, pose.xy[j, 1] * 512, 0.9]
     body25[1] = [256, 150, 0.8]  # the neck, which kpnb has no joint for
@@ -50,7 +56,7 @@ def test_three_formats_from_a_run_folder_same_seed_same_images(run, pose_files, 
     info = json.loads((tmp_path / "a" / "sample.json").read_text())
     labels = [p["label"] for p in info["poses"]]
     assert labels == ["release", "coco-coco7-0", "openpose-person0"]
-    d = runs.run_config(run)["diffusion"]  # the run's sampler settings, with the given --steps
+    d = settings.run_config(run)["diffusion"]  # the run's sampler settings, with the given --steps
     assert info["sampler"] == {"steps": 3, "eta": d["eta"], "guidance": d["guidance"],
                                "guidance_interval": d["guidance_interval"]}
     assert info["model"]["model"] == "skeleton"
@@ -59,8 +65,8 @@ def test_three_formats_from_a_run_folder_same_seed_same_images(run, pose_files, 
     assert pngs == sorted(f"{label}_{k}.png" for label in labels for k in (0, 1))
     assert (tmp_path / "a" / "contact_sheet.png").stat().st_size > 1000
     # the COCO and OpenPose people are the release pose in other canvases: both placed by their joints' extent
-    op, _ = kp.read_pose_file(openpose)
-    co, _ = kp.read_pose_file(coco)
+    op, _ = pose_formats.read_pose_file(openpose)
+    co, _ = pose_formats.read_pose_file(coco)
     np.testing.assert_allclose(op[0][1].xy[op[0][1].labelled], co[0][1].xy[co[0][1].labelled], atol=0.02)
     assert sample.main(args + ["--out", str(tmp_path / "b")]) == 0
     for name in pngs:
@@ -68,8 +74,8 @@ def test_three_formats_from_a_run_folder_same_seed_same_images(run, pose_files, 
 
 
 def test_unlabelled_joints_are_completed_from_the_runs_training_poses(run, tmp_path, capsys):
-    pose = kp.read_release_json(POSES / "1001870.json")
-    given = kp.pose_to_coco(pose, 512, 512)
+    pose = pose_formats.read_release_json(POSES / "1001870.json")
+    given = pose_formats.pose_to_coco(pose, 512, 512)
     for j in (0, 1, 2):                       # nose and eyes unlabelled, as COCO leaves a face it cannot see
         given[3 * j: 3 * j + 3] = [0.0, 0.0, 0]
     coco = tmp_path / "back.json"
@@ -80,8 +86,8 @@ def test_unlabelled_joints_are_completed_from_the_runs_training_poses(run, tmp_p
     assert "3 unlabelled joints placed as the nearest training pose" in capsys.readouterr().out
     got = json.loads((tmp_path / "c" / "sample.json").read_text())["poses"][0]
     assert got["completed"] == ["nose", "eye_left", "eye_right"]
-    read, _ = kp.read_pose_file(coco)
-    want = kp.complete_poses([read[0][1]], data.load_subset(run, "train")["poses"])[0]
+    read, _ = pose_formats.read_pose_file(coco)
+    want = pose_analysis.complete_poses([read[0][1]], data.load_subset(run, "train")["poses"])[0]
     np.testing.assert_allclose(got["pose"], want, atol=1e-5)   # the JSON records the completed pose sampled
     assert (want[:3, 2] != kp.MISSING).all()
     assert sample.main(args + ["--no-complete", "--out", str(tmp_path / "d")]) == 0

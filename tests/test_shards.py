@@ -1,4 +1,4 @@
-"""kpnb.danbooru (sources read in place) and kpnb.shards (resumable WebDataset shards, kpnb data pack)."""
+"""kpnb.data.danbooru (sources read in place) and kpnb.data.shards (resumable WebDataset shards, kpnb data pack)."""
 import json
 import os
 import shutil
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kpnb import cli, danbooru, data, keypoints as kp, shards
+from kpnb import cli
+from kpnb.data import danbooru, shards
+from kpnb.data import folder as data
+from kpnb.poses import formats as kp
 from kpnb.synth.dataset import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +250,7 @@ def test_kpnb_layout_problems_match_load_candidates(tmp_path):
 @pytest.mark.slow
 def test_bench_data_measures_each_step(capsys):
     """kpnb bench data on two tiny pools: every step runs, with images/s, a peak memory and per-stage speed."""
-    from kpnb import bench
+    from kpnb.run import bench
 
     assert bench.main(["data", "--sizes", "12,24", "--size", "32", "--workers", "1"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -1,4 +1,4 @@
-"""kpnb.stages: the longer run in scored stretches, a diffusion model on the strict part of the subset."""
+"""kpnb.run.stages: the longer run in scored stretches, a diffusion model on the strict part of the subset."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import keypoints, runs, runtime, stages, synth, training
-from kpnb.layout import RunFiles
+from kpnb import synth
+from kpnb.core import runtime
+from kpnb.core import settings as runs
+from kpnb.poses import analysis as keypoints
+from kpnb.run import stages
+from kpnb.run.folder import RunFiles
+from kpnb.train import checkpoints as training
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""kpnb.stream_filter: notebook 01's filter over packed shards equals the in-memory chain; resume, ranks, kill."""
+"""kpnb.data.stream_filter: notebook 01's filter over packed shards equals the in-memory chain; resume, ranks, kill."""
 import functools
 import json
 import os
@@ -13,8 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from kpnb import cli, data, filtering, shards
-from kpnb import stream_filter as sf
+from kpnb import cli
+from kpnb.data import filtering, shards, subset
+from kpnb.data import folder as data
+from kpnb.data import stream_filter as sf
+from kpnb.run import filter as run_filter
 from kpnb.synth.dataset import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,9 +182,9 @@ def test_rank_split(packed, filtered, tmp_path):
 def test_subset_memmap_round_trip(packed, reference, filtered, tmp_path):
     cands, results, _ = reference
     keep = filtering.chain_keep(results)
-    w = sf.write_subset_memmap(packed, filtered[0] / sf.KEPT, tmp_path / "sub" / "kept.npy")
+    w = subset.write_subset_memmap(packed, filtered[0] / sf.KEPT, tmp_path / "sub" / "kept.npy")
     assert w["n"] == keep.sum() and not list((tmp_path / "sub").glob("*.tmp"))
-    got = sf.load_subset_memmap(tmp_path / "sub" / "kept.npy")
+    got = subset.load_subset_memmap(tmp_path / "sub" / "kept.npy")
     assert isinstance(got["images"], np.memmap) and got["images"].shape == (keep.sum(), SIZE, SIZE, 3)
     np.testing.assert_array_equal(got["images"], cands.images[keep])
     np.testing.assert_array_equal(got["poses"], cands.poses[keep])
@@ -189,11 +192,11 @@ def test_subset_memmap_round_trip(packed, reference, filtered, tmp_path):
     assert [m["labels"] for m in got["meta"]] == [lab for lab, k in zip(cands.labels, keep) if k]
     # a list of ids (every shard is read), resized
     some = [cands.ids[3], cands.ids[30]]
-    sf.write_subset_memmap(packed, some, tmp_path / "two.npy", size=16)
-    two = sf.load_subset_memmap(tmp_path / "two.npy")
+    subset.write_subset_memmap(packed, some, tmp_path / "two.npy", size=16)
+    two = subset.load_subset_memmap(tmp_path / "two.npy")
     assert two["images"].shape == (2, 16, 16, 3) and two["ids"] == some
     with pytest.raises(data.DataError, match="not found"):
-        sf.write_subset_memmap(packed, ["no-such-id"], tmp_path / "none.npy")
+        subset.write_subset_memmap(packed, ["no-such-id"], tmp_path / "none.npy")
     assert not (tmp_path / "none.npy").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
@@ -202,13 +205,13 @@ def test_run_subset_from_shards_reads_like_notebook_01s(packed, reference, filte
     path packs (the same ids per split, images, poses, captions, attributes), held as a memmap."""
     cands, results, _ = reference
     keep = np.flatnonzero(filtering.chain_keep(results))
-    counts = sf.write_run_subset(packed, filtered[0] / sf.KEPT, tmp_path / "run", val_frac=0.25, seed=3)
+    counts = run_filter.write_run_subset(packed, filtered[0] / sf.KEPT, tmp_path / "run", val_frac=0.25, seed=3)
     for split in ("train", "val"):
         sel = [i for i in keep if data.split_of(cands.ids[i], 0.25, 3) == split]
-        data.save_subset(tmp_path / "ref", split, ids=[cands.ids[i] for i in sel], images=cands.images[sel],
+        subset.save_subset(tmp_path / "ref", split, ids=[cands.ids[i] for i in sel], images=cands.images[sel],
                          poses=cands.poses[sel], captions=[cands.labels[i].get("caption", "") for i in sel],
                          attrs=[cands.labels[i].get("attributes", {}) for i in sel])
-        got, want = data.load_subset(tmp_path / "run", split), data.load_subset(tmp_path / "ref", split)
+        got, want = subset.load_subset(tmp_path / "run", split), subset.load_subset(tmp_path / "ref", split)
         assert isinstance(got["images"], np.memmap) and counts[split] == len(sel) > 0
         for k in ("ids", "images", "poses", "captions"):
             np.testing.assert_array_equal(got[k], want[k])
@@ -246,15 +249,15 @@ def test_cli(packed, filtered, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "5 shards filtered now" in text and "kept" in text
     assert json.loads((out / sf.KEPT).read_text())["kept_ids"] == filtered[2]["kept_ids"]
-    from kpnb import runs
+    from kpnb.core import settings as runs
 
     run = tmp_path / "run"  # made by the command, with the preset given
     assert cli.main(["data", "filter", str(packed), "--out", str(out), "--no-clip", "--workers", "0",
                      "--no-progress", "--to-run", str(run), "--preset", "smoke"]) == 0
     assert runs.run_config(run)["data"]["val_frac"] == runs.preset_config("smoke")["data"]["val_frac"]
     assert "0 shards filtered now" in capsys.readouterr().out  # resumed: all done before
-    got = data.load_subset(run, "train")
-    assert len(got["ids"]) + len(data.load_subset(run, "val")["ids"]) == len(filtered[2]["kept_ids"])
+    got = subset.load_subset(run, "train")
+    assert len(got["ids"]) + len(subset.load_subset(run, "val")["ids"]) == len(filtered[2]["kept_ids"])
     with pytest.raises(SystemExit) as e:
         cli.main(["data", "filter", str(packed), "--out", str(out)])
     assert e.value.code == 2 and "--clip-run" in capsys.readouterr().err
@@ -292,7 +295,7 @@ def test_messy_pool_empty_shard_and_problems(tmp_path):
 def test_bench_kill_test_resumes_to_identical_index(tmp_path):
     """kpnb bench data --kill-test's check on a tiny pool: killed (process group) with some shards done, the rerun
     filters exactly the others, and the kept index equals the uninterrupted run's."""
-    from kpnb import bench_data
+    from kpnb.run import bench_data
 
     write_dataset(tmp_path / "ds", 120, image_size=SIZE, render_size=SIZE, seed=2, workers=1, progress=False)
     shards.pack(tmp_path / "ds", tmp_path / "shards", size=SIZE, shard_size=20, workers=1, progress=False)
@@ -313,7 +316,7 @@ def test_bench_kill_test_resumes_to_identical_index(tmp_path):
 
 def test_bench_data_flags_and_kill_test_failure(monkeypatch, tmp_path, capsys):
     """--shard-size and --kill-test reach each pool's bench; a kept index that differs after the kill exits 1."""
-    from kpnb import bench_data
+    from kpnb.run import bench_data
 
     calls = []
 

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from kpnb import synth
-from kpnb.data import read_metadata
-from kpnb.keypoints import HIDDEN, JOINT_INDEX, MISSING, OUTSIDE, VISIBLE, Pose, read_release_json
+from kpnb.data.folder import read_metadata
+from kpnb.poses.formats import read_release_json
+from kpnb.poses.pose import HIDDEN, JOINT_INDEX, MISSING, OUTSIDE, VISIBLE, Pose
 
 J = JOINT_INDEX
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from kpnb import runs, training
+from kpnb.core import files as runs
+from kpnb.train import checkpoints
+from kpnb.train import loop as training
 
 # A tiny regression run; the global torch RNG is used inside the step (noise on the targets) so that exact
 # resumption needs the RNG state restored, not just the weights and the data order.
@@ -101,7 +103,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     proc = _run(tmp_path, ckpt, log, steps, sleep=0.05, wait=False)
     deadline = time.time() + 60
     while time.time() < deadline:  # kill once at least two checkpoints were written
-        last = training.latest_checkpoint(ckpt)
+        last = checkpoints.latest_checkpoint(ckpt)
         if last is not None and json.loads(last.read_text())["step"] >= 20:
             break
         time.sleep(0.02)
@@ -109,7 +111,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     proc.wait()
     killed_at = max(_losses(log))
     assert killed_at < steps - 1, "the run finished before it was killed; the test proves nothing"
-    saved = training.read_checkpoint_info(ckpt)["step"]
+    saved = checkpoints.read_checkpoint_info(ckpt)["step"]
     assert 20 <= saved <= killed_at + 1
 
     _run(tmp_path, ckpt, log, steps)  # resume
@@ -175,7 +177,7 @@ def test_in_process_resume_is_exact(tmp_path):
 def test_resume_with_another_config_is_refused(tmp_path):
     _fit(tmp_path, 5, [])
     model, opt = _tiny()
-    with pytest.raises(training.CheckpointError, match="different config"):
+    with pytest.raises(checkpoints.CheckpointError, match="different config"):
         training.train({"model": model}, {"opt": opt}, lambda s, b: {"loss": 0.0}, lambda s: None, steps=10,
                        ckpt_dir=tmp_path, config={"kind": "other"}, progress=False)
 
@@ -183,23 +185,23 @@ def test_resume_with_another_config_is_refused(tmp_path):
 def test_resume_past_the_asked_steps_is_refused(tmp_path):
     # a folder trained 10 steps asked for 5: a clear error, not a silent 10-step model called a 5-step one
     _fit(tmp_path, 10, [])
-    with pytest.raises(training.CheckpointError, match="already trained 10 steps, past the 5"):
+    with pytest.raises(checkpoints.CheckpointError, match="already trained 10 steps, past the 5"):
         _fit(tmp_path, 5, [])
 
 
 def test_nan_loss_stops_cleanly_and_keeps_last_checkpoint(tmp_path):
     _fit(tmp_path, 10, [])  # a good checkpoint at step 10
     good_tensors, _ = runs.load_tensors(tmp_path / "ckpt-0000010.safetensors")
-    with pytest.raises(training.NonFiniteLossError) as err:
+    with pytest.raises(checkpoints.NonFiniteLossError) as err:
         _fit(tmp_path, 30, [], nan_at=17)  # resumes at 10, checkpoint at 15, NaN at 17
     msg = str(err.value)
     assert "'loss'" in msg and "step 17" in msg and "ckpt-0000015" in msg
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == [
         "ckpt-0000015.json", "ckpt-0000015.safetensors"]
-    info = training.read_checkpoint_info(tmp_path)
+    info = checkpoints.read_checkpoint_info(tmp_path)
     assert info["step"] == 15
     model, _ = _tiny()
-    training.load_checkpoint(tmp_path, {"model": model})
+    checkpoints.load_checkpoint(tmp_path, {"model": model})
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert set(good_tensors) == set(runs.load_tensors(tmp_path / "ckpt-0000015.safetensors")[0])
 
@@ -213,10 +215,10 @@ def test_non_finite_weights_are_never_saved(tmp_path):
                 model[0].weight[0, 0] = float("inf")  # the loss of this step was still finite
         return {"loss": 1.0}
 
-    with pytest.raises(training.NonFiniteLossError, match=r"0\.weight"):
+    with pytest.raises(checkpoints.NonFiniteLossError, match=r"0\.weight"):
         training.train({"model": model}, {"opt": opt}, step_fn, lambda s: None, steps=8, ckpt_dir=tmp_path,
                        ckpt_every=4, progress=False)
-    assert training.latest_checkpoint(tmp_path) is None
+    assert checkpoints.latest_checkpoint(tmp_path) is None
 
 
 class _Payload:
@@ -237,14 +239,14 @@ def test_code_running_pickle_is_refused(tmp_path):
     with pytest.raises(runs.UnsafeFileError):
         runs.load_tensors(evil)
     with pytest.raises(runs.UnsafeFileError):
-        training.load_checkpoint(evil, {"model": model})
+        checkpoints.load_checkpoint(evil, {"model": model})
     # the same pickle disguised as the latest checkpoint of a folder
     folder = tmp_path / "ck"
     folder.mkdir()
     (folder / "ckpt-0000010.safetensors").write_bytes(evil.read_bytes())
     runs.write_json(folder / "ckpt-0000010.json", {"step": 10, "config": {}})
     with pytest.raises(ValueError):
-        training.load_checkpoint(folder, {"model": model})
+        checkpoints.load_checkpoint(folder, {"model": model})
     assert not marker.exists()
 
 
@@ -262,12 +264,12 @@ def test_fork_checkpoint_trains_further_elsewhere(tmp_path):
     _fit(tmp_path / "ref", 20, ref)
     _fit(tmp_path / "base", 10, [])
     before = sorted(p.name for p in (tmp_path / "base").iterdir())
-    used = training.fork_checkpoint(tmp_path / "base", tmp_path / "long")
+    used = checkpoints.fork_checkpoint(tmp_path / "base", tmp_path / "long")
     assert used.name == "ckpt-0000010.json"
     more: list[float] = []
     _, res = _fit(tmp_path / "long", 20, more)
     assert res.start_step == 10 and more == ref[10:]  # goes on exactly as an uninterrupted run
     assert sorted(p.name for p in (tmp_path / "base").iterdir()) == before  # the source is untouched
-    assert training.fork_checkpoint(tmp_path / "base", tmp_path / "long").name == "ckpt-0000020.json"
-    with pytest.raises(training.CheckpointError, match="no checkpoint"):
-        training.fork_checkpoint(tmp_path / "empty", tmp_path / "x")
+    assert checkpoints.fork_checkpoint(tmp_path / "base", tmp_path / "long").name == "ckpt-0000020.json"
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint"):
+        checkpoints.fork_checkpoint(tmp_path / "empty", tmp_path / "x")

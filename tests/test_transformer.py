@@ -1,17 +1,20 @@
 """The conditional transformer over VQ codes: pose tokens, shapes, a loss over image codes only, learning,
 deterministic sampling (top-k = 1 is greedy), top-p, checkpoint loading, decoding and PCK through the
-shared pose_fidelity. Resume equivalence is kpnb.training's and tested in test_training."""
+shared pose_fidelity. Resume equivalence is kpnb.train.loop's and tested in test_training."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from kpnb import runs, vq
-from kpnb.conditioning import flip_poses
-from kpnb import transformer as T
-from kpnb.keypoints import HIDDEN, MISSING, OUTSIDE, VISIBLE, Pose, grid_tokens
-from kpnb.pose_estimator import PoseNet
+from kpnb.core import settings as runs
+from kpnb.evaluate import pose as pose_eval
+from kpnb.models import transformer as T
+from kpnb.models import vq
+from kpnb.models.pose_net import PoseNet
+from kpnb.poses.conditioning import flip_poses
+from kpnb.poses.pose import HIDDEN, MISSING, OUTSIDE, VISIBLE, Pose, grid_tokens
+from kpnb.train import transformer as transformer_training
 
 N_CODES, LATENT = 32, (2, 3)
 ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
@@ -97,15 +100,15 @@ def test_training_lowers_the_loss(tmp_path):
     codes = torch.stack([(tok[:, 0] * (k + 1)) % N_CODES for k in range(6)], 1).reshape(16, *LATENT)
     cfg = {**ARCH, "steps": 60, "batch_size": 16, "lr": 3e-3, "warmup": 0, "ckpt_every": 1000, "weight_decay": 0.01,
            "seed": 0}
-    before = T.validation_loss(tiny(), codes, p)
-    model, res = T.train_transformer(codes, p, cfg, tmp_path / "ckpt", n_codes=N_CODES, progress=False)
-    after = T.validation_loss(model, codes, p)
+    before = transformer_training.validation_loss(tiny(), codes, p)
+    model, res = transformer_training.train_transformer(codes, p, cfg, tmp_path / "ckpt", n_codes=N_CODES, progress=False)
+    after = transformer_training.validation_loss(model, codes, p)
     assert res.step == 60 and (tmp_path / "ckpt" / "metrics.csv").exists()
     assert before > 3.0 and after < 0.5 * before, (before, after)
-    loaded = T.load_transformer(tmp_path / "ckpt")
-    assert T.validation_loss(loaded, codes, p) == pytest.approx(after, rel=1e-5)
+    loaded = transformer_training.load_transformer(tmp_path / "ckpt")
+    assert transformer_training.validation_loss(loaded, codes, p) == pytest.approx(after, rel=1e-5)
     with pytest.raises(ValueError, match="code indices"):
-        T.train_transformer(codes + N_CODES, p, cfg, tmp_path / "bad", n_codes=N_CODES, progress=False)
+        transformer_training.train_transformer(codes + N_CODES, p, cfg, tmp_path / "bad", n_codes=N_CODES, progress=False)
 
 
 def test_sampling_is_deterministic_and_top_k_1_is_greedy():
@@ -155,21 +158,21 @@ def test_codes_from_a_read_only_memmap_in_batches(tmp_path):
     imgs = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     np.save(tmp_path / "images.npy", imgs)
     mm = np.load(tmp_path / "images.npy", mmap_mode="r")  # as data.load_subset gives a big subset
-    c, p = T.code_dataset(ae, mm, poses(5), flip=True)
-    c_in_memory, _ = T.code_dataset(ae, imgs, poses(5), flip=True)
+    c, p = transformer_training.code_dataset(ae, mm, poses(5), flip=True)
+    c_in_memory, _ = transformer_training.code_dataset(ae, imgs, poses(5), flip=True)
     assert torch.equal(c, c_in_memory)
-    assert torch.equal(T.encode_codes(ae, mm, batch_size=2), c[:5])  # batch size does not change a code
+    assert torch.equal(transformer_training.encode_codes(ae, mm, batch_size=2), c[:5])  # batch size does not change a code
 
 
 def test_codes_to_images_and_pose_fidelity():
     ae = _tiny_f16()
     imgs = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    codes = T.encode_codes(ae, imgs)
+    codes = transformer_training.encode_codes(ae, imgs)
     assert codes.shape == (3, 2, 2) and codes.dtype == torch.long
-    c2, p2 = T.code_dataset(ae, imgs, poses(3), flip=True)
+    c2, p2 = transformer_training.code_dataset(ae, imgs, poses(3), flip=True)
     assert c2.shape == (6, 2, 2) and p2.shape == (6, 17, 3) and torch.equal(c2[:3], codes)
     # the second half: the codes of the mirrored images, with the mirrored poses
-    assert torch.equal(c2[3:], T.encode_codes(ae, np.ascontiguousarray(imgs[:, :, ::-1])))
+    assert torch.equal(c2[3:], transformer_training.encode_codes(ae, np.ascontiguousarray(imgs[:, :, ::-1])))
     assert torch.equal(p2[3:], flip_poses(torch.as_tensor(poses(3), dtype=p2.dtype)))
     torch.manual_seed(0)
     m = T.make_transformer(ARCH, n_codes=N_CODES, latent_size=(2, 2)).eval()
@@ -177,7 +180,7 @@ def test_codes_to_images_and_pose_fidelity():
     assert out.shape == (3, 32, 32, 3) and out.dtype == np.uint8
     # batch k uses seed + k: the second batch alone gives the same images
     np.testing.assert_array_equal(out[2:], T.sample_images(m, ae, poses(3)[2:], batch_size=2, seed=1, top_k=10))
-    imgs2, metrics = T.pose_fidelity(m, ae, PoseNet(image_size=32, width=8), poses(3), seed=0, top_k=10,
+    imgs2, metrics = pose_eval.transformer_pose_fidelity(m, ae, PoseNet(image_size=32, width=8), poses(3), seed=0, top_k=10,
                                      batch_size=2, ceiling={"pck@0.1": 0.5})
     np.testing.assert_array_equal(imgs2, out)
     assert 0 <= metrics["pck@0.1"] <= 1 and metrics["sample_images_per_s"] > 0
@@ -195,7 +198,7 @@ def test_presets_build():
 
 
 def test_bench_transformer_reports_training_and_sampling_speed():
-    from kpnb import bench
+    from kpnb.run import bench
 
     r = bench.bench_transformer("smoke", steps=1, gpu_config=False, sample=2)
     m = r["model"]

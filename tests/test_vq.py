@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb import runs, training, vq
+from kpnb.core import settings as runs
+from kpnb.evaluate import vq as vq_eval
+from kpnb.models import vq
+from kpnb.train import vq as vq_training
 
 TINY = {
     "f4": dict(latent_channels=3, n_codes=32, base_width=8, channel_mult=[1, 2], res_blocks=1, dec_res_blocks=1,
@@ -72,20 +75,20 @@ def test_training_reads_a_read_only_memmap_batch_by_batch(tmp_path):
     images = _images()
     np.save(tmp_path / "images.npy", images)
     mm = np.load(tmp_path / "images.npy", mmap_mode="r")
-    a, _ = vq.train_vq("f4", images, TINY_SECTION, tmp_path / "a", steps=3, progress=False)
+    a, _ = vq_training.train_vq("f4", images, TINY_SECTION, tmp_path / "a", steps=3, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        b, _ = vq.train_vq("f4", mm, TINY_SECTION, tmp_path / "b", steps=3, progress=False)
-        rec_b = vq.reconstruct(b, mm)[0]
+        b, _ = vq_training.train_vq("f4", mm, TINY_SECTION, tmp_path / "b", steps=3, progress=False)
+        rec_b = vq_eval.reconstruct(b, mm)[0]
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
-    np.testing.assert_array_equal(vq.reconstruct(a, images)[0], rec_b)
+    np.testing.assert_array_equal(vq_eval.reconstruct(a, images)[0], rec_b)
 
 
 def test_training_lowers_loss_and_checkpoint_round_trips(tmp_path):
     torch.set_num_threads(1)
     images = _images()
-    model, info = vq.train_vq("f4", images, TINY_SECTION, tmp_path, steps=30, progress=False)
+    model, info = vq_training.train_vq("f4", images, TINY_SECTION, tmp_path, steps=30, progress=False)
     hist = info["history"]
     assert len(hist) == 30 and info["steps"] == 30
     first, last = np.mean([r["rec"] for r in hist[:3]]), np.mean([r["rec"] for r in hist[-3:]])
@@ -93,16 +96,16 @@ def test_training_lowers_loss_and_checkpoint_round_trips(tmp_path):
     assert "d_loss" in hist[-1] and "d_loss" not in hist[0]  # the discriminator switched on at disc_start
     assert "perceptual loss off" in info["perceptual"]
 
-    loaded = vq.load_vq(tmp_path)
+    loaded = vq_training.load_vq(tmp_path)
     x = vq.to_model_range(torch.from_numpy(images[:4]))
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], model(x)[0])
     assert loaded.cfg == model.cfg
-    m = vq.evaluate_vq(loaded, images)
-    assert m == vq.evaluate_vq(model, images)
-    assert 0 < m["psnr"] < vq.PSNR_CAP and 0 < m["mae"] < 1 and 1 <= m["codebook_perplexity"] <= 32
+    m = vq_eval.evaluate_vq(loaded, images)
+    assert m == vq_eval.evaluate_vq(model, images)
+    assert 0 < m["psnr"] < vq_eval.PSNR_CAP and 0 < m["mae"] < 1 and 1 <= m["codebook_perplexity"] <= 32
     # a finished run called again resumes at its end and trains no further
-    again, info2 = vq.train_vq("f4", images, TINY_SECTION, tmp_path, steps=30, progress=False)
+    again, info2 = vq_training.train_vq("f4", images, TINY_SECTION, tmp_path, steps=30, progress=False)
     assert info2["start_step"] == 30
     with torch.no_grad():
         assert torch.equal(again(x)[0], model(x)[0])
@@ -140,38 +143,38 @@ def test_codebook_initialised_from_data_and_dead_codes_reseeded():
 
 def test_reconstruction_metrics_hand_made():
     a = np.full((3, 8, 8, 3), 100, np.uint8)
-    same = vq.reconstruction_metrics(a, a)
-    assert same == {"psnr": vq.PSNR_CAP, "mae": 0.0}
+    same = vq_eval.reconstruction_metrics(a, a)
+    assert same == {"psnr": vq_eval.PSNR_CAP, "mae": 0.0}
     b = a + 10
-    m = vq.reconstruction_metrics(a, b)
+    m = vq_eval.reconstruction_metrics(a, b)
     assert math.isclose(m["mae"], 10 / 255)
     assert math.isclose(m["psnr"], 20 * math.log10(255 / 10))
     c = a.copy()
     c[0] += 10  # only one image differs: PSNR is averaged per image
-    m = vq.reconstruction_metrics(a, c)
-    assert math.isclose(m["psnr"], (20 * math.log10(255 / 10) + 2 * vq.PSNR_CAP) / 3)
+    m = vq_eval.reconstruction_metrics(a, c)
+    assert math.isclose(m["psnr"], (20 * math.log10(255 / 10) + 2 * vq_eval.PSNR_CAP) / 3)
     with pytest.raises(ValueError, match="shapes"):
-        vq.reconstruction_metrics(a, a[:2])
+        vq_eval.reconstruction_metrics(a, a[:2])
 
 
 def test_code_usage_hand_made():
-    u = vq.code_usage(np.arange(8).repeat(3), 8)
+    u = vq_eval.code_usage(np.arange(8).repeat(3), 8)
     assert math.isclose(u["codebook_perplexity"], 8) and u["codebook_used_fraction"] == 1.0
-    u = vq.code_usage(np.zeros(10, int), 8)
+    u = vq_eval.code_usage(np.zeros(10, int), 8)
     assert math.isclose(u["codebook_perplexity"], 1) and u["codebook_used_fraction"] == 1 / 8
-    u = vq.code_usage(np.array([0, 0, 1, 1]), 4)
+    u = vq_eval.code_usage(np.array([0, 0, 1, 1]), 4)
     assert math.isclose(u["codebook_perplexity"], 2) and u["codebook_used_fraction"] == 0.5
 
 
 def test_bad_images_are_refused_with_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
-        vq.train_vq("f4", np.zeros((4, 32, 32, 3), np.float32), TINY_SECTION, tmp_path, steps=1, progress=False)
+        vq_training.train_vq("f4", np.zeros((4, 32, 32, 3), np.float32), TINY_SECTION, tmp_path, steps=1, progress=False)
     with pytest.raises(ValueError, match="expects 32x32"):
-        vq.train_vq("f4", np.zeros((4, 16, 16, 3), np.uint8), TINY_SECTION, tmp_path, steps=1, progress=False)
+        vq_training.train_vq("f4", np.zeros((4, 16, 16, 3), np.uint8), TINY_SECTION, tmp_path, steps=1, progress=False)
 
 
 def test_bench_vq_reports_speed_and_flops():
-    from kpnb import bench
+    from kpnb.run import bench
 
     section = runs.preset_config("smoke")["vq"]
     r = bench.bench_vq_model("f4", section, batch_size=2, steps=1, device=torch.device("cpu"))

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from kpnb import keypoints as kp
-from kpnb.widgets import PoseEditor
+from kpnb.poses import formats as pose_files
+from kpnb.poses import pose as kp
+from kpnb.run.widgets import PoseEditor
 
 
 def _pose():
@@ -53,11 +54,11 @@ def test_editor_loads_any_pose_file_and_saves_release_json_and_coco(tmp_path):
     ed.path.value = str(tmp_path / "edited.json")
     ed.save_button.click()
     assert "saved" in ed.status.value
-    again = kp.read_release_json(tmp_path / "edited.json")
+    again = pose_files.read_release_json(tmp_path / "edited.json")
     assert again.xy[kp.JOINT_INDEX["nose"], 0] == pytest.approx(0.61, abs=1e-3)
     ed.path.value = str(tmp_path / "edited.coco.json")
     ed.save_button.click()
-    (label, coco_pose), = kp.read_pose_file(tmp_path / "edited.coco.json")[0]
+    (label, coco_pose), = pose_files.read_pose_file(tmp_path / "edited.coco.json")[0]
     assert label.startswith("edited.coco-coco1")
     ed.preset_menu.value = "a"
     ed.load(p)

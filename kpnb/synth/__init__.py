@@ -28,12 +28,24 @@ estimator-like keypoint files), :mod:`.tags` (metadata and captions), :mod:`.dat
 Every image comes from its own ``np.random.default_rng([seed, index])``, so any number of workers gives the
 same bytes. Left is the character's own left: facing the viewer, her left shoulder is on the image's right.
 """
-from .characters import framing_of, sample_attributes, sample_pose
-from .dataset import _sample_label, main, make_candidate, write_dataset
-from .painter import _background, render_character
-from .palette import (BACKGROUND_KINDS, DISTRACTOR_KINDS, DISTRACTOR_SHARES, FACINGS, FRAMINGS, HAIR_COLOURS,
-                      HAIR_STYLES, ID_BASE, LABELS, OUTFIT_COLOURS, POSE_KINDS, SYNTH_VERSION)
-from .tags import REVEALING_TAGS, caption_of, tag_id
+from kpnb.synth.characters import framing_of, sample_attributes, sample_pose
+from kpnb.synth.dataset import _sample_label, main, make_candidate, write_dataset
+from kpnb.synth.painter import _background, render_character
+from kpnb.synth.palette import (
+           BACKGROUND_KINDS,
+           DISTRACTOR_KINDS,
+           DISTRACTOR_SHARES,
+           FACINGS,
+           FRAMINGS,
+           HAIR_COLOURS,
+           HAIR_STYLES,
+           ID_BASE,
+           LABELS,
+           OUTFIT_COLOURS,
+           POSE_KINDS,
+           SYNTH_VERSION,
+)
+from kpnb.synth.tags import REVEALING_TAGS, caption_of, tag_id
 
 __all__ = ["HAIR_COLOURS", "OUTFIT_COLOURS", "HAIR_STYLES", "DISTRACTOR_KINDS", "DISTRACTOR_SHARES", "LABELS",
            "POSE_KINDS", "FACINGS", "FRAMINGS", "sample_attributes", "sample_pose", "framing_of",

@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from .palette import LEGWEAR_COLOURS, SHOE_COLOURS
-from .shapes import _line_of, _perp, _pts, _shade, _unit
+from kpnb.synth.palette import LEGWEAR_COLOURS, SHOE_COLOURS
+from kpnb.synth.shapes import _line_of, _perp, _pts, _shade, _unit
 
 
 class _BodyParts:

@@ -8,10 +8,32 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..keypoints import HIDDEN, N_JOINTS, OUTSIDE, VISIBLE, Pose
-from .palette import (ACCENT_COLOURS, BACKGROUND_COLOURS, BACKGROUND_KINDS, EYE_COLOURS, FACINGS, FRAMINGS,
-                      HAIR_COLOURS, HAIR_STYLES, OUTFITS, OUTFIT_COLOURS, POSE_KINDS, SHIRT_COLOURS, SHOE_COLOURS,
-                      SKIN_TONES, SLEEVES, _EAR, _EYE, _HEAD_C, _HIP, _LEN, _NOSE, _R, _SHOULDER)
+from kpnb.poses.pose import HIDDEN, N_JOINTS, OUTSIDE, VISIBLE, Pose
+from kpnb.synth.palette import (
+    _EAR,
+    _EYE,
+    _HEAD_C,
+    _HIP,
+    _LEN,
+    _NOSE,
+    _R,
+    _SHOULDER,
+    ACCENT_COLOURS,
+    BACKGROUND_COLOURS,
+    BACKGROUND_KINDS,
+    EYE_COLOURS,
+    FACINGS,
+    FRAMINGS,
+    HAIR_COLOURS,
+    HAIR_STYLES,
+    OUTFIT_COLOURS,
+    OUTFITS,
+    POSE_KINDS,
+    SHIRT_COLOURS,
+    SHOE_COLOURS,
+    SKIN_TONES,
+    SLEEVES,
+)
 
 
 # ================================================================================================ attributes

@@ -14,15 +14,36 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import progress as kprogress
-from ..keypoints import MISSING, Pose, write_release_json
-from .palette import (BACKGROUND_COLOURS, DISTRACTOR_SHARES, EYE_COLOURS, HAIR_COLOURS, ID_BASE, KEYPOINT_JITTER,
-                      LABELS, OUTFIT_COLOURS, SHIRT_COLOURS, SYNTH_VERSION, TAG_NOISE)
-from .characters import WIDE_SHARE, _choice, _u, framing_of, sample_attributes, sample_pose, seen_from_behind
-from .painter import _background, _draw_character, render_character
-from .scenes import _comic, _estimate, _garbage, _mix, _scenery, _scramble
-from .tags import (REVEALING_TAGS, _EXTRA_TAGS, _POSE_WORDS, _WRONG_TAGS, _background_words, _character_tags, _meta,
-                   _words, caption_of)
+from kpnb.core import progress as kprogress
+from kpnb.poses.formats import write_release_json
+from kpnb.poses.pose import MISSING, Pose
+from kpnb.synth.characters import WIDE_SHARE, _choice, _u, framing_of, sample_attributes, sample_pose, seen_from_behind
+from kpnb.synth.painter import _background, _draw_character, render_character
+from kpnb.synth.palette import (
+    BACKGROUND_COLOURS,
+    DISTRACTOR_SHARES,
+    EYE_COLOURS,
+    HAIR_COLOURS,
+    ID_BASE,
+    KEYPOINT_JITTER,
+    LABELS,
+    OUTFIT_COLOURS,
+    SHIRT_COLOURS,
+    SYNTH_VERSION,
+    TAG_NOISE,
+)
+from kpnb.synth.scenes import _comic, _estimate, _garbage, _mix, _scenery, _scramble
+from kpnb.synth.tags import (
+    _EXTRA_TAGS,
+    _POSE_WORDS,
+    _WRONG_TAGS,
+    REVEALING_TAGS,
+    _background_words,
+    _character_tags,
+    _meta,
+    _words,
+    caption_of,
+)
 
 
 # ================================================================================================ candidates

@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from .palette import EYE_COLOURS, HAIR_COLOURS, _K_EYE_X, _K_EYE_Z, _K_NOSE_Z
-from .shapes import _ellipse, _line_of, _perp, _pts, _shade, _unit
+from kpnb.synth.palette import _K_EYE_X, _K_EYE_Z, _K_NOSE_Z, EYE_COLOURS, HAIR_COLOURS
+from kpnb.synth.shapes import _ellipse, _line_of, _perp, _pts, _shade, _unit
 
 
 class _HeadParts:

@@ -8,12 +8,26 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..keypoints import MISSING, Pose
-from .body import _BodyParts
-from .head import _HeadParts
-from .palette import (ACCENT_COLOURS, BACKGROUND_COLOURS, HAIR_COLOURS, OUTFIT_COLOURS, SHIRT_COLOURS, SKIN_TONES,
-                      _K_EAR, _K_EYE_X, _K_EYE_Z, _K_HIP, _K_NECK, _K_NOSE_Z, _K_SH, _K_TORSO)
-from .shapes import _Ink, _capsule, _ellipse, _line_of, _perp, _pts, _shade, _unit
+from kpnb.poses.pose import MISSING, Pose
+from kpnb.synth.body import _BodyParts
+from kpnb.synth.head import _HeadParts
+from kpnb.synth.palette import (
+    _K_EAR,
+    _K_EYE_X,
+    _K_EYE_Z,
+    _K_HIP,
+    _K_NECK,
+    _K_NOSE_Z,
+    _K_SH,
+    _K_TORSO,
+    ACCENT_COLOURS,
+    BACKGROUND_COLOURS,
+    HAIR_COLOURS,
+    OUTFIT_COLOURS,
+    SHIRT_COLOURS,
+    SKIN_TONES,
+)
+from kpnb.synth.shapes import _capsule, _ellipse, _Ink, _line_of, _perp, _pts, _shade, _unit
 
 
 def _background(attrs: dict[str, Any], w: int, h: int) -> np.ndarray:

@@ -2,9 +2,7 @@
 proportions: the constants every part of the synthetic dataset shares."""
 from __future__ import annotations
 
-
 import numpy as np
-
 
 SYNTH_VERSION = 3   # bump when the output changes, so cached datasets are redrawn
 ID_BASE = 100000

@@ -2,14 +2,13 @@
 plausible with a little jitter for suitable images, mixed, garbage or scrambled for most distractors."""
 from __future__ import annotations
 
-
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..keypoints import MISSING, N_JOINTS, VISIBLE, Pose
-from .palette import BACKGROUND_COLOURS, FRAMINGS, KEYPOINT_JITTER
-from .characters import WIDE_SHARE, _choice, _u, sample_attributes, sample_pose
-from .painter import _background, _draw_character, _shade
+from kpnb.poses.pose import MISSING, N_JOINTS, VISIBLE, Pose
+from kpnb.synth.characters import WIDE_SHARE, _choice, _u, sample_attributes, sample_pose
+from kpnb.synth.painter import _background, _draw_character, _shade
+from kpnb.synth.palette import BACKGROUND_COLOURS, FRAMINGS, KEYPOINT_JITTER
 
 
 # ================================================================================================ distractor scenes

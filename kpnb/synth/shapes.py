@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .characters import _rot2
+from kpnb.synth.characters import _rot2
 
 
 # ================================================================================================ drawing

@@ -7,8 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .characters import _choice
-
+from kpnb.synth.characters import _choice
 
 # ================================================================================================ tags, captions
 _KNOWN_TAG_IDS = {"1girl": 470575, "solo": 212816}

@@ -1,0 +1,116 @@
+"""Files written whole or not at all: atomic writes, JSON and metrics files, safetensors.
+
+Nothing here unpickles a file: a legacy ``.pt``/``.ckpt`` is read only through
+``torch.load(weights_only=True)``, which refuses pickles that would run code."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+# ---- atomic files and metrics -------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_metrics(root: str | Path, stem: str, metrics: Mapping[str, Any], *, preset: str, seconds: float) -> Path:
+    """``<run>/metrics/<stem>.json``: flat keys, numbers/strings/null, plus preset, seconds, torch_threads.
+    A value that could not be computed must be None with the reason under ``notes``."""
+    import torch
+
+    flat: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, Mapping):
+            raise TypeError(f"metric {k!r} is nested; use flat keys like '{k}.sub'")
+        flat[k] = v
+    flat.update(preset=preset, seconds=round(float(seconds), 2), torch_threads=torch.get_num_threads())
+    path = Path(root) / "metrics" / f"{stem}.json"
+    write_json(path, flat)
+    return path
+
+
+def read_metrics(root: str | Path, stem: str) -> dict[str, Any]:
+    return json.loads((Path(root) / "metrics" / f"{stem}.json").read_text())
+
+
+# ---- safe tensor files --------------------------------------------------------------------------------
+class UnsafeFileError(ValueError):
+    """A weights file that could run code when loaded (a pickle with globals) was refused."""
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
+    """safetensors, written atomically. ``metadata`` (JSON-able) is stored in the file header."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"kpnb": json.dumps(metadata or {}, default=_json_default)}
+    atomic_write_bytes(path, save(flat, metadata=meta))
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read tensors and metadata. ``.safetensors`` directly; any other file only through
+    ``torch.load(weights_only=True)`` - a pickle that would import or call anything is refused."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix == ".safetensors" or (len(head) == 8 and int.from_bytes(head, "little") < 100_000_000
+                                          and not head.startswith(b"PK") and head[:1] != b"\x80"):
+        from safetensors import safe_open
+
+        try:
+            out = {}
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("kpnb", "{}"))
+                for k in f.keys():
+                    out[k] = f.get_tensor(k)
+            return out, meta
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UnsafeFileError(
+            f"{path}: refused - this pickle is not plain tensors and containers, and loading it could run "
+            f"code ({str(e).splitlines()[0][:200]})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj, {}
