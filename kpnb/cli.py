@@ -6,9 +6,12 @@ README's status table from a run folder's metrics).
 
 ``kpnb run [--preset P] [--out DIR | --resume DIR [--rerun]] [--only 01,02] [-p name=value ...]``
 
-* ``-p section.key=value`` overrides a preset setting (``-p vq.steps=200``); ``-p name=value`` sets a
+* ``-p section.key=value`` overrides a preset setting (``-p vq.steps=200``), at any depth
+  (``-p vq.models.f4.n_codes=512``); a dict value merges into the settings there key by key
+  (``-p 'vq.models={"f4":{"n_codes":512}}'`` keeps f8, f16 and f4's other keys). ``-p name=value`` sets a
   notebook parameter (``-p dataset_dir=/data/danbooru``). Values are JSON when they parse, else strings.
-  Unknown presets, settings and parameters are refused before any work, with the valid ones listed.
+  Unknown presets, settings (at any depth) and parameters, and values of the wrong type (``-p vq.steps=true``),
+  are refused before any work, naming the setting and listing the valid ones.
 * Notebooks run in order into ``DIR/notebooks/``; the first failure stops the run and prints the failing
   cell's error. ``--resume DIR`` skips notebooks that already finished (their metrics file exists), unless
   ``--rerun`` asks for them again.
@@ -18,11 +21,12 @@ README's status table from a run folder's metrics).
   per preset); a cell past it, or a dead kernel, stops the run naming the notebook and cell, with everything
   written so far kept for ``--resume``.
 
-``kpnb train STAGE --run DIR [--spec S] [--mode M] [--further] [-p section.key=value ...]`` trains one stage
-(:mod:`kpnb.run.stages`) into the run folder's checkpoints, where the notebooks find it. ``-p`` values are
-recorded in the run's ``config.json``, so the notebooks train with the same settings. Under
-``torchrun --nproc_per_node N -m kpnb train STAGE --run-dir DIR`` every process joins one DDP group (NCCL on
-GPUs, gloo on CPUs); torchrun reads ``--run`` as its own ``--run-path``, hence the alias ``--run-dir``.
+``kpnb train STAGE --run-dir DIR [--spec S] [--mode M] [--further] [-p section.key=value ...]`` trains one
+stage (:mod:`kpnb.run.stages`) into the run folder's checkpoints, where the notebooks find it. ``-p`` values
+(checked as ``kpnb run``'s) are recorded in the run's ``config.json``, so the notebooks train with the same
+settings. Under ``torchrun --nproc_per_node N -m kpnb train STAGE --run-dir DIR`` every process joins one DDP
+group (NCCL on GPUs, gloo on CPUs). The option is ``--run-dir``, not ``--run``: torchrun's parser would take
+``--run`` for its own ``--run-path``.
 """
 from __future__ import annotations
 
@@ -39,12 +43,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kpnb.core import files
+from kpnb.core import files, settings
 from kpnb.core import progress as kprogress
-from kpnb.core import settings as runs
 from kpnb.run import folder
 
 COMMON_PARAMETERS = ("preset", "run_dir", "overrides")
+P_HELP = ("a preset setting, section.key=value at any depth (-p vq.models.f4.n_codes=512), the value JSON when "
+          "it parses; a dict value merges into the settings there key by key; an unknown key or a value of the "
+          "wrong type is refused")
 
 
 def notebooks_dir() -> Path:
@@ -52,7 +58,13 @@ def notebooks_dir() -> Path:
 
 
 def list_notebooks() -> list[Path]:
-    return sorted(p for p in notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    """The numbered notebooks in run order: ``05_sampling`` before ``05b_released_model`` before ``06_...``."""
+    return sorted(p for p in notebooks_dir().glob("*.ipynb") if re.fullmatch(r"\d\d[a-z]?_.+", p.stem))
+
+
+def notebook_key(nb: Path | str) -> str:
+    """What ``--only`` and the per-notebook tables call a notebook: its number, ``05`` or ``05b``."""
+    return Path(nb).stem.partition("_")[0]
 
 
 def notebook_parameters(nb: Path) -> dict[str, Any]:
@@ -69,7 +81,7 @@ def notebook_parameters(nb: Path) -> dict[str, Any]:
                     except ValueError:
                         out[node.targets[0].id] = None
             return out
-    raise runs.ConfigError(f"{nb}: no cell tagged 'parameters'")
+    raise settings.ConfigError(f"{nb}: no cell tagged 'parameters'")
 
 
 def _select(only: str | None) -> list[Path]:
@@ -77,11 +89,11 @@ def _select(only: str | None) -> list[Path]:
     if not only:
         return nbs
     wanted = [w.strip() for w in only.split(",") if w.strip()]
-    chosen = [nb for nb in nbs if nb.name[:2] in wanted or nb.stem in wanted]
-    unknown = [w for w in wanted if not any(nb.name[:2] == w or nb.stem == w for nb in nbs)]
+    chosen = [nb for nb in nbs if notebook_key(nb) in wanted or nb.stem in wanted]
+    unknown = [w for w in wanted if not any(notebook_key(nb) == w or nb.stem == w for nb in nbs)]
     if unknown:
-        raise runs.ConfigError(f"unknown notebook(s) {', '.join(unknown)}; valid: "
-                               f"{', '.join(nb.name[:2] for nb in nbs)}")
+        raise settings.ConfigError(f"unknown notebook(s) {', '.join(unknown)}; valid: "
+                               f"{', '.join(notebook_key(nb) for nb in nbs)}")
     return chosen
 
 
@@ -96,24 +108,25 @@ def split_params(pairs: list[str], preset: str, nbs: list[Path]) -> tuple[dict[s
     for pair in pairs:
         name, eq, value = pair.partition("=")
         if not eq:
-            raise runs.ConfigError(f"parameter {pair!r} must look like name=value")
+            raise settings.ConfigError(f"parameter {pair!r} must look like name=value")
         if "." in name:
-            overrides[name] = runs.parse_value(value)
+            overrides[name] = settings.parse_value(value)
         elif name in known:
-            nb_params[name] = runs.parse_value(value)
+            nb_params[name] = settings.parse_value(value)
         else:
-            raise runs.ConfigError(f"unknown parameter {name!r}; notebook parameters: {', '.join(sorted(known))}; "
+            raise settings.ConfigError(f"unknown parameter {name!r}; notebook parameters: {', '.join(sorted(known))}; "
                                    f"preset settings look like section.key (see kpnb.core.settings.PRESETS)")
-    runs.preset_config(preset, overrides)  # validates every override
+    settings.preset_config(preset, overrides)  # validates every override
     return overrides, nb_params
 
 
-# the preset sections each notebook reads (runtime aside: all read it); tests/test_notebooks.py checks this
+# the preset sections each notebook reads (runtime aside: all read it); tests/run/test_notebooks.py checks this
 # against the settings the smoke run's notebooks actually read
 SECTION_READERS = {
     "01": ("data", "filter", "clip"), "02": ("data",), "03": ("vq", "quality", "clip", "data"),
     "04": ("diffusion", "estimator", "data", "quality", "clip"), "05": ("diffusion", "quality", "clip", "data"),
-    "06": ("clip", "vq", "estimator", "data", "quality"), "07": ("transformer", "quality", "clip", "data"),
+    "05b": (), "06": ("clip", "vq", "estimator", "data", "quality"),
+    "07": ("transformer", "quality", "clip", "data"),
     "08": ("diffusion", "transformer", "vq"),
 }
 
@@ -124,6 +137,7 @@ HEADLINES = {
     "03": ("f4.psnr", "f8.psnr", "f16.psnr"),
     "04": ("best_mode", "estimator.ceiling.pck@0.1", "diffusion_train_seconds_total"),
     "05": ("best_mode", "best.pck@0.1"),
+    "05b": ("original.checkpoint",),
     "06": ("zero_shot.hair_colour", "best_spec"),
     "07": ("pck@0.1", "val_loss"),
     "08": ("n_figures",),
@@ -136,10 +150,10 @@ def headline(root: Path, stem: str) -> str:
         m = files.read_metrics(root, stem)
     except (OSError, ValueError):
         return ""
-    if stem.startswith("05") and m.get("best_mode"):
+    if notebook_key(stem) == "05" and m.get("best_mode"):
         m = {**m, "best.pck@0.1": m.get(f"{m['best_mode']}.pck@0.1")}
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "  ".join(f"{k} {fmt(m[k])}" for k in HEADLINES.get(stem[:2], ()) if m.get(k) is not None)
+    return "  ".join(f"{k} {fmt(m[k])}" for k in HEADLINES.get(notebook_key(stem), ()) if m.get(k) is not None)
 
 
 class _Tail(threading.Thread):
@@ -211,50 +225,12 @@ def _ipc_kernel_manager(sock_dir: Path) -> type:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import papermill as pm
-
-    if args.resume:
-        root = Path(args.resume)
-        if not (root / "config.json").exists():
-            print(f"kpnb run: {root} is not a run folder (no config.json)", file=sys.stderr)
-            return 2
-        cfg = json.loads((root / "config.json").read_text())
-        preset, saved_overrides = cfg["preset"], cfg.get("overrides", {})
-    else:
-        preset, saved_overrides = args.preset, {}
-        root = Path(args.out) if args.out else folder.default_run_dir(preset)
     try:
-        nbs = _select(args.only)
-        overrides, nb_params = split_params(args.param or [], preset, nbs)
-    except runs.ConfigError as e:
+        root, preset, nbs, overrides, nb_params = _open_run(args)
+    except settings.ConfigError as e:
         print(f"kpnb run: {e}", file=sys.stderr)
         return 2
-    changed = {k: v for k, v in overrides.items() if saved_overrides.get(k, object()) != v}
-    overrides = {**saved_overrides, **overrides}
-    try:
-        folder.run_dir(root, preset, overrides)
-    except runs.ConfigError as e:
-        print(f"kpnb run: {e}", file=sys.stderr)
-        return 2
-    # notebook parameters are kept in config.json too, so that a later --resume passes them again
-    cfg = json.loads((root / "config.json").read_text())
-    saved_params = cfg.get("params", {})
-    new_params = {k: v for k, v in nb_params.items() if saved_params.get(k, object()) != v}
-    nb_params = {**saved_params, **nb_params}
-    if (args.resume and changed) or new_params:
-        files.write_json(root / "config.json", {**cfg, "overrides": overrides, "params": nb_params,
-                                               "settings": runs.preset_config(preset, overrides)})
-    if args.resume and (changed or new_params):  # name what they would change among the finished notebooks
-        finished = [nb.stem for nb in list_notebooks() if (root / "metrics" / f"{nb.stem}.json").exists()
-                    and (any(k.split(".")[0] in SECTION_READERS.get(nb.stem[:2], ()) for k in changed)
-                         or set(new_params) & set(notebook_parameters(nb)))]
-        rerun = [s for s in finished if args.rerun and any(s == nb.stem for nb in nbs)]
-        stale = [s for s in finished if s not in rerun]
-        print(f"kpnb run: recorded {', '.join(f'{k}={v!r}' for k, v in {**changed, **new_params}.items())} in "
-              f"{root / 'config.json'}"
-              + (f"; finished notebooks that read these and would change if rerun: {', '.join(stale)} "
-                 f"(rerun them with --rerun --only ...)" if stale else ""))
-    timeout = args.timeout if args.timeout is not None else runs.CELL_TIMEOUT_S.get(preset)
+    timeout = args.timeout if args.timeout is not None else settings.CELL_TIMEOUT_S.get(preset)
     timeout = timeout or None  # 0: no limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     progress_log = root / "progress.log"
@@ -263,8 +239,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           + (f"; cell time-out {timeout:.0f} s" if timeout else ""))
     done_rows: list[tuple[str, str, str]] = []
     for nb in nbs:
-        done = root / "metrics" / f"{nb.stem}.json"
-        if args.resume and done.exists() and not args.rerun:
+        if args.resume and (root / "metrics" / f"{nb.stem}.json").exists() and not args.rerun:
             print(f"  {nb.stem}: finished before, skipped")
             done_rows.append((nb.stem, "skipped", headline(root, nb.stem)))
             continue
@@ -274,27 +249,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         out_nb = root / "notebooks" / nb.name
         t0 = time.time()
         print(f"  {nb.stem}: running ...", flush=True)
-        tail = _Tail(progress_log)
-        tail.start()
-        sockets = Path(tempfile.mkdtemp(prefix="kpnb-kernel-"))
-        try:
-            pm.execute_notebook(str(nb), str(out_nb), parameters=params, cwd=str(notebooks_dir()),
-                                progress_bar=args.progress, kernel_name="python3", execution_timeout=timeout,
-                                kernel_manager_class=_ipc_kernel_manager(sockets))
-        except pm.PapermillExecutionError as e:
-            print(f"kpnb run: {nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}", file=sys.stderr)
-            print("".join(_strip_ansi(line) + "\n" for line in e.traceback[-12:]), file=sys.stderr)
+        if not _execute(nb, out_nb, params, timeout, progress_log, args.progress):
             return _stopped(root, out_nb)
-        except Exception as e:  # noqa: BLE001 - a time-out or a dead kernel: name where, keep everything
-            kind = "timed out" if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower() else "stopped"
-            print(f"kpnb run: {nb.name} {kind} in cell {_stopped_cell(out_nb)}: {type(e).__name__}: "
-                  f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}", file=sys.stderr)
-            return _stopped(root, out_nb)
-        finally:
-            tail.stop.set()
-            tail.join()
-            tail.flush()
-            shutil.rmtree(sockets, ignore_errors=True)
         secs = time.time() - t0
         done_rows.append((nb.stem, f"{secs:.0f} s", headline(root, nb.stem)))
         print(f"  {nb.stem}: done in {secs:.0f} s  {done_rows[-1][2]}", flush=True)
@@ -303,6 +259,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     for stem, secs, head in done_rows:
         print(f"  {stem:{width}}  {secs:>8}  {head}")
     return 0
+
+
+def _open_run(args: argparse.Namespace) -> tuple[Path, str, list[Path], dict[str, Any], dict[str, Any]]:
+    """(run folder, preset, notebooks, overrides, notebook parameters) of a new or resumed run, its folder made
+    and its config.json up to date. An unknown notebook, parameter or setting, and a resume of a folder that
+    is no run, raise ConfigError before anything is written."""
+    if args.resume:
+        root = Path(args.resume)
+        if not (root / "config.json").exists():
+            raise settings.ConfigError(f"{root} is not a run folder (no config.json)")
+        cfg = json.loads((root / "config.json").read_text())
+        preset, saved_overrides = cfg["preset"], cfg.get("overrides", {})
+    else:
+        preset, saved_overrides = args.preset, {}
+        root = Path(args.out) if args.out else folder.default_run_dir(preset)
+    nbs = _select(args.only)
+    overrides, nb_params = split_params(args.param or [], preset, nbs)
+    changed = {k: v for k, v in overrides.items() if saved_overrides.get(k, object()) != v}
+    overrides = {**saved_overrides, **overrides}
+    settings.preset_config(preset, overrides)  # the recorded ones with the new ones, before the folder is made
+    folder.run_dir(root, preset, overrides)
+    nb_params = _record(root, preset, overrides, changed, nb_params, nbs, args)
+    return root, preset, nbs, overrides, nb_params
+
+
+def _record(root: Path, preset: str, overrides: dict[str, Any], changed: dict[str, Any], nb_params: dict[str, Any],
+            nbs: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """Keep new overrides and notebook parameters in config.json, so that a later --resume passes them again;
+    on a resume, name the finished notebooks they would change. Returns the run's notebook parameters."""
+    cfg = json.loads((root / "config.json").read_text())
+    saved_params = cfg.get("params", {})
+    new_params = {k: v for k, v in nb_params.items() if saved_params.get(k, object()) != v}
+    nb_params = {**saved_params, **nb_params}
+    if (args.resume and changed) or new_params:
+        files.write_json(root / "config.json", {**cfg, "overrides": overrides, "params": nb_params,
+                                               "settings": settings.preset_config(preset, overrides)})
+    if args.resume and (changed or new_params):  # name what they would change among the finished notebooks
+        finished = [nb.stem for nb in list_notebooks() if (root / "metrics" / f"{nb.stem}.json").exists()
+                    and (any(k.split(".")[0] in SECTION_READERS.get(notebook_key(nb), ()) for k in changed)
+                         or set(new_params) & set(notebook_parameters(nb)))]
+        rerun = [s for s in finished if args.rerun and any(s == nb.stem for nb in nbs)]
+        stale = [s for s in finished if s not in rerun]
+        print(f"kpnb run: recorded {', '.join(f'{k}={v!r}' for k, v in {**changed, **new_params}.items())} in "
+              f"{root / 'config.json'}"
+              + (f"; finished notebooks that read these and would change if rerun: {', '.join(stale)} "
+                 f"(rerun them with --rerun --only ...)" if stale else ""))
+    return nb_params
+
+
+def _execute(nb: Path, out_nb: Path, params: dict[str, Any], timeout: float | None, progress_log: Path,
+             progress_bar: bool) -> bool:
+    """Run one notebook with papermill into ``out_nb``, its progress lines printed as they come; False (the
+    cause printed) when a cell failed, ran past ``timeout`` or the kernel died."""
+    import papermill as pm
+
+    tail = _Tail(progress_log)
+    tail.start()
+    sockets = Path(tempfile.mkdtemp(prefix="kpnb-kernel-"))
+    try:
+        pm.execute_notebook(str(nb), str(out_nb), parameters=params, cwd=str(notebooks_dir()),
+                            progress_bar=progress_bar, kernel_name="python3", execution_timeout=timeout,
+                            kernel_manager_class=_ipc_kernel_manager(sockets))
+    except pm.PapermillExecutionError as e:
+        print(f"kpnb run: {nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}", file=sys.stderr)
+        print("".join(_strip_ansi(line) + "\n" for line in e.traceback[-12:]), file=sys.stderr)
+        return False
+    except Exception as e:  # noqa: BLE001 - a time-out or a dead kernel: name where, keep everything
+        kind = "timed out" if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower() else "stopped"
+        print(f"kpnb run: {nb.name} {kind} in cell {_stopped_cell(out_nb)}: {type(e).__name__}: "
+              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}", file=sys.stderr)
+        return False
+    finally:
+        tail.stop.set()
+        tail.join()
+        tail.flush()
+        shutil.rmtree(sockets, ignore_errors=True)
+    return True
 
 
 def _stopped(root: Path, out_nb: Path) -> int:
@@ -330,9 +363,9 @@ def cmd_sample(argv: list[str]) -> int:
 
 def cmd_data(argv: list[str]) -> int:
     if argv and argv[0] == "filter":
-        from kpnb.run import filter as stream_filter
+        from kpnb.run import filter as run_filter
 
-        return stream_filter.main(argv[1:]) or 0
+        return run_filter.main(argv[1:]) or 0
     from kpnb.data import shards
 
     return shards.main(argv) or 0
@@ -345,7 +378,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    root = Path(args.run)
+    root = Path(args.run_dir)
     if not (root / "config.json").exists():
         print(f"kpnb train: {root} is not a run folder (no config.json); start one with kpnb run --out {root} "
               f"--only 01", file=sys.stderr)
@@ -356,11 +389,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         for pair in args.param or []:
             name, eq, value = pair.partition("=")
             if not eq or "." not in name:
-                raise runs.ConfigError(f"parameter {pair!r} must look like section.key=value")
-            extra[name] = runs.parse_value(value)
+                raise settings.ConfigError(f"parameter {pair!r} must look like section.key=value")
+            extra[name] = settings.parse_value(value)
         overrides = {**saved.get("overrides", {}), **extra}
-        cfg = runs.preset_config(saved["preset"], overrides)
-    except runs.ConfigError as e:
+        cfg = settings.preset_config(saved["preset"], overrides)
+    except settings.ConfigError as e:
         print(f"kpnb train: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -412,26 +445,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kpnb", description="kpnb workbook: run | train | sample | synth | data | bench | status")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute the notebooks headless with papermill")
-    r.add_argument("--preset", default="cpu", help=f"one of {', '.join(runs.PRESETS)}")
+    r.add_argument("--preset", default="cpu", help=f"one of {', '.join(settings.PRESETS)}")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--out", help="run folder (default outputs/<timestamp>_<preset>)")
     g.add_argument("--resume", help="go on with an interrupted run folder")
-    r.add_argument("--only", help="comma-separated notebook numbers, e.g. 01,02")
+    r.add_argument("--only", help="comma-separated notebook numbers, e.g. 01,02 (05b: the released checkpoint)")
     r.add_argument("--rerun", action="store_true", help="with --resume: run the selected notebooks again even if "
                                                         "they finished (e.g. --only 05 with a new parameter)")
-    r.add_argument("-p", "--param", action="append", metavar="NAME=VALUE")
+    r.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help=P_HELP + "; or a notebook "
+                   "parameter, name=value (-p dataset_dir=/data/danbooru)")
     r.add_argument("--no-progress", dest="progress", action="store_false")
     r.add_argument("--timeout", type=float, help="seconds one cell may run (default per preset: "
-                   f"{', '.join(f'{k} {v}' for k, v in runs.CELL_TIMEOUT_S.items())}; 0 = no limit)")
-    t = sub.add_parser("train", help="train one stage of a run (also under torchrun)")
+                   f"{', '.join(f'{k} {v}' for k, v in settings.CELL_TIMEOUT_S.items())}; 0 = no limit)")
+    t = sub.add_parser("train", help="train one stage of a run (also under torchrun)", allow_abbrev=False)
     t.add_argument("stage", choices=("vq", "estimator", "ldm", "transformer", "clip"))
-    # --run-dir: torchrun's own parser takes "--run" for an abbreviation of its --run-path
-    t.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder (made by kpnb run)")
+    # not --run: torchrun's own parser takes "--run" for an abbreviation of its --run-path
+    t.add_argument("--run-dir", required=True, help="run folder (made by kpnb run)")
     t.add_argument("--spec", help="vq: one spec (default: all of vq.specs); ldm: latents (default f4); "
                                   "transformer: codes (default transformer.spec)")
     t.add_argument("--mode", help="ldm: conditioning mode (default: the run's best mode, else the first)")
     t.add_argument("--further", action="store_true", help="ldm: the best mode's longer run (diffusion.best_steps)")
-    t.add_argument("-p", "--param", action="append", metavar="SECTION.KEY=VALUE")
+    t.add_argument("-p", "--param", action="append", metavar="SECTION.KEY=VALUE", help=P_HELP)
     t.add_argument("--no-progress", dest="progress", action="store_false")
     sub.add_parser("sample", help="images for pose files from a run or the released model (kpnb sample --help)")
     sub.add_parser("synth", help="write the synthetic dataset (kpnb synth --help)")
@@ -447,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "train":
         return cmd_train(args)
     if args.cmd == "run":
-        if args.preset not in runs.PRESETS:
-            print(f"kpnb run: unknown preset {args.preset!r}; valid presets: {', '.join(runs.PRESETS)}",
+        if args.preset not in settings.PRESETS:
+            print(f"kpnb run: unknown preset {args.preset!r}; valid presets: {', '.join(settings.PRESETS)}",
                   file=sys.stderr)
             return 2
         return cmd_run(args)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 
 from kpnb.core import settings
-from kpnb.data import subset as data
-from kpnb.run import folder as runs
+from kpnb.data import subset
+from kpnb.run import folder
 from kpnb.run import stages
-from kpnb.synth import renders as pose_estimator
+from kpnb.synth import renders
 
 
 @pytest.fixture(scope="session")
@@ -15,9 +15,9 @@ def tiny_ldm_run(tmp_path_factory):
     """A smoke run folder with a trained f4 autoencoder and a (6-step) skeleton diffusion model. Shared: a
     test that changes it works on a copy."""
     root = tmp_path_factory.mktemp("run") / "run"
-    runs.run_dir(root, "smoke")
-    images, poses = pose_estimator.render_truth(32, seed=5, image_size=32, render_size=64)
-    data.save_subset(root, "train", ids=[f"r{i}" for i in range(32)], images=images, poses=poses,
+    folder.run_dir(root, "smoke")
+    images, poses = renders.render_truth(32, seed=5, image_size=32, render_size=64)
+    subset.save_subset(root, "train", ids=[f"r{i}" for i in range(32)], images=images, poses=poses,
                      captions=[""] * 32, attrs=[{}] * 32)
     cfg = settings.run_config(root)
     stages.train_vq(root, cfg, "f4", progress=False)

@@ -4,11 +4,13 @@ Nothing here unpickles a file: a legacy ``.pt``/``.ckpt`` is read only through
 ``torch.load(weights_only=True)``, which refuses pickles that would run code."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 
 def repo_root() -> Path:
@@ -16,20 +18,62 @@ def repo_root() -> Path:
 
 
 # ---- atomic files and metrics -------------------------------------------------------------------------
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's contents to the disk."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk, where the system lets a folder be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every system opens folders; the rename is done either way
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to write: when the block ends without an error the file
+    is fsynced and renamed to ``path`` and the folder fsynced, so a crash never leaves half a file; after an
+    error it is deleted. ``tmp``: the temporary name (the caller creates the file); default a new
+    ``.<name>.<random>.tmp``, made by :func:`tempfile.mkstemp` (so readable by its owner only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if tmp is None:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = name
+    tmp = Path(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_path`: a crash never leaves half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def file_sha1(path: str | Path) -> str:
+    """The sha1 hex digest of a file's bytes, read a MiB at a time."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path: str | Path, obj: Any) -> None:

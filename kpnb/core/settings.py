@@ -188,28 +188,71 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {name: _merged(BASE, delta, f"{n
 
 
 class ConfigError(ValueError):
-    """An unknown preset or parameter: says which, and lists the valid ones."""
+    """An unknown preset, parameter or setting, or a value of the wrong type: says which, and what is valid."""
+
+
+# Settings that take more than their BASE default's type: a weights file or None (off); "auto" or a thread count.
+# Any other setting takes its BASE default's type (an int for a float too).
+MORE_TYPES: dict[str, tuple[type, ...]] = {
+    "vq.perceptual_weights": (str,), "clip.pretrained_path": (str,), "runtime.threads": (int,)}
 
 
 def preset_config(preset: str, overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """The settings of ``preset`` with ``overrides`` applied. Overrides use dotted keys ("vq.steps": 10);
-    an unknown preset, section or key is refused with the list of valid ones, before any work."""
+    """The settings of ``preset`` with ``overrides`` applied, checked against BASE at every depth, before any
+    work. An override's key is dotted to any depth (``"vq.steps"``, ``"vq.models.f4.n_codes"``); a dict value
+    merges into the settings there key by key (``{"vq.models": {"f4": {"n_codes": 512}}}`` keeps f8 and f16
+    and f4's other keys). Refused, naming the full key: an unknown preset, section or key (listing the valid
+    ones at that level), and a value of the wrong type (a bool for a number, a list for a dict, ...)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     cfg = copy.deepcopy(PRESETS[preset])
     for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        if section not in cfg:
-            raise ConfigError(f"unknown setting {key!r}; valid sections: {', '.join(cfg)}")
-        if name not in cfg[section]:
-            valid = ", ".join(f"{section}.{k}" for k in cfg[section])
-            raise ConfigError(f"unknown setting {key!r}; valid settings of {section!r}: {valid}")
-        old = cfg[section][name]
-        if old is not None and not isinstance(value, type(old)) and not (
-                isinstance(old, float) and isinstance(value, int)):
-            raise ConfigError(f"setting {key!r} expects {type(old).__name__}, got {value!r}")
-        cfg[section][name] = value
+        *parents, name = key.split(".")
+        node, schema, where = cfg, BASE, ""
+        for part in parents:
+            schema = _schema(schema, part, where, key)
+            node, where = node[part], f"{where}{part}."
+        default = _schema(schema, name, where, key)
+        node[name] = _checked(node[name], default, value, key)
     return cfg
+
+
+def _schema(schema: Any, name: str, where: str, key: str) -> Any:
+    """BASE's entry ``name`` under the dotted prefix ``where`` (overriding ``key``); refuses a name BASE lacks
+    there, listing the valid ones."""
+    if not isinstance(schema, Mapping):
+        raise ConfigError(f"unknown setting {key!r}: {where[:-1]!r} is a setting, not a group of settings")
+    if name not in schema:
+        level = f"settings of {where[:-1]!r}" if where else "sections"
+        raise ConfigError(f"unknown setting {key!r}; valid {level}: {', '.join(schema)}")
+    return schema[name]
+
+
+def _checked(current: Any, schema: Any, value: Any, key: str) -> Any:
+    """``value`` for the setting ``key`` (now ``current``, BASE's default ``schema``): a dict merged into
+    ``current`` key by key, each checked; anything else of BASE's type."""
+    if isinstance(schema, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"setting {key!r} expects a dict of {', '.join(schema)}, got {value!r}")
+        merged = copy.deepcopy(current)
+        for name, v in value.items():
+            default = _schema(schema, name, f"{key}.", f"{key}.{name}")
+            merged[name] = _checked(merged[name], default, v, f"{key}.{name}")
+        return merged
+    allowed = (type(schema), *MORE_TYPES.get(key, ()))
+    kinds = {type(x) for x in schema} if isinstance(schema, list) else set()  # BASE's element type, if one
+    of = f" of {next(iter(kinds)).__name__}" if len(kinds) == 1 else ""
+    if not _fits(value, allowed) or (of and not all(_fits(x, tuple(kinds)) for x in value)):
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+        raise ConfigError(f"setting {key!r} expects {names}{of}, got {value!r}")
+    return copy.deepcopy(value)
+
+
+def _fits(value: Any, types: tuple[type, ...]) -> bool:
+    """Whether ``value`` is one of ``types``; a bool is no number, an int is a float."""
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types) or (isinstance(value, int) and float in types)
 
 
 def check_fields(cls: type, d: Mapping[str, Any], error: type[Exception] = ValueError) -> None:

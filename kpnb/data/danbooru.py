@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from kpnb.data.folder import IMAGE_EXTS, DataError, Problems, _tag_names
+from kpnb.data.folder import IMAGE_EXTS, DataError, Problems, tag_names
 
 _BUCKET = re.compile(r"^\d{4}$")
 _ID_FIELD = re.compile(rb'"id"\s*:\s*"?(\d+)')
@@ -197,7 +197,7 @@ def _int_or_none(v: Any) -> int | None:
 def trim_meta(rec: dict[str, Any]) -> dict[str, Any]:
     """The fields the filter uses, from a Danbooru2021 dump or API record: id, tag_names, rating, width,
     height, plus file_ext (where original/ images are found)."""
-    out = {"id": str(rec["id"]), "tag_names": _tag_names(rec), "rating": str(rec.get("rating", "?")),
+    out = {"id": str(rec["id"]), "tag_names": tag_names(rec), "rating": str(rec.get("rating", "?")),
            "width": _int_or_none(rec.get("image_width", rec.get("width"))),
            "height": _int_or_none(rec.get("image_height", rec.get("height")))}
     if rec.get("file_ext"):

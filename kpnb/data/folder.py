@@ -97,7 +97,7 @@ def _square(im: Any) -> Any:
 
 
 # ---- metadata -----------------------------------------------------------------------------------------
-def _tag_names(rec: dict[str, Any]) -> list[str]:
+def tag_names(rec: dict[str, Any]) -> list[str]:
     """Tags of a Danbooru record: the 2020/2021 dump's ``tags`` list of {name, category}, or the API's
     ``tag_string`` (space separated)."""
     tags = rec.get("tags")
@@ -128,7 +128,7 @@ def read_metadata(path: str | Path, problems: Problems | None = None) -> dict[st
                 if problems is not None:
                     problems.bad_metadata_lines.append((f"{path}:{n}", str(e)[:80]))
                 continue
-            rec["tag_names"] = _tag_names(rec)
+            rec["tag_names"] = tag_names(rec)
             rec["rating"] = str(rec.get("rating", "?"))
             out[rid] = rec
     return out

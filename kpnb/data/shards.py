@@ -2,7 +2,7 @@
 
 ``kpnb data pack SRC --out DIR [--size 256] [--shard-size 1000] [--workers N] [--keypoints KP_DIR]
 [--metadata GLOB] [--limit N] [--format png|jpg]`` reads a source in kpnb's or Danbooru2021's layout
-(:mod:`kpnb.data.danbooru`) and writes into DIR::
+(:mod:`kpnb.data.danbooru`) and writes into DIR (names and done-records: :data:`kpnb.data.shard_io.PACK`)::
 
     shard-000000.tar    samples <id>.png (the image through data.load_image(path, size)), <id>.pose.json
                         (the keypoint file as kpnb's Pose array, [17][x, y, visibility]), <id>.meta.json
@@ -40,7 +40,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import shutil
 import sys
 import tarfile
@@ -55,16 +54,17 @@ import numpy as np
 from PIL import Image
 
 from kpnb.core import progress as kprogress
-from kpnb.core.files import write_json
+from kpnb.core.files import atomic_path, file_sha1, write_json
 from kpnb.data.danbooru import Source, empty_meta, open_source
 from kpnb.data.folder import DataError, Problems, load_image
+from kpnb.data.shard_io import PACK, read_format_json
 from kpnb.poses.formats import read_release_json
 from kpnb.poses.pose import PoseError
 
-FORMAT = "kpnb-shards/1"
+FORMAT = PACK.format
 MANIFEST = "manifest.json"
 SPILL = ".meta-spill"  # per-shard metadata while a pack runs (_spill_meta); removed when it ends
-DELAY_ENV = "KPNB_PACK_DELAY_S"  # test hook: seconds to sleep per sample (makes a pack slow enough to kill)
+DELAY_ENV = PACK.delay_env  # test hook: seconds to sleep per sample (makes a pack slow enough to kill)
 TAR_MTIME = 0  # fixed tar header fields: shard bytes depend on the samples only
 IMAGE_FORMATS = ("png", "jpg")
 
@@ -74,19 +74,11 @@ class ShardError(DataError):
 
 
 def shard_name(index: int) -> str:
-    return f"shard-{index:06d}"
+    return PACK.name(index)
 
 
 def _ids_sha1(ids: list[str]) -> str:
     return hashlib.sha1("\n".join(ids).encode()).hexdigest()
-
-
-def file_sha1(path: str | Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _problem_list(problems: Problems) -> list[dict[str, str]]:
@@ -118,19 +110,6 @@ class _Job:
     settings: dict[str, Any]
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every system opens folders; the rename is done either way
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _pack_shard(job: _Job) -> dict[str, Any]:
     """Write one shard (tmp, fsync, rename) and then its done-record; returns the record."""
     from webdataset import TarWriter
@@ -138,11 +117,11 @@ def _pack_shard(job: _Job) -> dict[str, Any]:
     t0 = time.time()
     name = shard_name(job.index)
     size, fmt = job.settings["size"], job.settings["image_format"]
-    delay = float(os.environ.get(DELAY_ENV, 0) or 0)
+    delay = PACK.delay()
     problems = Problems()
     keys: list[str] = []
-    tmp = job.out / f"{name}.tar.tmp"
-    with open(tmp, "wb") as f:
+    final = job.out / f"{name}.tar"
+    with atomic_path(final, job.out / f"{name}.tar.tmp") as tmp, open(tmp, "wb") as f:
         w = TarWriter(f, encoder=False, mtime=TAR_MTIME, user="kpnb", group="kpnb")
         for rec in job.source.records(job.ids, _read_spill(job.meta_file), problems):
             if delay:
@@ -166,40 +145,17 @@ def _pack_shard(job: _Job) -> dict[str, Any]:
                      "meta.json": json.dumps(meta, sort_keys=True).encode()})
             keys.append(rec.id)
         w.close()  # the end-of-archive blocks; f stays open (TarWriter closes only files it opened)
-        f.flush()
-        os.fsync(f.fileno())
-    final = job.out / f"{name}.tar"
-    sha1 = file_sha1(tmp)
-    nbytes = tmp.stat().st_size
-    os.replace(tmp, final)
-    _fsync_dir(job.out)
     record = {"name": name, "file": final.name, "index": job.index, "settings": job.settings,
               "ids_sha1": _ids_sha1(job.ids), "first_id": job.ids[0], "last_id": job.ids[-1],
-              "n_planned": len(job.ids), "n": len(keys), "bytes": nbytes, "sha1": sha1, "keys": keys,
-              "problems": _problem_list(problems), "seconds": round(time.time() - t0, 3)}
+              "n_planned": len(job.ids), "n": len(keys), "bytes": final.stat().st_size, "sha1": file_sha1(final),
+              "keys": keys, "problems": _problem_list(problems), "seconds": round(time.time() - t0, 3)}
     write_json(job.out / f"{name}.json", record)
     return record
 
 
-def _done_record(out: Path, index: int, ids: list[str], settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The shard's record if the shard is finished with these settings and ids, else None."""
-    name = shard_name(index)
-    try:
-        rec = json.loads((out / f"{name}.json").read_text())
-        size = (out / f"{name}.tar").stat().st_size
-    except (OSError, ValueError):
-        return None
-    if rec.get("settings") != settings or rec.get("ids_sha1") != _ids_sha1(ids) or rec.get("bytes") != size:
-        return None
-    return rec
-
-
 def _clean(out: Path, n_shards: int) -> list[str]:
     """Delete what a killed pack left (``.tmp`` files) and the shards of an earlier, larger pack."""
-    gone = []
-    for p in sorted(out.glob(".shard-*.tmp")):  # a done-record being written (runs.atomic_write_bytes' temp name)
-        p.unlink()
-        gone.append(p.name)
+    gone = PACK.remove_temps(out)  # a done-record being written
     for p in sorted(out.glob("shard-*")):
         stem = p.name.split(".", 1)[0]
         idx = stem[len("shard-"):]
@@ -211,17 +167,18 @@ def _clean(out: Path, n_shards: int) -> list[str]:
     return gone
 
 
-def pack(src: str | Path, out: str | Path, *, size: int = 256, shard_size: int = 1000, workers: int = 2,
-         keypoints: str | Path | None = None, metadata: str | Iterable[str | Path] | None = None,
+def pack(src: str | Path | Source, out: str | Path, *, size: int = 256, shard_size: int = 1000, workers: int = 2,
          limit: int | None = None, image_format: str = "png", progress: bool = True) -> dict[str, Any]:
     """Pack a source into WebDataset shards in ``out`` (see the module docstring); returns the manifest.
-    Finished shards of an earlier pack with the same settings are kept."""
+    Finished shards of an earlier pack with the same settings are kept. ``src``: a folder, its keypoints and
+    metadata where :func:`kpnb.data.danbooru.open_source` looks by default, or the :class:`Source` that
+    ``open_source(folder, keypoints, metadata)`` gives for other places."""
     if size < 1 or shard_size < 1:
         raise ValueError(f"size and shard_size must be positive (got {size}, {shard_size})")
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
     t0 = time.time()
-    source = open_source(src, keypoints, metadata)
+    source = src if isinstance(src, Source) else open_source(src)
     out = Path(out)
     problems = Problems()  # source-level: keypoint folder, metadata, orphan images
     ids = source.keypoint_ids(problems)
@@ -237,7 +194,7 @@ def pack(src: str | Path, out: str | Path, *, size: int = 256, shard_size: int =
     _clean(out, len(plan))
     records: dict[int, dict[str, Any]] = {}
     for i, chunk in enumerate(plan):
-        rec = _done_record(out, i, chunk, settings)
+        rec = PACK.done_record(out, i, {"settings": settings, "ids_sha1": _ids_sha1(chunk)})
         if rec is not None:
             records[i] = rec
     todo = [i for i in range(len(plan)) if i not in records]
@@ -354,21 +311,6 @@ def _counts(problems: Problems, shards: list[dict[str, Any]]) -> dict[str, int]:
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
-def read_format_json(path: str | Path, fmt: str, missing: str) -> dict[str, Any]:
-    """A JSON file this package wrote, checked for its ``format`` tag; a clear DataError naming the file when it
-    is missing (``missing`` says what to run first), not JSON, or of another format."""
-    path = Path(path)
-    try:
-        m = json.loads(path.read_text())
-    except OSError as e:
-        raise DataError(f"{path}: {missing} ({e.__class__.__name__})") from e
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(m, dict) or m.get("format") != fmt:
-        raise DataError(f"{path}: format {m.get('format') if isinstance(m, dict) else None!r}, expected {fmt!r}")
-    return m
-
-
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     return read_format_json(Path(folder) / MANIFEST, FORMAT, "no shard manifest; pack first with kpnb data pack")
 
@@ -477,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
     try:
-        m = pack(a.src, a.out, size=a.size, shard_size=a.shard_size, workers=a.workers, keypoints=a.keypoints,
-                 metadata=a.metadata, limit=a.limit, image_format=a.image_format, progress=a.progress)
+        m = pack(open_source(a.src, a.keypoints, a.metadata), a.out, size=a.size, shard_size=a.shard_size,
+                 workers=a.workers, limit=a.limit, image_format=a.image_format, progress=a.progress)
     except (DataError, ValueError) as e:
         print(f"kpnb data pack: {e}", file=sys.stderr)
         return 2

@@ -51,9 +51,9 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
@@ -65,17 +65,18 @@ from kpnb.core.files import atomic_write_bytes, write_json
 from kpnb.data import filtering
 from kpnb.data import shards as kshards
 from kpnb.data.folder import Candidates, DataError, Problems
+from kpnb.data.shard_io import FILTER, read_format_json
 
-FORMAT = "kpnb-filter/1"
+FORMAT = FILTER.format
 CONFIG = "filter.json"
 KEPT = "kept.json"
-DELAY_ENV = "KPNB_FILTER_DELAY_S"  # test hook: seconds to sleep per shard before its result is written
+DELAY_ENV = FILTER.delay_env  # test hook: seconds to sleep per shard before its result is written
 
 Stage = Callable[[Any], filtering.StageResult]
 
 
 def result_name(index: int) -> str:
-    return f"filter-{index:06d}"
+    return FILTER.name(index)
 
 
 # ---- the stage configuration and its fingerprint ---------------------------------------------------------
@@ -233,41 +234,34 @@ def run_shard(item: Mapping[str, Any], stages: Sequence[Stage], shard_dir: str |
     return _lines(cands, item["index"], results), [r.name for r in results]
 
 
-def _write_result(out: Path, index: int, entry: Mapping[str, Any], fingerprint: str, lines: list[dict[str, Any]],
-                  names: list[str] | None, rank: int, seconds: float, stage_seconds: Mapping[str, float]
-                  ) -> dict[str, Any]:
+@dataclass
+class _Outcome:
+    """What the stages made of one shard (:func:`run_shard`) and how long it took."""
+
+    lines: list[dict[str, Any]]
+    names: list[str] | None
+    seconds: float
+    stage_seconds: Mapping[str, float]
+
+
+def _write_result(out: Path, index: int, entry: Mapping[str, Any], fingerprint: str, rank: int,
+                  outcome: _Outcome) -> dict[str, Any]:
     name = result_name(index)
+    lines = outcome.lines
     body = "".join(json.dumps(line) + "\n" for line in lines).encode()
     atomic_write_bytes(out / f"{name}.jsonl", body)
     record = {"format": FORMAT, "index": index, "shard_file": entry["file"], "shard_sha1": entry["sha1"],
-              "fingerprint": fingerprint, "stages": names, "n": len(lines),
+              "fingerprint": fingerprint, "stages": outcome.names, "n": len(lines),
               "n_kept": sum(1 for line in lines if line["keep"]), "file": f"{name}.jsonl", "bytes": len(body),
-              "sha1": hashlib.sha1(body).hexdigest(), "rank": rank, "seconds": round(seconds, 3),
-              "stage_seconds": {k: round(v, 6) for k, v in stage_seconds.items()}}
+              "sha1": hashlib.sha1(body).hexdigest(), "rank": rank, "seconds": round(outcome.seconds, 3),
+              "stage_seconds": {k: round(v, 6) for k, v in outcome.stage_seconds.items()}}
     write_json(out / f"{name}.json", record)  # last: the shard is done once this exists
     return record
 
 
 def _done_record(out: Path, index: int, entry: Mapping[str, Any], fingerprint: str) -> dict[str, Any] | None:
     """The shard's record when its result is current (same stages, same shard bytes), else None."""
-    name = result_name(index)
-    try:
-        rec = json.loads((out / f"{name}.json").read_text())
-        size = (out / f"{name}.jsonl").stat().st_size
-    except (OSError, ValueError):
-        return None
-    if (rec.get("format") != FORMAT or rec.get("fingerprint") != fingerprint
-            or rec.get("shard_sha1") != entry["sha1"] or rec.get("bytes") != size):
-        return None
-    return rec
-
-
-def _clean_tmp(out: Path, rank: int, world: int) -> None:
-    """Delete temporary files a killed run left for this rank's shards (atomic_write_bytes' ``.name.*.tmp``)."""
-    for p in out.glob(".filter-*.tmp"):
-        m = re.match(r"\.filter-(\d+)\.", p.name)
-        if m and int(m.group(1)) % world == rank:
-            p.unlink(missing_ok=True)
+    return FILTER.done_record(out, index, {"format": FORMAT, "fingerprint": fingerprint, "shard_sha1": entry["sha1"]})
 
 
 # ---- the filter ----------------------------------------------------------------------------------------------
@@ -297,14 +291,14 @@ def filter_shards(shard_dir: str | Path, out_dir: str | Path, stages: Sequence[S
         write_json(out / CONFIG, {"format": FORMAT, "shard_dir": str(shard_dir.resolve()),
                                   "fingerprint": fingerprint, "stages": described,
                                   "n_shards": manifest["n_shards"], "world_size": world})
-    _clean_tmp(out, rank, world)
+    FILTER.remove_temps(out, owns=lambda i: i % world == rank)  # a killed run's, for this rank's shards
     entries = manifest["shards"]
     mine = [i for i in range(len(entries)) if i % world == rank]
     todo = [i for i in mine if _done_record(out, i, entries[i], fingerprint) is None]
 
     t0 = time.time()
     n_images = 0
-    delay = float(os.environ.get(DELAY_ENV, 0) or 0)
+    delay = FILTER.delay()
     bar = kprogress.bar(total=len(mine), initial=len(mine) - len(todo), desc=f"filtering shards (rank {rank})",
                         disable=not progress, unit_label="shard", report=rank == 0)
     try:
@@ -321,8 +315,8 @@ def filter_shards(shard_dir: str | Path, out_dir: str | Path, stages: Sequence[S
                 lines, names = run_shard(item, stages, shard_dir, timings)
                 if delay:
                     time.sleep(delay)
-                _write_result(out, item["index"], entries[item["index"]], fingerprint, lines, names, rank,
-                              time.time() - t_shard, timings)
+                _write_result(out, item["index"], entries[item["index"]], fingerprint, rank,
+                              _Outcome(lines, names, time.time() - t_shard, timings))
                 n_images += len(lines)
                 bar.set_postfix(images_per_s=f"{n_images / max(time.time() - t0, 1e-6):.1f}", refresh=False)
                 bar.update(1)
@@ -335,8 +329,7 @@ def filter_shards(shard_dir: str | Path, out_dir: str | Path, stages: Sequence[S
 
 # ---- merging -------------------------------------------------------------------------------------------------
 def read_config(out_dir: str | Path) -> dict[str, Any]:
-    return kshards.read_format_json(Path(out_dir) / CONFIG, FORMAT,
-                                    "no filter configuration; run kpnb data filter first")
+    return read_format_json(Path(out_dir) / CONFIG, FORMAT, "no filter configuration; run kpnb data filter first")
 
 
 def read_results(out_dir: str | Path, shard_dir: str | Path | None = None

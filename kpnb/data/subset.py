@@ -11,16 +11,15 @@ import numpy as np
 from PIL import Image
 
 from kpnb.core import progress as kprogress
-from kpnb.core.files import atomic_write_bytes, write_json
+from kpnb.core.files import atomic_path, atomic_write_bytes, write_json
 from kpnb.data import shards as kshards
 from kpnb.data.folder import DataError
-from kpnb.data.stream_filter import FORMAT
+from kpnb.data.shard_io import FILTER
 
 
 def save_subset(run_dir: str | Path, split: str, *, ids: list[str], images: np.ndarray, poses: np.ndarray,
                 captions: list[str], attrs: list[dict[str, Any]]) -> Path:
     """Write ``<run>/subset/<split>.npz`` (no object arrays, so it loads without pickle)."""
-
     buf = io.BytesIO()
     np.savez(buf, ids=np.array(ids, dtype=str), images=images.astype(np.uint8), poses=poses.astype(np.float32),
              captions=np.array(captions, dtype=str), attrs_json=np.array([json.dumps(a) for a in attrs], dtype=str))
@@ -38,8 +37,6 @@ def load_subset(run_dir: str | Path, split: str = "train") -> dict[str, Any]:
     if not path.exists():
         mm = path.with_suffix(".npy")
         if mm.exists():
-            pass
-
             got = load_subset_memmap(mm)
             labels = [(m or {}).get("labels") or {} for m in got["meta"]]
             return {"ids": np.array(got["ids"], dtype=str), "images": got["images"], "poses": got["poses"],
@@ -58,11 +55,6 @@ def _sidecars(out_path: Path) -> tuple[Path, Path]:
     return out_path.with_name(f"{stem}.poses.npy"), out_path.with_name(f"{stem}.ids.json")
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def write_subset_memmap(shard_dir: str | Path, kept: Mapping[str, Any] | str | Path | Sequence[str],
                         out_path: str | Path, size: int | None = None, *, progress: bool = False) -> dict[str, Any]:
     """Write the kept images to ``out_path`` (``.npy``, uint8 [N, S, S, 3]: the header by ``open_memmap``, rows by
@@ -74,7 +66,6 @@ def write_subset_memmap(shard_dir: str | Path, kept: Mapping[str, Any] | str | P
     ``size``: image size; None keeps the shards' size, another is resized from the shard image (LANCZOS), which
     is not the same as packing at that size. Every file goes to a temporary name and is renamed at the end,
     the images file last. Returns the paths and the count."""
-
     shard_dir, out_path = Path(shard_dir), Path(out_path)
     if isinstance(kept, (str, Path)):
         kept = json.loads(Path(kept).read_text())
@@ -90,44 +81,38 @@ def write_subset_memmap(shard_dir: str | Path, kept: Mapping[str, Any] | str | P
     size = src_size if size is None else int(size)
     wanted_shards = sorted(set(shard_of)) if shard_of is not None else list(range(manifest["n_shards"]))
     poses_path, ids_path = _sidecars(out_path)
-    tmp_images = out_path.with_name(f".{out_path.name}.tmp")
-    tmp_poses = poses_path.with_name(f".{poses_path.name}.tmp")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # the header by open_memmap, the image rows by positioned writes: the rows pass through the page cache
-    # instead of staying mapped (mapped pages count in this process's memory, growing with the subset)
-    offset = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(len(ids), size, size, 3)).offset
-    row_bytes = size * size * 3
-    fd = os.open(tmp_images, os.O_WRONLY)
-    poses = np.lib.format.open_memmap(tmp_poses, mode="w+", dtype=np.float32, shape=(len(ids), 17, 3))
-    metas: list[Any] = [None] * len(ids)
-    try:
-        for s in kprogress.bar(wanted_shards, desc="writing kept images", disable=not progress, unit_label="shard"):
-            for key, im, pose, meta in kshards.iter_shards(shard_dir, [s]):
-                j = position.get(key)
-                if j is None:
-                    continue
-                if size != src_size:
-                    im = np.asarray(Image.fromarray(im).resize((size, size), Image.LANCZOS), dtype=np.uint8)
-                os.pwrite(fd, np.ascontiguousarray(im, dtype=np.uint8).tobytes(), offset + j * row_bytes)
-                poses[j], metas[j] = pose, meta
+    # the images file is renamed last (the outer block ends last): its presence means the sidecars are there
+    with atomic_path(out_path, out_path.with_name(f".{out_path.name}.tmp")) as tmp_images, \
+            atomic_path(poses_path, poses_path.with_name(f".{poses_path.name}.tmp")) as tmp_poses:
+        # the header by open_memmap, the image rows by positioned writes: the rows pass through the page cache
+        # instead of staying mapped (mapped pages count in this process's memory, growing with the subset)
+        offset = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8,
+                                           shape=(len(ids), size, size, 3)).offset
+        row_bytes = size * size * 3
+        poses = np.lib.format.open_memmap(tmp_poses, mode="w+", dtype=np.float32, shape=(len(ids), 17, 3))
+        metas: list[Any] = [None] * len(ids)
+        fd = os.open(tmp_images, os.O_WRONLY)
+        try:
+            for s in kprogress.bar(wanted_shards, desc="writing kept images", disable=not progress,
+                                   unit_label="shard"):
+                for key, im, pose, meta in kshards.iter_shards(shard_dir, [s]):
+                    j = position.get(key)
+                    if j is None:
+                        continue
+                    if size != src_size:
+                        im = np.asarray(Image.fromarray(im).resize((size, size), Image.LANCZOS), dtype=np.uint8)
+                    os.pwrite(fd, np.ascontiguousarray(im, dtype=np.uint8).tobytes(), offset + j * row_bytes)
+                    poses[j], metas[j] = pose, meta
+        finally:
+            os.close(fd)
+        poses.flush()
+        del poses  # close the map before the rename
         missing = [k for k, m in zip(ids, metas) if m is None]
         if missing:
             raise DataError(f"{shard_dir}: {len(missing)} kept ids not found in the shards "
                             f"(first: {', '.join(missing[:5])})")
-        poses.flush()
-        del poses  # close the map before the renames
-        _fsync(tmp_images)
-        _fsync(tmp_poses)
-        write_json(ids_path, {"format": FORMAT, "n": len(ids), "size": size, "shard_dir": str(shard_dir),
+        write_json(ids_path, {"format": FILTER.format, "n": len(ids), "size": size, "shard_dir": str(shard_dir),
                               "ids": ids, "meta": metas})
-        os.replace(tmp_poses, poses_path)
-        os.replace(tmp_images, out_path)
-    except BaseException:
-        tmp_images.unlink(missing_ok=True)
-        tmp_poses.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(fd)
     return {"images": out_path, "poses": poses_path, "ids": ids_path, "n": len(ids), "size": size}
 
 

@@ -22,10 +22,11 @@ is divided by it, quantised and decoded (:func:`decode_latents`). Settings come 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kpnb.core import files as runs
+from kpnb.core import files
 from kpnb.core import progress as kprogress
 from kpnb.core.images import to_model, to_uint8
 from kpnb.core.runtime import Runtime, current
@@ -132,25 +133,44 @@ class KeypointLDM(nn.Module):
         return err.mean()
 
 
-def make_ldm(modes: str | Sequence[str], latent_shape: Sequence[int], *, base: int = 64,
-             mults: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2, attn_ds: Sequence[int] = (2,),
-             heads: int = 4, token_dim: int = 64, self_attn: bool = True, dropout: float = 0.0,
-             sigma: float = 1.0, pos_freqs: int = 0, scale_factor: float = 1.0, T: int = 1000,
-             beta_start: float = 0.0015, beta_end: float = 0.0195, prediction: str = "eps") -> KeypointLDM:
-    """A KeypointLDM for conditioning ``modes`` on latents of ``latent_shape`` = (C, h, w): the UNet's
-    input channels and context width follow from the modes. ``prediction``: the UNet's target, "eps"
-    (ldm, the original) or "v" (see :data:`PREDICTIONS`)."""
+@dataclass(frozen=True)
+class LDMArch:
+    """The shape of a KeypointLDM's networks (:class:`kpnb.models.unet.UNetConfig` says more). The UNet:
+    ``base`` channels times ``mults`` per level, ``num_res_blocks`` per level, attention at the downsampling
+    factors ``attn_ds`` with ``heads`` heads (``self_attn=False``: cross-attention only; ``pos_freqs`` > 0:
+    Fourier features of each position added), ``dropout``, and its target ``prediction``: "eps" (ldm, the
+    original) or "v" (see :data:`PREDICTIONS`). The pose conditioning: tokens of ``token_dim``, skeleton
+    Gaussians ``sigma`` latent pixels wide."""
+    base: int = 64
+    mults: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_ds: Sequence[int] = (2,)
+    heads: int = 4
+    token_dim: int = 64
+    self_attn: bool = True
+    dropout: float = 0.0
+    sigma: float = 1.0
+    pos_freqs: int = 0
+    prediction: str = "eps"
+
+
+def make_ldm(modes: str | Sequence[str], latent_shape: Sequence[int], arch: LDMArch | None = None, *,
+             scale_factor: float = 1.0, schedule: Schedule | None = None, **fields: Any) -> KeypointLDM:
+    """A KeypointLDM for conditioning ``modes`` on latents of ``latent_shape`` = (C, h, w), shaped by ``arch``
+    (default :class:`LDMArch`) with any of its fields replaced by keyword (``base=32``): the UNet's input
+    channels and context width follow from the modes. ``schedule``: default :class:`Schedule` (T = 1000)."""
+    a = dataclasses.replace(arch or LDMArch(), **fields)
     C, h, w = latent_shape
     if h != w:
         raise ValueError(f"square latents expected, got {tuple(latent_shape)}")
-    cond = PoseConditioner(parse_modes(modes), latent_size=h, token_dim=token_dim, sigma=sigma)
-    cfg = UNetConfig(in_channels=C + cond.concat_channels, out_channels=C, base=base, mults=tuple(mults),
-                     num_res_blocks=num_res_blocks, attn_ds=tuple(attn_ds), heads=heads,
-                     context_dim=cond.context_dim, self_attn=self_attn, dropout=dropout, pos_freqs=pos_freqs)
-    return KeypointLDM(cfg, cond, latent_shape, scale_factor, Schedule(T, beta_start, beta_end), prediction)
+    cond = PoseConditioner(parse_modes(modes), latent_size=h, token_dim=a.token_dim, sigma=a.sigma)
+    cfg = UNetConfig(in_channels=C + cond.concat_channels, out_channels=C, base=a.base, mults=tuple(a.mults),
+                     num_res_blocks=a.num_res_blocks, attn_ds=tuple(a.attn_ds), heads=a.heads,
+                     context_dim=cond.context_dim, self_attn=a.self_attn, dropout=a.dropout, pos_freqs=a.pos_freqs)
+    return KeypointLDM(cfg, cond, latent_shape, scale_factor, schedule or Schedule(), a.prediction)
 
 
-#: The keys of a preset's ``diffusion`` section that shape the model (:func:`make_ldm`'s keywords).
+#: The keys of a preset's ``diffusion`` section that shape the model (fields of :class:`LDMArch`).
 ARCH_KEYS = ("base", "mults", "num_res_blocks", "attn_ds", "heads", "token_dim", "self_attn", "dropout", "sigma",
              "prediction")
 
@@ -158,7 +178,7 @@ ARCH_KEYS = ("base", "mults", "num_res_blocks", "attn_ds", "heads", "token_dim",
 def ldm_from_settings(cfg: Mapping[str, Any], modes: str | Sequence[str], latent_shape: Sequence[int], *,
                       scale_factor: float = 1.0) -> KeypointLDM:
     """:func:`make_ldm` with the model keys (:data:`ARCH_KEYS`) of a preset's ``diffusion`` section."""
-    return make_ldm(modes, latent_shape, scale_factor=scale_factor, **{k: cfg[k] for k in ARCH_KEYS})
+    return make_ldm(modes, latent_shape, LDMArch(**{k: cfg[k] for k in ARCH_KEYS}), scale_factor=scale_factor)
 
 
 def original_ldm() -> KeypointLDM:
@@ -167,8 +187,8 @@ def original_ldm() -> KeypointLDM:
     (context [B, 1, 17]), 64x64x3 f4 latents, ldm's default scale_factor 1.0 (the original config sets no
     ``scale_by_std``), base 160, mults 1,2,3,4, attention at 1/2, 1/4, 1/8, 8 heads. Its learned null pose is
     new (the original had no guidance): train it, or sample at guidance 1."""
-    m = make_ldm("grid", (3, 64, 64), base=160, mults=(1, 2, 3, 4), num_res_blocks=2, attn_ds=(2, 4, 8), heads=8,
-                 scale_factor=1.0)
+    arch = LDMArch(base=160, mults=(1, 2, 3, 4), num_res_blocks=2, attn_ds=(2, 4, 8), heads=8)
+    m = make_ldm("grid", (3, 64, 64), arch, scale_factor=1.0)
     assert m.unet.cfg == UNetConfig.original()
     return m
 
@@ -237,7 +257,7 @@ def latent_cache(vq: nn.Module, images: np.ndarray, path: str | Path, *, identit
         out.flush()
         del out
         os.replace(tmp, path)
-        runs.write_json(side, want)
+        files.write_json(side, want)
     rt.barrier()
     return np.load(path, mmap_mode="r")
 

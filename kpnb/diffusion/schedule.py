@@ -13,7 +13,8 @@ import torch
 class Schedule:
     """DDPM schedule of ``T`` steps with ldm's "linear" betas (linear in sqrt(beta), float64).
 
-    ``add_noise(x0, noise, t)`` is q(x_t | x_0); ``ddim_timesteps(steps)`` the DDIM sub-sequence."""
+    ``add_noise(x0, noise, t)`` is q(x_t | x_0); ``ddim_timesteps(steps)`` the DDIM sub-sequence, ``ddim_levels``
+    the same with the noise levels a DDIM step needs."""
 
     def __init__(self, T: int = 1000, beta_start: float = 0.0015, beta_end: float = 0.0195):
         self.T, self.beta_start, self.beta_end = T, beta_start, beta_end
@@ -39,6 +40,14 @@ class Schedule:
             raise ValueError(f"DDIM steps must be 1..{self.T}, got {steps}")
         ts = sorted({min(k * (self.T // steps) + 1, self.T - 1) for k in range(steps)})
         return ts[::-1]
+
+    def ddim_levels(self, steps: int) -> list[tuple[int, float, float]]:
+        """The DDIM steps as ``(t, a_t, a_prev)``: each of :meth:`ddim_timesteps` with its alphas_cumprod and
+        that of the next timestep. The last step goes to ldm's last level alphas_cumprod[0], not to alpha = 1
+        (diffusers' ``set_alpha_to_one=False``)."""
+        ts = self.ddim_timesteps(steps)
+        a = self.alphas_cumprod
+        return [(t, float(a[t]), float(a[nxt])) for t, nxt in zip(ts, ts[1:] + [0])]
 
 
 # ======================================================================================================

@@ -20,7 +20,7 @@ from kpnb.synth.renders import render_truth
 
 
 def pose_fidelity(model: KeypointLDM, vq: nn.Module, estimator: nn.Module, poses: Any, *,
-                  ceiling: Mapping[str, float] | None = None, batch_size: int = 50, seed: int = 0,
+                  ceiling: Mapping[str, float] | None = None, seed: int = 0,
                   sampler: Callable[..., np.ndarray] | None = None, target: Any = None,
                   **kw: Any) -> tuple[np.ndarray, dict[str, float]]:
     """Generate one image per pose, estimate its pose, and score it against the conditioning pose, or against
@@ -28,11 +28,12 @@ def pose_fidelity(model: KeypointLDM, vq: nn.Module, estimator: nn.Module, poses
     :func:`kpnb.poses.analysis.complete_poses`; ``docs/metrics.md``): returns (images, metrics) with the
     :func:`kpnb.evaluate.pose.pck` and :func:`kpnb.evaluate.pose.pose_ap` keys, ``sample_images_per_s`` and,
     given the estimator's ``ceiling`` (:func:`kpnb.evaluate.pose.ceiling`'s dict), ``<key>.ratio`` = number /
-    ceiling for the PCK keys and AP. ``sampler(model, vq, poses, batch_size=, seed=, **kw) -> uint8 images``:
-    another generator to score (e.g. :func:`kpnb.models.transformer.sample_images`); None = :func:`sample_images`."""
+    ceiling for the PCK keys and AP. ``sampler(model, vq, poses, seed=, **kw) -> uint8 images``: another
+    generator to score (e.g. :func:`kpnb.models.transformer.sample_images`); None = :func:`sample_images`.
+    ``kw`` go to the sampler: ``batch_size`` (both samplers' default 50), the sampling settings."""
     poses = check_poses(poses)
     t0 = time.perf_counter()
-    images = (sampler or sample_images)(model, vq, poses, batch_size=batch_size, seed=seed, **kw)
+    images = (sampler or sample_images)(model, vq, poses, seed=seed, **kw)
     secs = time.perf_counter() - t0
     truth = poses if target is None else check_poses(target, name="pose_fidelity target")
     if truth.shape != poses.shape:

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from kpnb.core.images import check_uint8_images
 from kpnb.models.clip import clip_input
+from kpnb.poses.analysis import nearest_as_placed
 
 # torch-fidelity's Inception weights: the release tag of the TF graph they were converted from, then a hash
 _INCEPTION_TAG = "-".join(("2015", "12", "05", "6726825d"))
@@ -94,10 +96,8 @@ def inception_features(weights_path: str | Path) -> nn.Module:
 
 
 def _nchw_uint8(images: Any, what: str) -> torch.Tensor:
-    arr = np.asarray(images)
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"{what}: images must be uint8 [N, H, W, 3], got {arr.dtype} {list(arr.shape)}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+    """uint8 images [N, H, W, 3] as the uint8 tensor [N, 3, H, W] the feature networks take."""
+    return torch.from_numpy(np.ascontiguousarray(check_uint8_images(images, what))).permute(0, 3, 1, 2)
 
 
 class ImageDistance:
@@ -182,18 +182,6 @@ def mean_pairwise_distance(feats: Any) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
-def nearest_poses(pose: Any, poses: Any, k: int) -> np.ndarray:
-    """Indices of the ``k`` poses in ``poses`` [N, 17, 3] nearest to ``pose`` [17, 3]: mean distance over the
-    joints in the frame in both (a pose with fewer than 5 such joints in common is never near)."""
-    from kpnb.poses.pose import HIDDEN, VISIBLE
-
-    p, q = np.asarray(pose, np.float64), np.asarray(poses, np.float64)
-    both = np.isin(q[..., 2], (VISIBLE, HIDDEN)) & np.isin(p[None, :, 2], (VISIBLE, HIDDEN))
-    d = np.linalg.norm(q[..., :2] - p[None, :, :2], axis=-1)
-    mean = np.where(both.sum(1) >= 5, (d * both).sum(1) / np.maximum(both.sum(1), 1), np.inf)
-    return np.argsort(mean, kind="stable")[:k]
-
-
 def diversity(features: nn.Module, samples: Any, real_images: Any, real_poses: Any, pose: Any,
               k: int | None = None) -> dict[str, float]:
     """Diversity for one pose: ``samples`` (uint8 [n, H, W, 3], all for ``pose``) against the ``k`` (default n)
@@ -201,7 +189,7 @@ def diversity(features: nn.Module, samples: Any, real_images: Any, real_poses: A
     distances), their ``ratio`` and ``real_pose_distance`` (how near those real poses are, frame units)."""
     s = _nchw_uint8(samples, "samples")
     k = k or len(s)
-    idx = nearest_poses(pose, real_poses, k)
+    idx = nearest_as_placed(pose, real_poses, k)
     r = _nchw_uint8(np.asarray(real_images)[idx], "real images")
     ds, dr = mean_pairwise_distance(features(s).cpu()), mean_pairwise_distance(features(r).cpu())
     rp = np.asarray(real_poses, np.float64)[idx]

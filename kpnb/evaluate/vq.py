@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kpnb.core.images import to_uint8
-from kpnb.models.vq import VQModel, _check_images, to_model_range
+from kpnb.core.images import check_uint8_images, to_uint8
+from kpnb.models.vq import VQModel, to_model_range
 
 # ---- evaluation ---------------------------------------------------------------------------------------
 PSNR_CAP = 100.0  # dB, for a perfect reconstruction (so means stay finite)
@@ -38,7 +38,7 @@ def code_usage(indices: np.ndarray | torch.Tensor, n_codes: int) -> dict[str, fl
 def reconstruct(model: VQModel, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(reconstructions uint8 [N, H, W, 3], code indices [N, h, w]) of uint8 images."""
     model.eval()
-    data = _check_images(images)
+    data = check_uint8_images(images)
     dev = next(model.parameters()).device
     recs, idxs = [], []
     for i in range(0, len(data), batch_size):

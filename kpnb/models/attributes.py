@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kpnb import synth
-from kpnb.core.images import to_model
+from kpnb.core.images import check_uint8_images, to_model
 
 IGNORE = -100  # label of an image without this attribute (e.g. a distractor): left out of that head's loss
 # what notebook 06's classifier tells apart: the renderer's own attribute values
@@ -56,17 +56,6 @@ class AttributeNet(nn.Module):
         return {k: head(h) for k, head in self.heads.items()}
 
 
-def _uint8_images(images: np.ndarray) -> np.ndarray:
-    """The images as uint8 [N, H, W, 3] without a copy (a memory-mapped subset stays on disk), or a ValueError;
-    callers convert them batch by batch."""
-    arr = np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 [N, H, W, 3], got {arr.dtype} {arr.shape}")
-    return arr
-
-
 def encode_labels(values: Sequence[str | None], classes: Sequence[str], name: str) -> torch.Tensor:
     """Class names -> indices (``None`` -> IGNORE); an unknown name is refused, naming the attribute."""
     index = {c: i for i, c in enumerate(classes)}
@@ -87,7 +76,7 @@ def labels_of(attrs: Sequence[Mapping[str, str | None]], classes: Mapping[str, S
 def attribute_probs(model: AttributeNet, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
     """Class probabilities per attribute, ``{name: [N, K]}`` (columns in ``model.classes[name]`` order)."""
     model.eval()
-    x = _uint8_images(images)
+    x = check_uint8_images(images, single=True)
     dev = next(model.parameters()).device
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in model.classes}
     for i in range(0, len(x), batch_size):

@@ -22,12 +22,14 @@ tuning can back-propagate through it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,6 +44,7 @@ from open_clip.convert import convert_state_dict  # noqa: E402
 from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed  # noqa: E402
 
 from kpnb.core.files import load_tensors, write_json
+from kpnb.core.images import check_uint8_images
 
 DOMAIN_PREFIX = "kpnb-domain-clip"
 
@@ -70,11 +73,7 @@ def images_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"float images must be [N, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
         return images
-    arr = np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N, H, W, 3] or [H, W, 3], got {arr.dtype} {arr.shape}")
+    arr = check_uint8_images(images, single=True)
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div(255.0)
 
 
@@ -320,24 +319,42 @@ def hair_prompt(colour: str) -> str:
 
 
 # ---- the domain CLIP -----------------------------------------------------------------------------------
-def domain_clip_config(image_size: int = 64, patch_size: int = 8, width: int = 64, layers: int = 2,
-                       text_width: int = 64, text_layers: int = 2, context_length: int = 32,
-                       embed_dim: int = 64, head_width: int = 32, mlp_ratio: float = 2.0,
-                       init_logit_scale: float = math.log(30.0)) -> dict[str, Any]:
-    """An open_clip model config (the JSON open_clip's ``model_configs/`` hold) for a tiny CLIP:
-    a ViT over ``patch_size`` patches of ``image_size`` images and a causal text transformer over
-    open_clip's 49408-token BPE vocabulary (most of the ~3.4M parameters of the defaults are that token
-    table). The temperature starts at 1/30 rather than CLIP's 1/14.3: with few, close concepts (eight hair
-    colours) the sharper softmax learns them faster."""
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+@dataclass(frozen=True)
+class DomainClipArch:
+    """The shape of a tiny CLIP: a ViT of ``layers`` blocks of ``width`` channels over ``patch_size`` patches of
+    ``image_size`` images; a causal text transformer of ``text_layers`` blocks of ``text_width`` over
+    ``context_length`` tokens; attention heads of ``head_width`` channels, MLPs ``mlp_ratio`` times the width,
+    a shared embedding of ``embed_dim``, and the temperature's starting logit ``init_logit_scale``."""
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 64
+    layers: int = 2
+    text_width: int = 64
+    text_layers: int = 2
+    context_length: int = 32
+    embed_dim: int = 64
+    head_width: int = 32
+    mlp_ratio: float = 2.0
+    init_logit_scale: float = math.log(30.0)
+
+
+def domain_clip_config(arch: DomainClipArch | None = None, **fields: Any) -> dict[str, Any]:
+    """An open_clip model config (the JSON open_clip's ``model_configs/`` hold) for a tiny CLIP of ``arch``
+    (default :class:`DomainClipArch`), any of its fields replaced by keyword (``image_size=32``): a ViT and a
+    causal text transformer over open_clip's 49408-token BPE vocabulary (most of the ~3.4M parameters of the
+    defaults are that token table). The temperature starts at 1/30 rather than CLIP's 1/14.3: with few, close
+    concepts (eight hair colours) the sharper softmax learns them faster."""
+    a = dataclasses.replace(arch or DomainClipArch(), **fields)
+    if a.image_size % a.patch_size:
+        raise ValueError(f"image_size {a.image_size} is not a multiple of patch_size {a.patch_size}")
     return {
-        "embed_dim": embed_dim,
-        "init_logit_scale": float(init_logit_scale),
-        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": head_width,
-                       "patch_size": patch_size, "mlp_ratio": mlp_ratio},
-        "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": text_width,
-                     "heads": max(1, text_width // head_width), "layers": text_layers, "mlp_ratio": mlp_ratio},
+        "embed_dim": a.embed_dim,
+        "init_logit_scale": float(a.init_logit_scale),
+        "vision_cfg": {"image_size": a.image_size, "layers": a.layers, "width": a.width, "head_width": a.head_width,
+                       "patch_size": a.patch_size, "mlp_ratio": a.mlp_ratio},
+        "text_cfg": {"context_length": a.context_length, "vocab_size": 49408, "width": a.text_width,
+                     "heads": max(1, a.text_width // a.head_width), "layers": a.text_layers,
+                     "mlp_ratio": a.mlp_ratio},
     }
 
 
@@ -347,7 +364,7 @@ MODEL_KEYS = ("image_size", "patch_size", "width", "layers", "text_width", "text
 
 def model_config_from_preset(section: Mapping[str, Any]) -> dict[str, Any]:
     """The domain CLIP config of a preset's ``clip`` section."""
-    return domain_clip_config(**{k: section[k] for k in MODEL_KEYS if k in section})
+    return domain_clip_config(DomainClipArch(**{k: section[k] for k in MODEL_KEYS if k in section}))
 
 
 def register_architecture(model_cfg: Mapping[str, Any], folder: str | Path) -> str:

@@ -13,7 +13,7 @@ from kpnb.poses.pose import HIDDEN, N_JOINTS, OUTSIDE, VISIBLE
 
 # visibility classes of the estimator's head -> kpnb visibility codes
 VIS_CLASSES = (OUTSIDE, HIDDEN, VISIBLE)
-_CODE_TO_CLASS = {OUTSIDE: 0, HIDDEN: 1, VISIBLE: 2}
+CODE_TO_CLASS = {OUTSIDE: 0, HIDDEN: 1, VISIBLE: 2}
 
 
 # ======================================================================================================

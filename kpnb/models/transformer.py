@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from kpnb.core import progress as kprogress
@@ -114,12 +115,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.n_head) for t in self.c_attn(x).chunk(3, dim=-1))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_drop(self.c_proj(rearrange(y, "b h t d -> b t (h d)")))
 
 
 class Block(nn.Module):
@@ -234,22 +233,21 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 @torch.no_grad()
 def sample_codes(model: CondTransformer, poses: Any, *, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
+                 top_p: float | None = None, seed: int | torch.Generator | None = None,
                  callback: Callable[[dict[str, Any]], None] | None = None, progress: bool = False
                  ) -> torch.Tensor:
     """Sample code indices [B, h, w] for ``poses``, one code at a time in raster order.
 
     * ``temperature`` divides the logits (0 = greedy: always the most likely code), then ``top_k`` and
       ``top_p`` filter them (:func:`filter_logits`).
-    * determinism: draws come from ``generator`` (or a fresh one seeded with ``seed``; neither = torch's
-      global RNG), on the CPU, so a seed gives the same codes on any device.
+    * determinism: draws come from ``seed``, a CPU ``torch.Generator`` or an int that seeds a fresh one
+      (None = torch's global RNG), on the CPU, so a seed gives the same codes on any device.
     * ``callback(dict(i, codes))`` after each step (i = 0..L-1, ``codes`` [B, i + 1] so far), or
       ``progress=True`` for a tqdm bar."""
 
     ptok = pose_tokens(poses)
     dev = next(model.parameters()).device
-    if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(seed)
+    generator = seed if seed is None or isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     seq = ptok.to(dev) + model.cfg.n_codes

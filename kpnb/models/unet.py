@@ -16,6 +16,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from kpnb.models.vq import Upsample
@@ -106,7 +107,6 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, C = x.shape
         # One GEMM for q, k, v (self-attention) or for k, v (cross-attention) instead of three small ones;
         # the weights stay separate modules so that ldm checkpoints map 1:1.
         if context is None:
@@ -115,9 +115,9 @@ class Attention(nn.Module):
         else:
             q = self.to_q(x)
             k, v = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, dim=-1)
-        split = lambda t: t.reshape(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
-        return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class GEGLU(nn.Module):
@@ -174,8 +174,8 @@ class SpatialTransformer(nn.Module):
         self.proj_out = _zero(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, C]
+        H, W = x.shape[-2:]
+        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         if self.pos_freqs:
             c = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / H  # pixel centres, as skeleton maps
             yx = torch.stack(torch.meshgrid(c, (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) / W,
@@ -184,7 +184,7 @@ class SpatialTransformer(nn.Module):
             h = h + self.pos_proj(torch.cat([xy, fourier_features(xy, self.pos_freqs)], -1))
         for blk in self.transformer_blocks:
             h = blk(h, context)
-        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+        return x + self.proj_out(rearrange(h, "b (h w) c -> b c h w", h=H, w=W))
 
 
 class Downsample(nn.Module):

@@ -34,9 +34,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from kpnb.core.images import to_model
@@ -124,10 +124,9 @@ class Attention(nn.Module):
         self.norm, self.qkv, self.out = _norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, hh, ww = x.shape
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # [B, HW, C] each
-        h = F.scaled_dot_product_attention(q, k, v)
-        return x + self.out(h.transpose(1, 2).reshape(b, c, hh, ww))
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b c h w -> b (h w) c").chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(rearrange(out, "b (h w) c -> b c h w", h=x.shape[-2]))
 
 
 class Downsample(nn.Module):
@@ -396,12 +395,3 @@ def vq_config_for(spec: str, preset_cfg: Mapping[str, Any]) -> VQConfig:
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (:func:`kpnb.core.images.to_model`)."""
     return to_model(images_uint8)
-
-
-def _check_images(images: np.ndarray, name: str = "images") -> np.ndarray:
-    """``images`` as they are (a memory map is not read), or a ValueError unless uint8 [N, H, W, 3]."""
-    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
-            and images.shape[-1] == 3):
-        got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}"
-        raise ValueError(f"{name}: expected a uint8 numpy array [N, H, W, 3], got {got}")
-    return images

@@ -73,7 +73,7 @@ class ImportReport:
         return "\n".join(lines)
 
 
-def _copy_into(model: nn.Module, mapping: Mapping[str, list[str]], state: Mapping[str, torch.Tensor],
+def copy_into(model: nn.Module, mapping: Mapping[str, list[str]], state: Mapping[str, torch.Tensor],
                report: ImportReport, prefix: str = "", kpnb_only: Mapping[str, str] | None = None,
                where: str = "") -> None:
     """Fill ``model`` from ``state``: each kpnb tensor k from ``prefix + src`` for src in ``mapping[k]``
@@ -104,7 +104,7 @@ def _copy_into(model: nn.Module, mapping: Mapping[str, list[str]], state: Mappin
     model.load_state_dict({**own, **new}, strict=True)
 
 
-def _check_missing(report: ImportReport, allowed: Iterable[str], where: str) -> None:
+def check_missing(report: ImportReport, allowed: Iterable[str], where: str) -> None:
     bad = [f"{k} ({why})" for k, why in report.missing.items() if k not in set(allowed)]
     if bad:
         raise CheckpointImportError(f"{where}: {len(bad)} kpnb tensors not found in the file: {'; '.join(bad[:8])}")

@@ -51,11 +51,11 @@ from kpnb.diffusion.ldm import KeypointLDM
 from kpnb.diffusion.schedule import Schedule
 from kpnb.models.unet import UNetConfig, unet_state_from_ldm
 from kpnb.models.vq import VQConfig, VQModel
-from kpnb.original.common import ImportReport, _check_missing, _copy_into, load_lightning_checkpoint
+from kpnb.original.common import ImportReport, check_missing, copy_into, load_lightning_checkpoint
 from kpnb.original.lightning import (
     CheckpointImportError,
 )
-from kpnb.original.vq import _training_only, _vq_from_state, vq_config_from_state, vq_state_to_original
+from kpnb.original.vq import vq_config_from_state, vq_from_state, vq_state_to_original, vq_training_only
 from kpnb.poses.conditioning import N_JOINTS, PoseConditioner
 
 # ======================================================================================================
@@ -191,7 +191,7 @@ def load_original_ldm(path: str | Path, *, ema: bool = True, heads: int = 8, ima
         raise CheckpointImportError(f"{where}: no first_stage_model.* weights - not a latent-diffusion checkpoint "
                                     f"(a VQGAN alone goes through load_original_vq)")
     vq_report = ImportReport(where, meta=dict(ck.meta))
-    vq = _vq_from_state(sd, "first_stage_model.", vq_report, image_size=image_size, where=where)
+    vq = vq_from_state(sd, "first_stage_model.", vq_report, image_size=image_size, where=where)
     vq.import_report = vq_report
 
     report = ImportReport(where, meta=dict(ck.meta))
@@ -219,9 +219,9 @@ def load_original_ldm(path: str | Path, *, ema: bool = True, heads: int = 8, ima
     model = KeypointLDM(ucfg, PoseConditioner("grid", latent_size=S), (ucfg.in_channels, S, S), sf, schedule)
     kpnb_only = {"cond.null_grid": "kpnb's learned null pose for classifier-free guidance (the original had "
                                    "none): kept at its initial value - sample at guidance 1, or train it"}
-    _copy_into(model, {f"unet.{k}": [src] for k, src in sources.items()}, sd, report, kpnb_only=kpnb_only,
+    copy_into(model, {f"unet.{k}": [src] for k, src in sources.items()}, sd, report, kpnb_only=kpnb_only,
                where=where)
-    _check_missing(report, kpnb_only, where)
+    check_missing(report, kpnb_only, where)
     for k in sd:
         if k.startswith("first_stage_model."):
             if k in vq_report.mapped:
@@ -265,7 +265,7 @@ def ldm_state_to_original(ldm: KeypointLDM, vq: VQModel) -> dict[str, torch.Tens
             back = vq_config_from_state(vq_sd, image_size=vq.cfg.image_size)
         except CheckpointImportError as e:
             back = e
-        if not isinstance(back, VQConfig) or replace(back, **_training_only(vq.cfg)) != vq.cfg:
+        if not isinstance(back, VQConfig) or replace(back, **vq_training_only(vq.cfg)) != vq.cfg:
             why.append(f"VQ {vq.cfg.to_dict()} reads back as {back}")
     if why:
         raise ValueError("not representable in the original layout: " + "; ".join(why))

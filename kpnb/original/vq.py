@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kpnb.models.vq import VQConfig, VQModel
-from kpnb.original.common import ImportReport, _check_missing, _copy_into, load_lightning_checkpoint
+from kpnb.original.common import ImportReport, check_missing, copy_into, load_lightning_checkpoint
 from kpnb.original.lightning import (
     CheckpointImportError,
 )
@@ -153,7 +153,7 @@ def _vq_unused_reason(key: str) -> str:
     return "not used by kpnb's VQ model"
 
 
-def _vq_from_state(state: Mapping[str, torch.Tensor], prefix: str, report: ImportReport, *, image_size: int,
+def vq_from_state(state: Mapping[str, torch.Tensor], prefix: str, report: ImportReport, *, image_size: int,
                    where: str) -> VQModel:
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     cfg = vq_config_from_state(sub, image_size=image_size)
@@ -163,8 +163,8 @@ def _vq_from_state(state: Mapping[str, torch.Tensor], prefix: str, report: Impor
         raise CheckpointImportError(
             f"{where}: base width {cfg.base_width} makes kpnb's VQ use GroupNorm with {wrong} groups where taming "
             f"always uses 32 (kpnb needs every normalised width >= 64 and a multiple of 32 to match)")
-    _copy_into(model, vq_key_map(model), state, report, prefix=prefix, kpnb_only=_VQ_BOOKKEEPING, where=where)
-    _check_missing(report, _VQ_BOOKKEEPING, where)
+    copy_into(model, vq_key_map(model), state, report, prefix=prefix, kpnb_only=_VQ_BOOKKEEPING, where=where)
+    check_missing(report, _VQ_BOOKKEEPING, where)
     with torch.no_grad():
         model.quantizer.usage.fill_(1.0 / cfg.n_codes)
         model.quantizer.initialized.fill_(True)
@@ -203,7 +203,7 @@ def load_original_vq(path: str | Path, *, image_size: int = 256, verbose: bool =
         report.notes.append(f"Lightning metadata replaced by inert placeholders: {', '.join(ck.placeholders)}")
     if prefix:
         report.notes.append("read the first stage (first_stage_model.*) of a latent-diffusion checkpoint")
-    model = _vq_from_state(sd, prefix, report, image_size=image_size, where=str(ck.path))
+    model = vq_from_state(sd, prefix, report, image_size=image_size, where=str(ck.path))
     for k in sd:
         if not k.startswith(prefix) and k not in report.mapped:
             report.unused[k] = "not part of the VQ model"
@@ -214,5 +214,5 @@ def load_original_vq(path: str | Path, *, image_size: int = 256, verbose: bool =
 
 
 # ---- the other way: kpnb's models in the original layout ---------------------------------------------
-def _training_only(cfg: VQConfig) -> dict[str, Any]:  # VQ settings that only training reads: not in the weights
+def vq_training_only(cfg: VQConfig) -> dict[str, Any]:  # VQ settings that only training reads: not in the weights
     return {"beta": cfg.beta, "usage_decay": cfg.usage_decay, "dead_threshold": cfg.dead_threshold}

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from kpnb.poses.pose import JOINT_INDEX, MISSING, N_JOINTS, Pose
+from kpnb.poses.pose import HIDDEN, JOINT_INDEX, MISSING, N_JOINTS, VISIBLE, Pose
 
 
 # ---- plausibility features ----------------------------------------------------------------------------
@@ -105,6 +105,18 @@ def nearest_poses(poses: Any, reference: Any, alpha: float = 0.1) -> dict[str, n
         out["distance"][i], out["pck"][i], out["index"][i] = mean[j], (d[j] <= alpha).mean(), j
         out["fitted"][i] = (ref[j] - s_mean[j]) * scale[j] + r.mean(0)
     return out
+
+
+def nearest_as_placed(pose: Any, poses: Any, k: int) -> np.ndarray:
+    """Indices of the ``k`` poses of ``poses`` [N, 17, 3] nearest to ``pose`` [17, 3] where they stand, without
+    :func:`nearest_poses`' fit: the mean distance over the joints in the frame (VISIBLE or HIDDEN) in both, in
+    frame units; a pose with fewer than 5 such joints in common is never near (sorted last). Ties keep the
+    order of ``poses``."""
+    p, q = np.asarray(pose, np.float64), np.asarray(poses, np.float64)
+    both = np.isin(q[..., 2], (VISIBLE, HIDDEN)) & np.isin(p[None, :, 2], (VISIBLE, HIDDEN))
+    d = np.linalg.norm(q[..., :2] - p[None, :, :2], axis=-1)
+    mean = np.where(both.sum(1) >= 5, (d * both).sum(1) / np.maximum(both.sum(1), 1), np.inf)
+    return np.argsort(mean, kind="stable")[:k]
 
 
 def complete_poses(poses: Any, reference: Any) -> np.ndarray:

@@ -33,8 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kpnb.core import settings as runs
 from kpnb.core.runtime import Runtime
-from kpnb.diffusion import ldm as diffusion
-from kpnb.diffusion import sampling
+from kpnb.diffusion import ldm, sampling
 from kpnb.models import clip as kclip
 from kpnb.models import transformer, vq
 from kpnb.train import vq as vq_training
@@ -248,11 +247,11 @@ def bench_ldm(preset: str = "cpu", *, steps: int = 5, gpu_steps: int = 1, specs:
     res = {**_header(device, preset, spec=spec), "models": []}
     for mode in modes or d["modes"]:
         torch.manual_seed(0)
-        model = diffusion.ldm_from_settings(d, mode, shape)
+        model = ldm.ldm_from_settings(d, mode, shape)
         res["models"].append(bench_ldm_model(model, batch_size=int(d["batch_size"]), steps=steps,
                                              sample_steps=sample_steps, device=device, diffusers=diffusers))
     if gpu_config and preset != "gpu":
-        res["original"] = bench_ldm_model(diffusion.original_ldm(), batch_size=1, steps=gpu_steps,
+        res["original"] = bench_ldm_model(ldm.original_ldm(), batch_size=1, steps=gpu_steps,
                                           sample_steps=0, device=device, diffusers=diffusers)
     return res
 

@@ -213,3 +213,125 @@ def token_cells(pose: Pose, path=None, title: str | None = None) -> Any:
     ax.set_title(title or "token cells (x // 16, y // 16)", fontsize=8)
     fig.tight_layout()
     return save(fig, path)
+
+
+def labelled_rows(rows: Sequence[tuple[str, Sequence[np.ndarray]]], size: float = 1.4, path=None,
+                  suptitle: str | None = None) -> Any:
+    """Rows of images of equal length, each named by the title of its first image: ``rows`` = [(name, images)]."""
+    tiles, titles = [], []
+    for name, row in rows:
+        tiles += list(row)
+        titles += [name] + [""] * (len(row) - 1)
+    return image_grid(tiles, titles, ncols=len(rows[0][1]), size=size, path=path, suptitle=suptitle)
+
+
+def samples_by_pose(poses: Sequence[Pose], images: np.ndarray, n_per_pose: int, px: int = 128) -> list[np.ndarray]:
+    """Tiles of one row per pose: the pose drawn at ``px`` pixels, then its ``n_per_pose`` samples (``images`` in
+    pose order)."""
+    tiles = []
+    for j, pose in enumerate(poses):
+        tiles.append(draw_skeleton(pose, px))
+        tiles += list(images[n_per_pose * j:n_per_pose * (j + 1)])
+    return tiles
+
+
+def removed_and_kept(cands: Any, results: Sequence[Any], rng: np.random.Generator, path_of, n: int = 20) -> None:
+    """The dataset filter's examples: for each stage ``n`` images it removed in the chain (not already removed by an
+    earlier stage; titled with its reason and, with labels, the ground truth), then ``n`` kept images, each with
+    its keypoint file drawn. ``cands``: the candidates (images, poses, labels); ``path_of(name)`` the figure's
+    path for ``removed_<stage>`` and ``kept``; the images shown are drawn with ``rng``."""
+    seen = np.ones(len(cands.images), bool)
+    for r in results:
+        removed = np.flatnonzero(seen & ~r.keep)
+        seen &= r.keep
+        show = rng.choice(removed, size=min(n, len(removed)), replace=False) if len(removed) else []
+        titles = [r.reasons[i].split(": ", 1)[-1] + (f"\n[{cands.labels[i]['label']}]" if cands.labels else "")
+                  for i in show]
+        image_grid([overlay(cands.images[i], cands.poses[i], 128) for i in show], titles, ncols=10,
+                   path=path_of(f"removed_{r.name}"), suptitle=f"removed by stage '{r.name}' ({len(removed)})")
+    kept = np.flatnonzero(seen)
+    show = rng.choice(kept, size=min(n, len(kept)), replace=False)
+    image_grid([overlay(cands.images[i], cands.poses[i], 128) for i in show],
+               [cands.labels[i]["label"] if cands.labels else "" for i in show], ncols=10,
+               path=path_of("kept"), suptitle="kept (with the keypoint file drawn)")
+
+
+def conditioning_inputs(images: np.ndarray, poses: np.ndarray, grid: np.ndarray, maps: np.ndarray,
+                        path=None) -> Any:
+    """What a diffusion model is given for each pose: the image with its skeleton, the original ``grid`` context
+    (17 values per pose) as bars, and the ``skeleton`` maps at latent resolution (summed over channels)."""
+    plt = _plt()
+    k = len(images)
+    fig, axes = plt.subplots(3, k, figsize=(9, 6.6), squeeze=False)
+    for i in range(k):
+        axes[0, i].imshow(overlay(images[i], poses[i], 128))
+        axes[0, i].axis("off")
+        axes[1, i].bar(range(len(grid[i])), grid[i])
+        axes[1, i].set_title(f"grid context ({len(grid[i])} values)", fontsize=7)
+        axes[1, i].tick_params(labelsize=5)
+        axes[2, i].imshow(maps[i], cmap="magma")
+        axes[2, i].axis("off")
+        axes[2, i].set_title(f"skeleton maps {maps.shape[-1]}x{maps.shape[-1]}", fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def guidance_sweep(sweep: Mapping[Any, Mapping[str, float]], ceiling_pck: float, interval: Sequence[int] | None,
+                   n: int, path=None) -> Any:
+    """PCK@0.1 (beside the estimator's ceiling) and FID of ``n`` samples against the classifier-free guidance
+    scale; ``sweep`` = {scale: {"pck@0.1", "fid"}}, ``interval`` the timesteps the scale applies at (None: all)."""
+    plt = _plt()
+    label = "guidance scale" + (f" (at {interval[0]} <= t < {interval[1]})" if interval else "")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3))
+    ax.plot(list(sweep), [v["pck@0.1"] for v in sweep.values()], "o-")
+    ax.axhline(ceiling_pck, ls="--", c="grey", label="estimator ceiling")
+    ax.set_xlabel(label)
+    ax.set_ylabel("PCK@0.1")
+    ax.legend(fontsize=7)
+    ax2.plot(list(sweep), [v["fid"] for v in sweep.values()], "o-", c="C1")
+    ax2.set_xlabel(label)
+    ax2.set_ylabel(f"FID ({n} samples, lower is better)")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def code_grids(images: np.ndarray, poses: np.ndarray, pose_tokens: np.ndarray, codes: np.ndarray,
+               decoded: np.ndarray, path=None) -> Any:
+    """The transformer's view of each image: the image with its pose (the first pose tokens as title), its grid of
+    VQ code indices (numbered when the grid has at most 16 cells) and those codes decoded."""
+    plt = _plt()
+    k = len(images)
+    h, w = codes.shape[1:]
+    fig, axes = plt.subplots(3, k, figsize=(1.8 * k, 5.6), squeeze=False)
+    for i in range(k):
+        axes[0, i].imshow(overlay(images[i], poses[i], 128))
+        axes[0, i].set_title(f"pose tokens {np.asarray(pose_tokens)[i, :3].tolist()}...", fontsize=6)
+        axes[1, i].imshow(codes[i], cmap="tab20", interpolation="nearest")
+        if h * w <= 16:
+            for (y, x), c in np.ndenumerate(codes[i]):
+                axes[1, i].text(x, y, str(c), ha="center", va="center", fontsize=6)
+        axes[1, i].set_title(f"{h}x{w} code indices", fontsize=7)
+        axes[2, i].imshow(decoded[i])
+        axes[2, i].set_title("its codes decoded", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def loss_with_levels(history: Sequence[Mapping[str, float]], levels: Mapping[str, float], path=None,
+                     ylabel: str = "loss") -> Any:
+    """The training loss of ``history`` (rows with ``step`` and ``loss``) against the step, with a horizontal line
+    per named level (e.g. the held-out loss), labelled with its value."""
+    plt = _plt()
+    rows = [r for r in history if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
+    for k, (name, value) in enumerate(levels.items()):
+        ax.axhline(value, c=f"C{k + 1}" if k < 2 else "grey", ls=("--", ":", "-.")[min(k, 2)],
+                   label=f"{name} {value:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)

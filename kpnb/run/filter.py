@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from kpnb.data import filtering
 from kpnb.data.folder import DataError
-from kpnb.data.stream_filter import KEPT, clip_stage, default_stages, filter_shards, merge, report_table
+from kpnb.data.stream_filter import KEPT, default_stages, filter_shards, merge, report_table
 from kpnb.data.subset import write_subset_memmap
 
 
@@ -65,15 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         stages = default_stages()
         if a.clip_run:
             from kpnb.core.settings import run_config
-            from kpnb.models import clip as kclip
-            from kpnb.run.stages import clip_for_run
+            from kpnb.run.clip_stage import clip_stage_for_run
 
-            cfg = run_config(a.clip_run)
-            model, info = clip_for_run(a.clip_run, cfg, progress=a.progress, runtime=rt)
-            score = functools.partial(kclip.clip_filter_scores, model, positive=filtering.CLIP_POSITIVE,
-                                      negatives=filtering.CLIP_NEGATIVES)
-            min_score = cfg["filter"]["clip_min_score"] if a.clip_min_score is None else a.clip_min_score
-            stages.append(clip_stage(score, min_score, json.dumps(info, sort_keys=True, default=str)))
+            stage, _ = clip_stage_for_run(a.clip_run, run_config(a.clip_run), min_score=a.clip_min_score,
+                                          progress=a.progress, runtime=rt)
+            stages.append(stage)
         summary = filter_shards(a.shard_dir, a.out, stages, workers=a.workers, runtime=rt,
                                 progress=a.progress and rt.is_main)
         rt.barrier()

@@ -1,9 +1,17 @@
-"""The run folder's names, the one place for them: which checkpoint folder each stage trains into, the
-sample files one notebook writes for another, and the metric keys a later notebook reads from an earlier one.
+"""The run folder, the one layout every notebook and command shares::
 
-Notebooks ask a :class:`RunFiles` (``nb.files`` on a :class:`kpnb.run.folder.NotebookRun`) for paths and values;
-no notebook spells another notebook's file name or parses its keys. The folder's overall layout (config,
-metrics, figures, checkpoints, samples) is described in :mod:`kpnb.run.folder`.
+    config.json          preset name + overrides + resolved settings
+    notebooks/           the executed notebooks (papermill)
+    metrics/<stem>.json  what each notebook measured (flat keys, + preset, seconds, torch_threads)
+    figures/             PNG figures
+    checkpoints/<stage>/ safetensors + JSON config per stage
+    samples/             generated images
+    dataset/             the synthetic dataset (unless ``dataset_dir`` points at real data)
+
+:func:`run_dir` makes (or opens) one; :class:`NotebookRun` is what every notebook does first (resolve its
+preset and folder, time itself, write its metrics); :class:`RunFiles` holds the names: which checkpoint folder
+each stage trains into, the sample files one notebook writes for another, and the metric keys a later notebook
+reads from an earlier one, so no notebook spells another notebook's file name or parses its keys.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import numpy as np
 
 from kpnb.core.files import repo_root, write_json, write_metrics
 from kpnb.core.settings import SETTINGS_LOG_ENV, ConfigError, _ReadLog, preset_config
-from kpnb.train import checkpoints as training
+from kpnb.train import checkpoints
 
 BEST_SAMPLES = "05_best_mode.npz"  # notebook 05's samples of its best mode, tuned by 06 and drawn by 08
 TUNED_SAMPLES = "06_tuned.npz"     # notebook 06's tuned images, drawn by 08
@@ -78,7 +86,7 @@ class RunFiles:
 
     def has(self, folder: Path) -> bool:
         """Whether a checkpoint folder holds a complete checkpoint."""
-        return training.latest_checkpoint(folder) is not None
+        return checkpoints.latest_checkpoint(folder) is not None
 
     # ---- metrics another notebook reads ---------------------------------------------------------------
     def metrics(self, stem: str, required: bool = True) -> dict[str, Any]:
@@ -145,8 +153,7 @@ class RunFiles:
             return z["start"], tuned
 
 
-if TYPE_CHECKING:  # layout imports training, which imports runs
-    pass
+if TYPE_CHECKING:  # runtime imports torch: NotebookRun imports it when a notebook starts
     from kpnb.core.runtime import Runtime
 
 
@@ -160,8 +167,10 @@ def default_run_dir(preset: str) -> Path:
 
 def run_dir(path: str | Path, preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> Path:
     """Create (or open) a run folder. The first call writes ``config.json``; a later call with a different
-    preset is refused, so two presets never mix in one run."""
+    preset is refused, so two presets never mix in one run. Bad ``overrides`` (:func:`preset_config`) are
+    refused before the folder is made."""
     root = Path(path)
+    settings = preset_config(preset, overrides) if preset is not None else None
     for sub in SUBDIRS:
         (root / sub).mkdir(parents=True, exist_ok=True)
     cfg_path = root / "config.json"
@@ -170,8 +179,7 @@ def run_dir(path: str | Path, preset: str | None = None, overrides: Mapping[str,
         if preset is not None and existing.get("preset") != preset:
             raise ConfigError(f"{cfg_path}: run was made with preset {existing.get('preset')!r}, not {preset!r}")
     elif preset is not None:
-        write_json(cfg_path, {"preset": preset, "overrides": dict(overrides or {}),
-                              "settings": preset_config(preset, overrides)})
+        write_json(cfg_path, {"preset": preset, "overrides": dict(overrides or {}), "settings": settings})
     return root
 
 
@@ -180,7 +188,9 @@ class NotebookRun:
     """What every notebook does first: resolve its preset and run folder, time itself, write its metrics.
 
     ``run_dir=""`` (a person clicking through JupyterLab) means ``outputs/notebooks_<preset>/``, the same
-    folder for every notebook, so 02 finds what 01 wrote; ``kpnb run`` passes its own folder.
+    folder for every notebook, so 02 finds what 01 wrote; ``kpnb run`` passes its own folder. ``overrides`` are
+    :func:`kpnb.core.settings.preset_config`'s (dotted keys at any depth, dict values merged), checked before
+    anything is made: an unknown key or a value of the wrong type raises ConfigError naming it.
     """
 
     def __init__(self, stem: str, preset: str, run_dir_: str = "", overrides: Mapping[str, Any] | None = None):

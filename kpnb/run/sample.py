@@ -32,15 +32,14 @@ from kpnb.core import files as runs
 from kpnb.core.settings import run_config
 from kpnb.data import folder as data
 from kpnb.data import subset
-from kpnb.diffusion import sampling as diffusion
+from kpnb.diffusion import sampling
 from kpnb.poses import analysis as pose_analysis
-from kpnb.poses import formats as pose_files
+from kpnb.poses import formats as pose_formats
 from kpnb.poses import pose as kp
 from kpnb.run import figures
 from kpnb.run.folder import RunFiles
-from kpnb.train import checkpoints as training
+from kpnb.train import checkpoints, vq
 from kpnb.train import ldm as ldm_training
-from kpnb.train import vq
 
 ORIGINAL_DEFAULTS = {"steps": 50, "eta": 1.0, "guidance": 1.0, "guidance_interval": None}
 
@@ -48,7 +47,7 @@ ORIGINAL_DEFAULTS = {"steps": 50, "eta": 1.0, "guidance": 1.0, "guidance_interva
 def _identity(folder_or_file: Path) -> dict[str, Any]:
     """Which checkpoint: its path, step and a hash of its JSON (or of the file itself)."""
     if folder_or_file.is_dir():
-        js = training.latest_checkpoint(folder_or_file)
+        js = checkpoints.latest_checkpoint(folder_or_file)
         info = json.loads(js.read_text())
         return {"path": str(js), "step": info.get("step"), "sha1": hashlib.sha1(js.read_bytes()).hexdigest()[:16]}
     h = hashlib.sha1()
@@ -83,7 +82,7 @@ def load_model(model: str | Path, *, mode: str | None = None, spec: str = "f4"):
         cfg = run_config(model)["diffusion"]
         info = {"kind": "kpnb run", "run": str(model), "model": label, "spec": spec,
                 "ldm": _identity(folder), "vq": _identity(files.vq(spec))}
-        return ldm, ae, info, diffusion.sample_kwargs(cfg)
+        return ldm, ae, info, sampling.sample_kwargs(cfg)
     if not model.exists():
         raise FileNotFoundError(f"{model}: no such run folder or checkpoint")
     from kpnb.original import ldm as original
@@ -104,7 +103,7 @@ def sample(poses: list[tuple[str, kp.Pose]], ldm, ae, out: str | Path, *, n: int
     written, rows = [], []
     for i, (label, pose) in enumerate(bar(poses, desc="kpnb sample", disable=not progress, unit_label="pose")):
         arr = np.stack([pose.to_array()] * n)
-        images = diffusion.sample_images(ldm, ae, arr, batch_size=n, seed=seed + i, **sampler)
+        images = sampling.sample_images(ldm, ae, arr, batch_size=n, seed=seed + i, **sampler)
         if size:
             images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.LANCZOS)) for im in images])
         side = images.shape[1]
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         poses, sources, skipped = [], [], []
         for src in a.pose:
-            got, sk = pose_files.read_pose_file(src, min_joints=a.min_joints, person=a.person, image_id=a.image_id)
+            got, sk = pose_formats.read_pose_file(src, min_joints=a.min_joints, person=a.person, image_id=a.image_id)
             poses += got
             sources += [str(src)] * len(got)
             skipped += sk
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     given = {"steps": a.steps, "eta": a.eta, "guidance": a.guidance, "guidance_interval": a.guidance_interval}
     settings = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
     try:
-        diffusion.check_interval(settings["guidance_interval"], ldm.schedule.T)
+        sampling.check_interval(settings["guidance_interval"], ldm.schedule.T)
     except ValueError as e:
         print(f"kpnb sample: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,10 @@
 """The training stages of a run, callable from a notebook and from ``kpnb train`` alike.
 
-``kpnb train STAGE --run DIR`` trains one stage of a run folder outside the notebooks, e.g. on several GPUs::
+``kpnb train STAGE --run-dir DIR`` trains one stage of a run folder outside the notebooks, e.g. on several GPUs::
 
-    torchrun --nproc_per_node 4 -m kpnb train ldm --run outputs/big --mode skeleton
+    torchrun --nproc_per_node 4 -m kpnb train ldm --run-dir outputs/big --mode skeleton
+
+(``--run-dir``, not ``--run``: torchrun's own parser takes ``--run`` for its ``--run-path``.)
 
 Every stage writes the checkpoint folder its notebook uses (:class:`kpnb.run.folder.RunFiles`) with the same
 config, so the notebook finds the finished checkpoint, resumes it at its last step and trains nothing
@@ -16,35 +18,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from kpnb import synth
 from kpnb.core.files import atomic_write_bytes
 from kpnb.core.runtime import Runtime, current
 from kpnb.data import filtering
+from kpnb.data import folder as kdata
 from kpnb.data import subset as data
-from kpnb.diffusion import ldm as diffusion
+from kpnb.diffusion import ldm
 from kpnb.poses import analysis as pose_analysis
 from kpnb.poses import pose as keypoints
 from kpnb.run.folder import RunFiles
-from kpnb.train import checkpoints as training
-from kpnb.train import estimator as pose_estimator
+from kpnb.train import checkpoints, transformer, vq
+from kpnb.train import estimator as estimator_training
 from kpnb.train import ldm as ldm_training
-from kpnb.train import transformer, vq
 
-# Offline before open_clip (and with it huggingface_hub) is imported: huggingface_hub reads this once.
-os.environ["HF_HUB_OFFLINE"] = "1"
+if TYPE_CHECKING:
+    import torch
 
-import torch  # noqa: E402
-
-from kpnb import synth
-from kpnb.data import folder as kdata
-from kpnb.evaluate.quality import ClipFeatures, ImageDistance, inception_features
-from kpnb.models.clip import load_pretrained
-from kpnb.train.clip import caption_variants, load_domain_clip, train_from_preset
+    from kpnb.evaluate.quality import ImageDistance
 
 STAGES = ("vq", "estimator", "ldm", "transformer", "clip")
 
@@ -64,14 +60,14 @@ def ldm_latents(root: str | Path, spec: str, split: str = "train", *, images: np
     rt = runtime or current()
     files = RunFiles(Path(root))
     images = data.load_subset(root, split)["images"] if images is None else images
-    last = training.latest_checkpoint(files.vq(spec))
+    last = checkpoints.latest_checkpoint(files.vq(spec))
     if last is None:
-        raise training.CheckpointError(f"{files.vq(spec)}: no {spec} autoencoder yet - run notebook 03 "
+        raise checkpoints.CheckpointError(f"{files.vq(spec)}: no {spec} autoencoder yet - run notebook 03 "
                                        f"(or kpnb train vq --spec {spec}) first")
     identity = {"vq": last.name, "vq_json_sha1": hashlib.sha1(last.read_bytes()).hexdigest()[:16],
                 "images": _images_digest(images)}
     ae = vq.load_vq(files.vq(spec)).to(rt.device)
-    return diffusion.latent_cache(ae, images, files.latents(spec, split), identity=identity, progress=progress,
+    return ldm.latent_cache(ae, images, files.latents(spec, split), identity=identity, progress=progress,
                                   runtime=rt)
 
 
@@ -115,14 +111,14 @@ def train_ldm(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: str,
     d = cfg["diffusion"]
     train = data.load_subset(root, "train")
     z = ldm_latents(root, spec, "train", images=train["images"], progress=progress, runtime=runtime)
-    scale = diffusion.scale_factor_of(z[:, 0])
+    scale = ldm.scale_factor_of(z[:, 0])
     rows = training_rows(train["poses"], d, subset)
     out = files.ldm(spec, mode, further=further, subset=subset)
     if further:
-        training.fork_checkpoint(files.ldm(spec, mode, subset=subset), out)
+        checkpoints.fork_checkpoint(files.ldm(spec, mode, subset=subset), out)
         d = {**d, "steps": d["best_steps"]}
-    return ldm_training.train_ldm(z, train["poses"], d, out, mode, scale_factor=scale, progress=progress,
-                               runtime=runtime, rows=rows)
+    latent_set = ldm_training.LatentSet(z, train["poses"], rows=rows, scale_factor=scale)
+    return ldm_training.train_ldm(latent_set, d, out, mode, progress=progress, runtime=runtime)
 
 
 def curve_stops(d: Mapping[str, Any]) -> list[int]:
@@ -146,8 +142,8 @@ def train_further(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], spec: 
     points = {int(p["step"]): p for p in json.loads(path.read_text())} if path.exists() else {}
     model = res = None
     for stop in curve_stops(d):
-        last = training.latest_checkpoint(out)
-        if last is not None and training.read_checkpoint_info(last)["step"] > stop and stop != d["best_steps"]:
+        last = checkpoints.latest_checkpoint(out)
+        if last is not None and checkpoints.read_checkpoint_info(last)["step"] > stop and stop != d["best_steps"]:
             continue  # trained past this stop before: its point is in curve.json (or was never scored)
         model, res = train_ldm(root, {**cfg, "diffusion": {**d, "best_steps": stop}}, spec, mode, further=True,
                                progress=progress, runtime=runtime)
@@ -168,7 +164,7 @@ def train_estimator(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, p
                     runtime: Runtime | None = None):
     """The run's pose estimator (the PCK ruler) on ground-truth renders, drawn at the dataset's
     ``data.render_size`` as the dataset's images are. Returns (model, info)."""
-    return pose_estimator.fit_estimator(cfg["estimator"], RunFiles(Path(root)).estimator(),
+    return estimator_training.fit_estimator(cfg["estimator"], RunFiles(Path(root)).estimator(),
                                         render_size=int(cfg["data"]["render_size"]), progress=progress,
                                         runtime=runtime)
 
@@ -188,9 +184,7 @@ def train_transformer(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], sp
 def train_clip(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, progress: bool = True,
                runtime: Runtime | None = None):
     """The run's domain CLIP (nothing to train when ``clip.pretrained_path`` names a file)."""
-    from kpnb.run import stages as kclip
-
-    return kclip.clip_for_run(root, cfg, progress=progress, runtime=runtime)
+    return clip_for_run(root, cfg, progress=progress, runtime=runtime)
 
 
 def run_stage(stage: str, root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, spec: str | None = None,
@@ -234,6 +228,9 @@ def clip_for_run(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, prog
 
     Returns ``(model in eval mode, info)``; ``info`` says which CLIP it is and, when one was trained, its
     training seconds and images/s. The model is on ``runtime``'s device (default: the current runtime's)."""
+    from kpnb.models.clip import load_pretrained  # open_clip: imported only when the run's CLIP is needed
+    from kpnb.train.clip import caption_variants, load_domain_clip, train_from_preset
+
     rt = runtime or current()
     c, d = cfg["clip"], cfg["data"]
     if c.get("pretrained_path"):
@@ -243,8 +240,8 @@ def clip_for_run(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], *, prog
     root = Path(root)
     ckpt = RunFiles(root).clip()
     info: dict[str, Any] = {"kind": "domain", "arch": "kpnb domain CLIP", "checkpoints": str(ckpt)}
-    last = training.latest_checkpoint(ckpt)
-    if last is not None and training.read_checkpoint_info(last).get("step") == c["steps"]:
+    last = checkpoints.latest_checkpoint(ckpt)
+    if last is not None and checkpoints.read_checkpoint_info(last).get("step") == c["steps"]:
         return load_domain_clip(ckpt, device=str(rt.device)), info
     pool = root / "clip_pool"
     if rt.is_main:
@@ -264,6 +261,8 @@ def distance_for_run(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], rea
     """The :class:`ImageDistance` a notebook scores with: against ``real_images`` (all held-out images), in
     Inception features when the preset's ``quality.inception_weights`` names a file, else in the run's CLIP
     (:func:`kpnb.run.stages.clip_for_run`: the domain CLIP notebook 01 trained, or a pretrained one)."""
+    from kpnb.evaluate.quality import ClipFeatures, ImageDistance, inception_features
+
     q = cfg["quality"]
     if q.get("inception_weights"):
         feats = inception_features(q["inception_weights"])

@@ -2,7 +2,7 @@
 
 ``kpnb status RUN`` prints the table; ``kpnb status RUN --readme README.md`` replaces the block between
 :data:`BEGIN` and :data:`END` in the README. Every number is read from ``RUN/metrics/*.json`` (a notebook
-that has not run shows as "not run"); the targets are the issues' acceptance numbers. How each number is
+that has not run shows as "not run"); the targets are the bars each stage is measured against. How each number is
 defined: ``docs/metrics.md``.
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def status_table(root: str | Path) -> str:
              f"`{json.dumps(cfg.get('overrides', {}))}`, {'/'.join(threads)} torch threads, metrics of {date}).", "",
              "| stage | result | target |", "|---|---|---|"]
     total = sum(float(s or 0) for s in seconds.values())
-    per = ", ".join(f"{stem[:2]} {float(s):.0f} s" for stem, s in seconds.items() if s is not None)
+    per = ", ".join(f"{stem.split('_')[0]} {float(s):.0f} s" for stem, s in seconds.items() if s is not None)
     lines.append(f"| whole run | **{total / 60:.1f} min** of notebook time: {per} | one command <= 90 min |")
     for stage, stem, fmt, target in ROWS:
         result = "not run" if stem not in m else fmt(m[stem])

@@ -20,13 +20,19 @@ ground-truth label (so the filter's precision and recall can be measured) and a 
   tag, a few suitable images carry a wrong one), and the ground-truth label.
 The parts: :mod:`.palette` (shared constants), :mod:`.characters` (attributes and poses), :mod:`.painter`
 (drawing, with :mod:`.shapes`, :mod:`.head` and :mod:`.body`), :mod:`.scenes` (distractor scenes and
-estimator-like keypoint files), :mod:`.tags` (metadata and captions), :mod:`.dataset` (candidates and the writer).
+estimator-like keypoint files), :mod:`.tags` (metadata and captions), :mod:`.dataset` (candidates and the writer),
+:mod:`.renders` (exact renders of given or sampled poses: the truth the pose estimator learns from and is
+measured on).
 
 * :func:`write_dataset` writes ``images/<id>.png``, ``keypoints/<id>.json``, ``metadata.jsonl``,
   ``labels.jsonl`` and ``dataset.json`` with worker processes; a rerun with the same settings does nothing.
 
 Every image comes from its own ``np.random.default_rng([seed, index])``, so any number of workers gives the
 same bytes. Left is the character's own left: facing the viewer, her left shoulder is on the image's right.
+
+The layer serves notebook 01 (the candidate pool) and, through its renders and vocabulary (hair and outfit
+colours), the pose estimator and the attribute classifier of notebooks 04 to 06; that is why it sits below
+:mod:`kpnb.models`. May import :mod:`kpnb.core` and :mod:`kpnb.poses`.
 """
 from kpnb.synth.characters import framing_of, sample_attributes, sample_pose
 from kpnb.synth.dataset import _sample_label, main, make_candidate, write_dataset

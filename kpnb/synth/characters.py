@@ -150,86 +150,118 @@ def _free_arm(rng: np.random.Generator) -> Limb:
             return ua, fa
 
 
-def _angles(rng: np.random.Generator, kind: str, wide: bool) -> dict[str, tuple[float, float]]:
-    """Limb angles (degrees) per pose kind: ua/fa = upper arm/forearm, th/sn = thigh/shin; _l/_r sides.
-    In the wider distribution each arm of the kinds in _FREE_ARM_KINDS is a free arm with probability 0.6."""
-    ang: dict[str, tuple[float, float]] = {}
+# Limb angles (degrees) per pose kind, each a function filling ``ang`` after the standing defaults; the keys:
+# ua/fa = upper arm/forearm, th/sn = thigh/shin, _l/_r sides.
+Angles = dict[str, tuple[float, float]]
+
+
+def _standing(rng: np.random.Generator, ang: Angles) -> None:
+    for s in "lr":
+        v = rng.random()
+        if v < 0.2:   # hand on the hip
+            ang["ua_" + s] = (_u(rng, 35, 50), _u(rng, -15, 0))
+            ang["fa_" + s] = (_u(rng, -70, -40), _u(rng, -5, 10))
+        elif v < 0.3:  # hand at the chest
+            ang["ua_" + s] = (_u(rng, 0, 15), _u(rng, 15, 30))
+            ang["fa_" + s] = (_u(rng, -130, -100), _u(rng, 30, 50))
+
+
+def _walking(rng: np.random.Generator, ang: Angles) -> None:
+    sw = _u(rng, 18, 32) * (1 if rng.random() < 0.5 else -1)
+    for s, sg in (("l", 1), ("r", -1)):
+        th_f = sw * sg
+        ang["th_" + s] = (_u(rng, 2, 6), th_f)
+        bend = _u(rng, 0, 10) if th_f > 0 else _u(rng, 25, 45)
+        ang["sn_" + s] = (_u(rng, 0, 4), th_f - bend)
+        ua_f = -th_f * _u(rng, 0.6, 1.0)
+        ang["ua_" + s] = (_u(rng, 4, 12), ua_f)
+        ang["fa_" + s] = (_u(rng, 4, 14), ua_f + _u(rng, 10, 30))
+
+
+def _sitting(rng: np.random.Generator, ang: Angles) -> None:
+    for s in "lr":
+        a = _u(rng, 2, 10)
+        ang["th_" + s] = (a, _u(rng, 72, 92))
+        ang["sn_" + s] = (a * 0.5 + _u(rng, -3, 3), _u(rng, -8, 15))
+        ang["ua_" + s] = (_u(rng, 5, 16), _u(rng, 8, 32))
+        ang["fa_" + s] = (_u(rng, -25, 10), _u(rng, 35, 70))
+
+
+def _arms_up(rng: np.random.Generator, ang: Angles) -> None:
+    for s in "lr":
+        a = _u(rng, 140, 172)
+        ang["ua_" + s] = (a, _u(rng, -15, 5))
+        ang["fa_" + s] = (a + _u(rng, -10, 20), _u(rng, -10, 10))
+        ang["th_" + s], ang["sn_" + s] = _leg_stand(rng, 14)
+
+
+def _arms_out(rng: np.random.Generator, ang: Angles) -> None:
+    for s in "lr":
+        a, f = _u(rng, 75, 105), _u(rng, -10, 15)
+        ang["ua_" + s] = (a, f)
+        ang["fa_" + s] = (a + _u(rng, -15, 20), f + _u(rng, -10, 15))
+        ang["th_" + s], ang["sn_" + s] = _leg_stand(rng, 12)
+
+
+def _arms_crossed(rng: np.random.Generator, ang: Angles) -> None:
+    up = "l" if rng.random() < 0.5 else "r"
+    for s in "lr":
+        ang["ua_" + s] = (_u(rng, -4, 8), _u(rng, 25, 40))
+        ang["fa_" + s] = (_u(rng, -100, -88) if s == up else _u(rng, -86, -74), _u(rng, 25, 45))
+
+
+def _waving(rng: np.random.Generator, ang: Angles) -> None:
+    s = "l" if rng.random() < 0.5 else "r"
+    ang["ua_" + s] = (_u(rng, 115, 150), _u(rng, -5, 15))
+    ang["fa_" + s] = (_u(rng, 165, 200), _u(rng, -10, 10))
+
+
+def _kneeling(rng: np.random.Generator, ang: Angles) -> None:
+    how = _choice(rng, ["upright", "on_heels", "one_knee"], [0.35, 0.35, 0.3])
+    for s in "lr":   # shins back, away from the viewer; on the heels the thighs point forward
+        a = _u(rng, 2, 12)
+        ang["th_" + s] = (a, _u(rng, 60, 85) if how == "on_heels" else _u(rng, -5, 20))
+        ang["sn_" + s] = (a * 0.5 + _u(rng, -4, 4), _u(rng, -100, -75))
+        ang["ua_" + s] = (_u(rng, 5, 20), _u(rng, 5, 35))
+        ang["fa_" + s] = (_u(rng, -30, 10), _u(rng, 20, 60))
+    if how == "one_knee":   # one foot planted in front
+        s = "l" if rng.random() < 0.5 else "r"
+        ang["th_" + s] = (_u(rng, 5, 20), _u(rng, 65, 95))
+        ang["sn_" + s] = (_u(rng, 0, 10), _u(rng, -10, 12))
+
+
+def _crouching(rng: np.random.Generator, ang: Angles) -> None:
+    for s in "lr":   # thighs forward and apart, shins down: the hips near the heels
+        ang["th_" + s] = (_u(rng, 10, 40), _u(rng, 65, 100))
+        ang["sn_" + s] = (_u(rng, 0, 12), _u(rng, -25, 5))
+        ang["ua_" + s] = (_u(rng, 10, 30), _u(rng, 30, 55))      # hands on or past the knees
+        ang["fa_" + s] = (_u(rng, -20, 15), _u(rng, 20, 55))
+
+
+def _lying(rng: np.random.Generator, ang: Angles) -> None:
+    if rng.random() < 0.5:   # one knee up
+        s = "l" if rng.random() < 0.5 else "r"
+        th_f = _u(rng, 30, 70)
+        ang["th_" + s] = (_u(rng, 2, 12), th_f)
+        ang["sn_" + s] = (_u(rng, 0, 8), th_f - _u(rng, 70, 110))
+
+
+_KIND_ANGLES = {"standing": _standing, "walking": _walking, "sitting": _sitting, "arms_up": _arms_up,
+                "arms_out": _arms_out, "arms_crossed": _arms_crossed, "waving": _waving, "kneeling": _kneeling,
+                "crouching": _crouching, "lying": _lying}
+
+
+def _angles(rng: np.random.Generator, kind: str, wide: bool) -> Angles:
+    """Limb angles (degrees) for a pose of ``kind``: standing legs and arms down, then what the kind changes
+    (:data:`_KIND_ANGLES`). In the wider distribution each arm of the kinds in _FREE_ARM_KINDS is a free arm
+    with probability 0.6."""
+    ang: Angles = {}
     for s in "lr":
         ang["th_" + s], ang["sn_" + s] = _leg_stand(rng)
         ang["ua_" + s], ang["fa_" + s] = _arm_down(rng)
-    if kind == "standing":
-        for s in "lr":
-            v = rng.random()
-            if v < 0.2:   # hand on the hip
-                ang["ua_" + s] = (_u(rng, 35, 50), _u(rng, -15, 0))
-                ang["fa_" + s] = (_u(rng, -70, -40), _u(rng, -5, 10))
-            elif v < 0.3:  # hand at the chest
-                ang["ua_" + s] = (_u(rng, 0, 15), _u(rng, 15, 30))
-                ang["fa_" + s] = (_u(rng, -130, -100), _u(rng, 30, 50))
-    elif kind == "walking":
-        sw = _u(rng, 18, 32) * (1 if rng.random() < 0.5 else -1)
-        for s, sg in (("l", 1), ("r", -1)):
-            th_f = sw * sg
-            ang["th_" + s] = (_u(rng, 2, 6), th_f)
-            bend = _u(rng, 0, 10) if th_f > 0 else _u(rng, 25, 45)
-            ang["sn_" + s] = (_u(rng, 0, 4), th_f - bend)
-            ua_f = -th_f * _u(rng, 0.6, 1.0)
-            ang["ua_" + s] = (_u(rng, 4, 12), ua_f)
-            ang["fa_" + s] = (_u(rng, 4, 14), ua_f + _u(rng, 10, 30))
-    elif kind == "sitting":
-        for s in "lr":
-            a = _u(rng, 2, 10)
-            ang["th_" + s] = (a, _u(rng, 72, 92))
-            ang["sn_" + s] = (a * 0.5 + _u(rng, -3, 3), _u(rng, -8, 15))
-            ang["ua_" + s] = (_u(rng, 5, 16), _u(rng, 8, 32))
-            ang["fa_" + s] = (_u(rng, -25, 10), _u(rng, 35, 70))
-    elif kind == "arms_up":
-        for s in "lr":
-            a = _u(rng, 140, 172)
-            ang["ua_" + s] = (a, _u(rng, -15, 5))
-            ang["fa_" + s] = (a + _u(rng, -10, 20), _u(rng, -10, 10))
-            ang["th_" + s], ang["sn_" + s] = _leg_stand(rng, 14)
-    elif kind == "arms_out":
-        for s in "lr":
-            a, f = _u(rng, 75, 105), _u(rng, -10, 15)
-            ang["ua_" + s] = (a, f)
-            ang["fa_" + s] = (a + _u(rng, -15, 20), f + _u(rng, -10, 15))
-            ang["th_" + s], ang["sn_" + s] = _leg_stand(rng, 12)
-    elif kind == "arms_crossed":
-        up = "l" if rng.random() < 0.5 else "r"
-        for s in "lr":
-            ang["ua_" + s] = (_u(rng, -4, 8), _u(rng, 25, 40))
-            ang["fa_" + s] = (_u(rng, -100, -88) if s == up else _u(rng, -86, -74), _u(rng, 25, 45))
-    elif kind == "waving":
-        s = "l" if rng.random() < 0.5 else "r"
-        ang["ua_" + s] = (_u(rng, 115, 150), _u(rng, -5, 15))
-        ang["fa_" + s] = (_u(rng, 165, 200), _u(rng, -10, 10))
-    elif kind == "kneeling":
-        how = _choice(rng, ["upright", "on_heels", "one_knee"], [0.35, 0.35, 0.3])
-        for s in "lr":   # shins back, away from the viewer; on the heels the thighs point forward
-            a = _u(rng, 2, 12)
-            ang["th_" + s] = (a, _u(rng, 60, 85) if how == "on_heels" else _u(rng, -5, 20))
-            ang["sn_" + s] = (a * 0.5 + _u(rng, -4, 4), _u(rng, -100, -75))
-            ang["ua_" + s] = (_u(rng, 5, 20), _u(rng, 5, 35))
-            ang["fa_" + s] = (_u(rng, -30, 10), _u(rng, 20, 60))
-        if how == "one_knee":   # one foot planted in front
-            s = "l" if rng.random() < 0.5 else "r"
-            ang["th_" + s] = (_u(rng, 5, 20), _u(rng, 65, 95))
-            ang["sn_" + s] = (_u(rng, 0, 10), _u(rng, -10, 12))
-    elif kind == "crouching":
-        for s in "lr":   # thighs forward and apart, shins down: the hips near the heels
-            ang["th_" + s] = (_u(rng, 10, 40), _u(rng, 65, 100))
-            ang["sn_" + s] = (_u(rng, 0, 12), _u(rng, -25, 5))
-            ang["ua_" + s] = (_u(rng, 10, 30), _u(rng, 30, 55))      # hands on or past the knees
-            ang["fa_" + s] = (_u(rng, -20, 15), _u(rng, 20, 55))
-    elif kind == "lying":
-        if rng.random() < 0.5:   # one knee up
-            s = "l" if rng.random() < 0.5 else "r"
-            th_f = _u(rng, 30, 70)
-            ang["th_" + s] = (_u(rng, 2, 12), th_f)
-            ang["sn_" + s] = (_u(rng, 0, 8), th_f - _u(rng, 70, 110))
-    else:
+    if kind not in _KIND_ANGLES:
         raise ValueError(f"unknown pose kind {kind!r}; valid kinds: {', '.join(POSE_KINDS)}")
+    _KIND_ANGLES[kind](rng, ang)
     if wide and kind in _FREE_ARM_KINDS:
         for s in "lr":
             if rng.random() < 0.6:

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,121 @@ def _character(rng: np.random.Generator, framing: str | None = None, wide_share:
     return attrs, pose, kind
 
 
+@dataclass
+class _Drawing:
+    """A candidate's picture and what its files will say about it, before the tag noise."""
+    img: Image.Image
+    est: Any                        # the keypoint file's pose (a Pose, or garbage from a failed estimator)
+    caption: str
+    general: list[str]              # Danbooru general tags
+    revealing: list[str]            # the tags that give a distractor away (dropped for a share of them)
+    attrs: dict[str, Any]
+    true: Pose | None = None        # the ground-truth pose, where there is a figure
+    kind: str | None = None         # its pose kind
+    meta_tags: list[str] = field(default_factory=list)
+
+
+_ONE_CHARACTER = ("suitable", "estimator_failure", "rating", "sketch", "border")
+
+
+def _sketch(rng: np.random.Generator, true: Pose, attrs: dict[str, Any], kind: str, general: list[str],
+            S: int) -> _Drawing:
+    """A line sketch or a greyscale drawing of the character: no colour tag, a caption that says so."""
+    lineart = bool(rng.random() < 0.6)
+    if lineart:
+        img = render_character(true, attrs, S, rng, style="lineart")
+        revealing = ["monochrome", "sketch", "lineart"]
+    else:
+        img = render_character(true, attrs, S, rng).convert("L").convert("RGB")
+        revealing = ["monochrome", "greyscale"]
+    colours = {*HAIR_COLOURS, *OUTFIT_COLOURS, *SHIRT_COLOURS, *EYE_COLOURS, *BACKGROUND_COLOURS}
+    general = [t for t in general if not any(t.startswith(c + "_") for c in colours)]  # no colour seen
+    attrs["sketch"] = "lineart" if lineart else "greyscale"
+    caption = ("a monochrome line sketch of " if lineart else "a greyscale drawing of ") + \
+        f"a girl {_POSE_WORDS[kind]}, {_words(attrs['framing'])}"
+    return _Drawing(img, _estimate(true, rng), caption, general, revealing, attrs, true, kind)
+
+
+def _one_character(rng: np.random.Generator, label: str, S: int, wide_share: float) -> _Drawing:
+    """One character: a suitable image, or a distractor of one figure (sketch, border, a failed estimator,
+    an explicit rating)."""
+    attrs, true, kind = _character(rng, wide_share=wide_share)
+    caption = caption_of(attrs, kind, attrs["framing"], rng)
+    general = ["1girl", "solo"] + _character_tags(attrs, kind, attrs["framing"])
+    if label == "sketch":
+        return _sketch(rng, true, attrs, kind, general, S)
+    if label == "border":
+        img, true = _bordered(rng, attrs, true, S)
+        revealing = ["black_border", "letterboxed" if attrs["border"] == "letterbox" else "pillarboxed"]
+        return _Drawing(img, _estimate(true, rng), caption + ", with thick black borders", general, revealing,
+                        attrs, true, kind)
+    img = render_character(true, attrs, S, rng)
+    if label == "estimator_failure":
+        est, mode = _scramble(true, rng)
+        attrs["failure"] = mode
+    else:
+        est = _estimate(true, rng)
+    return _Drawing(img, est, caption, general, [], attrs, true, kind)
+
+
+def _several_characters(rng: np.random.Generator, S: int, wide_share: float) -> _Drawing:
+    """Two or three full-body girls side by side on the first one's background."""
+    n = 2 if rng.random() < 0.7 else 3
+    chars = [_character(rng, framing="full_body", wide_share=wide_share) for _ in range(n)]
+    attrs = chars[0][0]
+    img = Image.fromarray(_background(attrs, S, S))
+    poses = []
+    order = rng.permutation(n)
+    for j in range(n):
+        p = chars[j][1]
+        k_scale = _u(rng, 0.55, 0.8) if n == 2 else _u(rng, 0.42, 0.6)
+        x0, _, x1, y1 = p.bbox()
+        slot = (j + 0.5) / n + _u(rng, -0.06, 0.06)
+        shift = (slot - (x0 + x1) / 2 * k_scale, _u(rng, 0.86, 0.97) - y1 * k_scale)
+        poses.append(p.affine(k_scale, shift))
+    for j in order:
+        _draw_character(img, poses[j].xy.astype(float) * S, poses[j].vis != MISSING, chars[j][0], rng)
+    est = _mix(poses, rng)
+    hairs = [_words(c[0]["hair_colour"]) for c in chars]
+    caption = f"{n} girls side by side, with {' and '.join(hairs)} hair, {_background_words(attrs)}"
+    general = ([f"{c[0]['hair_colour']}_hair" for c in chars]
+               + ["dress" if c[0]["outfit"] == "dress" else "skirt" for c in chars])
+    attrs = {"n_characters": n, "hair_colours": [c[0]["hair_colour"] for c in chars],
+             "background": attrs["background"], "background_colour": attrs["background_colour"]}
+    return _Drawing(img, est, caption, general, ["multiple_girls", f"{n}girls"], attrs, poses[0], chars[0][2])
+
+
+def _scenery_drawing(rng: np.random.Generator, S: int) -> _Drawing:
+    img, caption, general = _scenery(rng, S)
+    return _Drawing(img, _garbage(rng), caption, general, ["scenery", "no_humans"],
+                    {"scene": "outdoor" if "outdoors" in general else "room"})
+
+
+def _comic_drawing(rng: np.random.Generator, S: int, wide_share: float) -> _Drawing:
+    img, fig, caption, general, mono = _comic(rng, S, wide_share)
+    revealing = [t for t in general if t in REVEALING_TAGS["comic"]]
+    general = [t for t in general if t not in revealing]
+    meta_tags = ["translated"] if rng.random() < 0.3 else []
+    est = _estimate(fig, rng, 0.004) if fig is not None and rng.random() < 0.65 else _garbage(rng)
+    return _Drawing(img, est, caption, general, revealing, {"monochrome": mono}, true=fig, meta_tags=meta_tags)
+
+
+def _noisy_tags(rng: np.random.Generator, label: str, d: _Drawing) -> tuple[list[str], bool]:
+    """(general tags, whether the revealing tags were dropped): attribute tags sometimes missing, revealing tags
+    missing for a share of distractors, a few suitable images with a wrong revealing tag."""
+    general = [t for t in d.general if t in ("1girl", "solo") or rng.random() >= TAG_NOISE["drop_attribute"]]
+    general += [str(t) for t in rng.choice(_EXTRA_TAGS, int(rng.integers(0, 4)), replace=False)]
+    dropped = False
+    if d.revealing:
+        if rng.random() < TAG_NOISE["drop_revealing"]:
+            dropped = True
+        else:
+            general += d.revealing
+    if label == "suitable" and rng.random() < TAG_NOISE["wrong_revealing"]:
+        general.append(_choice(rng, _WRONG_TAGS))
+    return general, dropped
+
+
 def make_candidate(index: int, seed: int, image_size: int, render_size: int,
                    distractor_frac: float = 0.4, wide_share: float = WIDE_SHARE) -> dict[str, Any]:
     """One dataset entry: ``image`` (PIL RGB, image_size square), ``est_pose`` (the keypoint file's pose),
@@ -72,103 +188,26 @@ def make_candidate(index: int, seed: int, image_size: int, render_size: int,
     iid = str(ID_BASE + int(index))
     S = int(render_size)
     label = _sample_label(rng, distractor_frac)
-    revealing: list[str] = []
-    meta_tags: list[str] = []
-    attrs: dict[str, Any] = {}
-    kind: str | None = None
-    true: Pose | None = None
-    general: list[str] = []
-    if label in ("suitable", "estimator_failure", "rating", "sketch", "border"):
-        attrs, true, kind = _character(rng, wide_share=wide_share)
-        caption = caption_of(attrs, kind, attrs["framing"], rng)
-        general = ["1girl", "solo"] + _character_tags(attrs, kind, attrs["framing"])
-        if label == "sketch":
-            lineart = bool(rng.random() < 0.6)
-            if lineart:
-                img = render_character(true, attrs, S, rng, style="lineart")
-                revealing = ["monochrome", "sketch", "lineart"]
-            else:
-                img = render_character(true, attrs, S, rng).convert("L").convert("RGB")
-                revealing = ["monochrome", "greyscale"]
-            colours = {*HAIR_COLOURS, *OUTFIT_COLOURS, *SHIRT_COLOURS, *EYE_COLOURS, *BACKGROUND_COLOURS}
-            general = [t for t in general if not any(t.startswith(c + "_") for c in colours)]  # no colour seen
-            attrs["sketch"] = "lineart" if lineart else "greyscale"
-            caption = ("a monochrome line sketch of " if lineart else "a greyscale drawing of ") + \
-                f"a girl {_POSE_WORDS[kind]}, {_words(attrs['framing'])}"
-            est = _estimate(true, rng)
-        elif label == "border":
-            img, true = _bordered(rng, attrs, true, S)
-            revealing = ["black_border", "letterboxed" if attrs["border"] == "letterbox" else "pillarboxed"]
-            caption = caption + ", with thick black borders"
-            est = _estimate(true, rng)
-        else:
-            img = render_character(true, attrs, S, rng)
-            if label == "estimator_failure":
-                est, mode = _scramble(true, rng)
-                attrs["failure"] = mode
-            else:
-                est = _estimate(true, rng)
+    if label in _ONE_CHARACTER:
+        d = _one_character(rng, label, S, wide_share)
     elif label == "multiple":
-        n = 2 if rng.random() < 0.7 else 3
-        chars = [_character(rng, framing="full_body", wide_share=wide_share) for _ in range(n)]
-        attrs = chars[0][0]
-        img = Image.fromarray(_background(attrs, S, S))
-        poses = []
-        order = rng.permutation(n)
-        for j in range(n):
-            p = chars[j][1]
-            k_scale = _u(rng, 0.55, 0.8) if n == 2 else _u(rng, 0.42, 0.6)
-            x0, _, x1, y1 = p.bbox()
-            slot = (j + 0.5) / n + _u(rng, -0.06, 0.06)
-            shift = (slot - (x0 + x1) / 2 * k_scale, _u(rng, 0.86, 0.97) - y1 * k_scale)
-            poses.append(p.affine(k_scale, shift))
-        for j in order:
-            _draw_character(img, poses[j].xy.astype(float) * S, poses[j].vis != MISSING, chars[j][0], rng)
-        true = poses[0]
-        kind = chars[0][2]
-        est = _mix(poses, rng)
-        hairs = [_words(c[0]["hair_colour"]) for c in chars]
-        caption = f"{n} girls side by side, with {' and '.join(hairs)} hair, {_background_words(attrs)}"
-        general = [f"{c[0]['hair_colour']}_hair" for c in chars] + ["dress" if c[0]["outfit"] == "dress" else "skirt" for c in chars]
-        revealing = ["multiple_girls", f"{n}girls"]
-        attrs = {"n_characters": n, "hair_colours": [c[0]["hair_colour"] for c in chars],
-                 "background": attrs["background"], "background_colour": attrs["background_colour"]}
+        d = _several_characters(rng, S, wide_share)
     elif label == "scenery":
-        img, caption, general = _scenery(rng, S)
-        revealing = ["scenery", "no_humans"]
-        est = _garbage(rng)
-        attrs = {"scene": "outdoor" if "outdoors" in general else "room"}
-    else:  # comic
-        img, fig, caption, general, mono = _comic(rng, S, wide_share)
-        revealing = [t for t in general if t in REVEALING_TAGS["comic"]]
-        general = [t for t in general if t not in revealing]
-        meta_tags = ["translated"] if rng.random() < 0.3 else []
-        true = fig
-        est = _estimate(fig, rng, 0.004) if fig is not None and rng.random() < 0.65 else _garbage(rng)
-        attrs = {"monochrome": mono}
-    # ---- noisy tags: attribute tags sometimes missing, revealing tags missing for a share of distractors,
-    # a few suitable images with a wrong revealing tag
-    general = [t for t in general if t in ("1girl", "solo") or rng.random() >= TAG_NOISE["drop_attribute"]]
-    general += [str(t) for t in rng.choice(_EXTRA_TAGS, int(rng.integers(0, 4)), replace=False)]
-    tags_dropped = False
-    if revealing:
-        if rng.random() < TAG_NOISE["drop_revealing"]:
-            tags_dropped = True
-        else:
-            general += revealing
-    if label == "suitable" and rng.random() < TAG_NOISE["wrong_revealing"]:
-        general.append(_choice(rng, _WRONG_TAGS))
+        d = _scenery_drawing(rng, S)
+    else:
+        d = _comic_drawing(rng, S, wide_share)
+    general, tags_dropped = _noisy_tags(rng, label, d)
     rating = "e" if label == "rating" else _choice(rng, ["g", "s", "q"], [0.55, 0.4, 0.05])
     # Lanczos after a box pre-reduction (reducing_gap): antialiased and ~3x cheaper than plain Lanczos.
-    image = img.convert("RGB")
+    image = d.img.convert("RGB")
     if image_size != S:
         image = image.resize((image_size, image_size), Image.LANCZOS, reducing_gap=2.0)
-    meta = _meta(iid, general, rating, image_size, rng, meta_tags)
-    lab = {"id": iid, "label": label, "suitable": label == "suitable", "caption": caption,
-           "attributes": attrs, "pose_kind": kind, "revealing_tags_dropped": tags_dropped,
-           "true_pose": None if true is None else [[round(float(x), 5), round(float(y), 5), int(v)]
-                                                   for (x, y, v) in true.to_array()]}
-    return {"image": image, "est_pose": est, "meta": meta, "label": lab}
+    meta = _meta(iid, general, rating, image_size, rng, d.meta_tags)
+    lab = {"id": iid, "label": label, "suitable": label == "suitable", "caption": d.caption,
+           "attributes": d.attrs, "pose_kind": d.kind, "revealing_tags_dropped": tags_dropped,
+           "true_pose": None if d.true is None else [[round(float(x), 5), round(float(y), 5), int(v)]
+                                                     for (x, y, v) in d.true.to_array()]}
+    return {"image": image, "est_pose": d.est, "meta": meta, "label": lab}
 
 
 def _bordered(rng: np.random.Generator, attrs: dict[str, Any], pose: Pose, S: int) -> tuple[Image.Image, Pose]:
@@ -195,18 +234,39 @@ def _bordered(rng: np.random.Generator, attrs: dict[str, Any], pose: Pose, S: in
 
 
 # ================================================================================================ the dataset
-def _settings(n: int, image_size: int, render_size: int, seed: int, distractor_frac: float,
-              wide_share: float) -> dict[str, Any]:
-    return {"generator": "kpnb.synth", "version": SYNTH_VERSION, "n": int(n), "seed": int(seed),
-            "image_size": int(image_size), "render_size": int(render_size),
-            "distractor_frac": float(distractor_frac), "wide_share": float(wide_share),
-            "distractor_shares": DISTRACTOR_SHARES,
-            "tag_noise": TAG_NOISE, "keypoint_jitter": KEYPOINT_JITTER, "id_base": ID_BASE}
+@dataclass(frozen=True)
+class SynthSettings:
+    """What a synthetic dataset is: ``n`` candidates of ``image_size`` pixels, drawn at ``render_size`` from
+    ``seed``; ``distractor_frac`` of them distractors; ``wide_share`` of the characters' poses from the wider
+    distribution (:func:`sample_pose`). The same settings give the same bytes."""
+    n: int
+    image_size: int = 64
+    render_size: int = 256
+    seed: int = 0
+    distractor_frac: float = 0.4
+    wide_share: float = WIDE_SHARE
+
+    def __post_init__(self) -> None:
+        if self.n < 0 or self.image_size < 1 or self.render_size < 1:
+            raise ValueError(f"n, image_size and render_size must be positive (got {self.n}, {self.image_size}, "
+                             f"{self.render_size})")
+        if not 0.0 <= self.distractor_frac <= 1.0:
+            raise ValueError(f"distractor_frac must be in [0, 1], got {self.distractor_frac}")
+        if not 0.0 <= self.wide_share <= 1.0:
+            raise ValueError(f"wide_share must be in [0, 1], got {self.wide_share}")
+
+    def record(self) -> dict[str, Any]:
+        """The settings as ``dataset.json`` holds them, with the generator's version and constants."""
+        return {"generator": "kpnb.synth", "version": SYNTH_VERSION, "n": int(self.n), "seed": int(self.seed),
+                "image_size": int(self.image_size), "render_size": int(self.render_size),
+                "distractor_frac": float(self.distractor_frac), "wide_share": float(self.wide_share),
+                "distractor_shares": DISTRACTOR_SHARES,
+                "tag_noise": TAG_NOISE, "keypoint_jitter": KEYPOINT_JITTER, "id_base": ID_BASE}
 
 
-def _work(job: tuple[int, int, int, int, float, float, str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    index, seed, image_size, render_size, frac, wide_share, out = job
-    c = make_candidate(index, seed, image_size, render_size, frac, wide_share)
+def _work(job: tuple[int, SynthSettings, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    index, s, out = job
+    c = make_candidate(index, s.seed, s.image_size, s.render_size, s.distractor_frac, s.wide_share)
     iid = c["meta"]["id"]
     c["image"].save(os.path.join(out, "images", f"{iid}.png"))
     write_release_json(c["est_pose"], os.path.join(out, "keypoints", f"{iid}.json"))
@@ -226,36 +286,10 @@ def _complete(out: Path, settings: dict[str, Any]) -> bool:
     return all((out / "images" / f"{i}.png").exists() and (out / "keypoints" / f"{i}.json").exists() for i in ids)
 
 
-def write_dataset(out_dir: str | Path, n: int, image_size: int = 64, render_size: int = 256, seed: int = 0,
-                  distractor_frac: float = 0.4, workers: int = 2, progress: bool = True,
-                  wide_share: float = WIDE_SHARE) -> dict[str, Any]:
-    """Write ``n`` candidates into ``out_dir`` (release layout + metadata.jsonl + labels.jsonl + dataset.json);
-    ``wide_share`` of the characters' poses come from the wider distribution (:func:`sample_pose`).
-
-    ``dataset.json`` is written last, so it marks a finished dataset: when it holds the same settings and every
-    file is there, nothing is redone. ``workers`` processes draw in parallel (identical output for any count).
-    Returns a summary: counts per label, seconds, images/s, and whether the work was skipped."""
-    if n < 0 or image_size < 1 or render_size < 1:
-        raise ValueError(f"n, image_size and render_size must be positive (got {n}, {image_size}, {render_size})")
-    if not 0.0 <= distractor_frac <= 1.0:
-        raise ValueError(f"distractor_frac must be in [0, 1], got {distractor_frac}")
-    if not 0.0 <= wide_share <= 1.0:
-        raise ValueError(f"wide_share must be in [0, 1], got {wide_share}")
-    out = Path(out_dir)
-    settings = _settings(n, image_size, render_size, seed, distractor_frac, wide_share)
-    if _complete(out, settings):
-        info = json.loads((out / "dataset.json").read_text())
-        return {**info["summary"], "out_dir": str(out), "skipped": True}
-    t0 = time.time()
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "keypoints").mkdir(parents=True, exist_ok=True)
-    (out / "dataset.json").unlink(missing_ok=True)
-    wanted = {str(ID_BASE + i) for i in range(n)}
-    for folder, ext in (("images", ".png"), ("keypoints", ".json")):   # stale files of an earlier, larger run
-        for p in (out / folder).iterdir():
-            if p.suffix == ext and p.stem.isdigit() and p.stem not in wanted:
-                p.unlink()
-    jobs = [(i, seed, image_size, render_size, distractor_frac, wide_share, str(out)) for i in range(n)]
+def _draw_all(jobs: list[tuple[int, SynthSettings, str]], workers: int, progress: bool
+              ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(meta, label) of each job, in order, drawn by ``workers`` processes (or here when 0 or 1)."""
+    n = len(jobs)
     bar = kprogress.bar(total=n, desc="synthetic dataset", disable=not progress, mininterval=1.0, unit_label="image")
     results: list[tuple[dict[str, Any], dict[str, Any]]] = []
     if workers and workers > 1 and n > 1:
@@ -276,6 +310,34 @@ def write_dataset(out_dir: str | Path, n: int, image_size: int = 64, render_size
             results.append(_work(j))
             bar.update(1)
     bar.close()
+    return results
+
+
+def write_dataset(out_dir: str | Path, n: int, *, workers: int = 2, progress: bool = True,
+                  **settings: Any) -> dict[str, Any]:
+    """Write ``n`` candidates into ``out_dir`` (release layout + metadata.jsonl + labels.jsonl + dataset.json);
+    ``settings``: the other fields of :class:`SynthSettings` by keyword (``image_size``, ``render_size``,
+    ``seed``, ``distractor_frac``, ``wide_share``), their defaults where not given.
+
+    ``dataset.json`` is written last, so it marks a finished dataset: when it holds the same settings and every
+    file is there, nothing is redone. ``workers`` processes draw in parallel (identical output for any count).
+    Returns a summary: counts per label, seconds, images/s, and whether the work was skipped."""
+    s = SynthSettings(n, **settings)
+    out = Path(out_dir)
+    record = s.record()
+    if _complete(out, record):
+        info = json.loads((out / "dataset.json").read_text())
+        return {**info["summary"], "out_dir": str(out), "skipped": True}
+    t0 = time.time()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "keypoints").mkdir(parents=True, exist_ok=True)
+    (out / "dataset.json").unlink(missing_ok=True)
+    wanted = {str(ID_BASE + i) for i in range(n)}
+    for folder, ext in (("images", ".png"), ("keypoints", ".json")):   # stale files of an earlier, larger run
+        for p in (out / folder).iterdir():
+            if p.suffix == ext and p.stem.isdigit() and p.stem not in wanted:
+                p.unlink()
+    results = _draw_all([(i, s, str(out)) for i in range(n)], workers, progress)
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
         for meta, _ in results:
             f.write(json.dumps(meta) + "\n")
@@ -288,7 +350,7 @@ def write_dataset(out_dir: str | Path, n: int, image_size: int = 64, render_size
     secs = time.time() - t0
     summary = {"n": n, "counts": counts, "n_suitable": counts["suitable"], "seconds": round(secs, 2),
                "images_per_s": round(n / secs, 1) if secs > 0 else None, "workers": workers}
-    (out / "dataset.json").write_text(json.dumps({"settings": settings, "summary": summary}, indent=1))
+    (out / "dataset.json").write_text(json.dumps({"settings": record, "summary": summary}, indent=1))
     return {**summary, "out_dir": str(out), "skipped": False}
 
 
@@ -306,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     render = a.render_size or min(512, max(a.size, 4 * a.size))
     try:
-        s = write_dataset(a.out, a.n, a.size, render, a.seed, a.distractor_frac, a.workers, a.progress)
+        s = write_dataset(a.out, a.n, image_size=a.size, render_size=render, seed=a.seed,
+                          distractor_frac=a.distractor_frac, workers=a.workers, progress=a.progress)
     except ValueError as e:
         print(f"kpnb synth: {e}")
         return 2

@@ -63,28 +63,32 @@ def _background(attrs: dict[str, Any], w: int, h: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(np.clip(img, 0, 255).astype(np.uint8), (h, w, 3)))
 
 
-def _geometry(P: np.ndarray, known: np.ndarray, size: float) -> dict[str, Any] | None:
-    """What the painter needs, from 17 pixel positions: head centre C, radius R, up/right vectors, turn s,
-    shoulders, hips, torso axes. Missing joints are guessed from the others where the body needs them
-    (``guessed``); returns None when nothing of the body can be placed."""
-    def mid(a: int, b: int) -> np.ndarray | None:
-        if known[a] and known[b]:
-            return (P[a] + P[b]) / 2
-        if known[a] or known[b]:
-            return P[a] if known[a] else P[b]
-        return None
+def _mid(P: np.ndarray, known: np.ndarray, a: int, b: int) -> np.ndarray | None:
+    """The midpoint of joints a and b, or the one of them that is known (None: neither)."""
+    if known[a] and known[b]:
+        return (P[a] + P[b]) / 2
+    if known[a] or known[b]:
+        return P[a] if known[a] else P[b]
+    return None
 
-    sh_mid, hip_mid = mid(5, 6), mid(11, 12)
+
+def _head_centre(P: np.ndarray, known: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """A first head centre and the joints it came from: the ears, else the eyes, the nose, any head joint."""
     if known[3] and known[4]:
-        C, src = (P[3] + P[4]) / 2, "ears"
-    elif known[1] and known[2]:
-        C, src = (P[1] + P[2]) / 2, "eyes"
-    elif known[0]:
-        C, src = P[0].copy(), "nose"
-    elif known[:5].any():
-        C, src = P[:5][known[:5]].mean(0), "head"
-    else:
-        C, src = None, None
+        return (P[3] + P[4]) / 2, "ears"
+    if known[1] and known[2]:
+        return (P[1] + P[2]) / 2, "eyes"
+    if known[0]:
+        return P[0].copy(), "nose"
+    if known[:5].any():
+        return P[:5][known[:5]].mean(0), "head"
+    return None, None
+
+
+def _head_up(P: np.ndarray, known: np.ndarray, C: np.ndarray | None, sh_mid: np.ndarray | None,
+             hip_mid: np.ndarray | None) -> np.ndarray:
+    """The head's up vector: along the neck (else the torso, else the image's up), bent towards the normal of
+    the eye line where the two roughly agree."""
     if C is not None and sh_mid is not None and np.hypot(*(C - sh_mid)) > 1e-3:
         u = _unit(C - sh_mid, (0, -1))
     elif sh_mid is not None and hip_mid is not None:
@@ -97,7 +101,12 @@ def _geometry(P: np.ndarray, known: np.ndarray, size: float) -> dict[str, Any] |
             ue = _unit(np.array([e[1], -e[0]]), u)
             if float(np.dot(u, ue)) > 0.3:   # a back view or a crossed-over pose: trust the neck
                 u = _unit(u + ue, u)
-    # Head radius: the body model's ratio to the torso, bounded by what the head points and the neck allow.
+    return u
+
+
+def _head_radius(P: np.ndarray, known: np.ndarray, C: np.ndarray | None, src: str | None,
+                 sh_mid: np.ndarray | None, hip_mid: np.ndarray | None, size: float) -> float:
+    """Head radius: the body model's ratio to the torso, bounded by what the head points and the neck allow."""
     R_t = None
     if known[5] and known[6] and known[11] and known[12]:
         R_t = float(np.hypot(*(hip_mid - sh_mid))) * _K_TORSO
@@ -119,26 +128,25 @@ def _geometry(P: np.ndarray, known: np.ndarray, size: float) -> dict[str, Any] |
         R = R_t or R_o or 0.08 * size
     if neck_len is not None and R_t:  # a realistic (small-headed) pose: keep the chin above the shoulders
         R = max(min(R, 0.95 * neck_len), 0.55 * R_t)
-    R = float(np.clip(R, 0.012 * size, 0.45 * size))
-    if C is None and sh_mid is not None:
-        C, src = sh_mid + u * _K_NECK * R, "guess"
-    if src == "eyes":
-        C = C + u * 0.17 * R
-    elif src == "nose":
-        C = C + u * 0.48 * R
-    r = np.array([-u[1], u[0]])   # image-right of an upright head
+    return float(np.clip(R, 0.012 * size, 0.45 * size))
+
+
+def _head_turn(P: np.ndarray, known: np.ndarray, C: np.ndarray, src: str | None, r: np.ndarray, R: float) -> float:
+    """How far the face is turned, -1..1 along ``r``: the nose's (else the eyes') offset from the ears' centre."""
     s = 0.0
     if src == "ears":
         if known[0]:
             s = float(np.dot(P[0] - C, r)) / (_K_NOSE_Z * R)
         elif known[1] and known[2]:
             s = float(np.dot((P[1] + P[2]) / 2 - C, r)) / (_K_EYE_Z * R)
-    s = float(np.clip(s, -1, 1))
-    if C is None:
-        return None
-    guessed = ~known.copy()
+    return float(np.clip(s, -1, 1))
+
+
+def _fill_torso(P: np.ndarray, known: np.ndarray, C: np.ndarray, u: np.ndarray, r: np.ndarray,
+                R: float) -> np.ndarray:
+    """A copy of ``P`` with missing shoulders placed from the head (or mirrored from the other shoulder), then
+    missing hips from the shoulders (or mirrored from the other hip)."""
     P = P.copy()
-    # Shoulders: missing ones from the head (or mirrored from the other shoulder).
     if not known[5] and not known[6]:
         m = C - u * _K_NECK * R
         P[5], P[6] = m + r * _K_SH * R, m - r * _K_SH * R
@@ -154,7 +162,30 @@ def _geometry(P: np.ndarray, known: np.ndarray, size: float) -> dict[str, Any] |
         P[11] = P[12] + r * 2 * _K_HIP * R
     elif not known[12]:
         P[12] = P[11] - r * 2 * _K_HIP * R
-    hip_mid = (P[11] + P[12]) / 2
+    return P
+
+
+def _geometry(P: np.ndarray, known: np.ndarray, size: float) -> dict[str, Any] | None:
+    """What the painter needs, from 17 pixel positions: head centre C, radius R, up/right vectors, turn s,
+    shoulders, hips, torso axes. Missing joints are guessed from the others where the body needs them
+    (``guessed``); returns None when nothing of the body can be placed."""
+    sh_mid, hip_mid = _mid(P, known, 5, 6), _mid(P, known, 11, 12)
+    C, src = _head_centre(P, known)
+    u = _head_up(P, known, C, sh_mid, hip_mid)
+    R = _head_radius(P, known, C, src, sh_mid, hip_mid, size)
+    if C is None and sh_mid is not None:
+        C, src = sh_mid + u * _K_NECK * R, "guess"
+    if C is None:
+        return None
+    if src == "eyes":
+        C = C + u * 0.17 * R
+    elif src == "nose":
+        C = C + u * 0.48 * R
+    r = np.array([-u[1], u[0]])   # image-right of an upright head
+    s = _head_turn(P, known, C, src, r, R)
+    guessed = ~known.copy()
+    P = _fill_torso(P, known, C, u, r, R)
+    sh_mid, hip_mid = (P[5] + P[6]) / 2, (P[11] + P[12]) / 2
     down = _unit(hip_mid - sh_mid, -u)
     lat = _perp(down)
     sh_vec = P[5] - P[6]

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kpnb.core.images import to_model
+from kpnb.core.images import check_uint8_images, to_model
 from kpnb.core.runtime import Runtime, current
-from kpnb.models.attributes import CLASSES, IGNORE, AttributeNet, _uint8_images, encode_labels, labels_of
+from kpnb.models.attributes import CLASSES, IGNORE, AttributeNet, encode_labels, labels_of
 from kpnb.train import checkpoints
 from kpnb.train import loop as training
 
@@ -34,16 +34,27 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(soft.view(n, 1, 1, 1), blurred, x)
 
 
+#: The settings of :func:`train_attribute_classifier`, with their defaults.
+TRAIN_DEFAULTS = {"steps": 600, "batch_size": 64, "lr": 2e-3, "width": 32, "depth": 3, "seed": 0}
+
+
 def train_attribute_classifier(images: np.ndarray, labels: Mapping[str, Sequence[str | None]],
-                               classes: Mapping[str, Sequence[str]], ckpt_dir: str | Path, *, steps: int = 600,
-                               batch_size: int = 64, lr: float = 2e-3, width: int = 32, depth: int = 3,
-                               seed: int = 0, progress: bool = True, resume: bool = True,
-                               runtime: Runtime | None = None):
+                               classes: Mapping[str, Sequence[str]], ckpt_dir: str | Path,
+                               settings: Mapping[str, Any] | None = None, *, progress: bool = True,
+                               resume: bool = True, runtime: Runtime | None = None):
     """Train on uint8 renders ``[N, H, W, 3]`` with ``labels[attr][i]`` a class name of ``classes[attr]``
     (or None when image i has no such attribute), through :func:`kpnb.train.loop.train`, on ``runtime``'s
-    device (default: the current runtime). Returns ``(model in eval mode, TrainResult)``."""
+    device (default: the current runtime). ``settings``: any keys of :data:`TRAIN_DEFAULTS` (the others keep
+    their defaults). Returns ``(model in eval mode, TrainResult)``."""
+    unknown = sorted(set(settings or {}) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"train_attribute_classifier: unknown setting(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(TRAIN_DEFAULTS)}")
+    s = {**TRAIN_DEFAULTS, **(settings or {})}
+    steps, batch_size, lr, seed = s["steps"], s["batch_size"], s["lr"], s["seed"]
+    width, depth = s["width"], s["depth"]
     rt = runtime or current()
-    x_all = _uint8_images(images)
+    x_all = check_uint8_images(images, single=True)
     y_all = {}
     for name, cls in classes.items():
         if name not in labels or len(labels[name]) != len(x_all):
@@ -71,9 +82,9 @@ def train_attribute_classifier(images: np.ndarray, labels: Mapping[str, Sequence
 
     config = {"classes": model.classes, "width": width, "depth": depth, "batch_size": batch_size, "lr": lr,
               "n_images": len(x_all)}
-    result = training.train({"attributes": model}, {"opt": opt}, step_fn, batch_fn, steps=steps,
-                            ckpt_dir=ckpt_dir, config=config, batch_size=batch_size, seed=seed,
-                            desc="attribute classifier", progress=progress, resume=resume, runtime=rt)
+    loop = training.LoopSettings(steps=steps, ckpt_dir=ckpt_dir, config=config, batch_size=batch_size, seed=seed,
+                                 desc="attribute classifier", resume=resume, progress=progress)
+    result = training.train({"attributes": model}, {"opt": opt}, step_fn, batch_fn, loop, runtime=rt)
     return model.eval(), result
 
 
@@ -81,9 +92,10 @@ def train_from_preset(section: Mapping[str, object], images: np.ndarray, attrs: 
                       ckpt_dir: str | Path, *, progress: bool = True, resume: bool = True):
     """:func:`train_attribute_classifier` on renders and their ``attrs`` records for :data:`CLASSES`, with the
     ``attr_steps``, ``attr_width``, ``attr_depth`` and ``seed`` of a preset's ``clip`` section."""
-    return train_attribute_classifier(images, labels_of(attrs), CLASSES, ckpt_dir, steps=section["attr_steps"],
-                                      width=section["attr_width"], depth=section["attr_depth"], seed=section["seed"],
-                                      progress=progress, resume=resume)
+    settings = {"steps": section["attr_steps"], "width": section["attr_width"], "depth": section["attr_depth"],
+                "seed": section["seed"]}
+    return train_attribute_classifier(images, labels_of(attrs), CLASSES, ckpt_dir, settings, progress=progress,
+                                      resume=resume)
 
 
 def load_attribute_classifier(ckpt_dir: str | Path) -> AttributeNet:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kpnb.core import files as runs
+from kpnb.core import files
 from kpnb.core.runtime import current
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})\.json$")
@@ -87,7 +87,7 @@ def fork_checkpoint(src_dir: str | Path, dst_dir: str | Path) -> Path:
     if (src_dir / "metrics.csv").exists():
         shutil.copyfile(src_dir / "metrics.csv", dst_dir / "metrics.csv")
     shutil.copyfile(last.with_suffix(".safetensors"), dst_dir / last.with_suffix(".safetensors").name)
-    runs.atomic_write_bytes(dst_dir / last.name, last.read_bytes())  # the JSON last: it marks completeness
+    files.atomic_write_bytes(dst_dir / last.name, last.read_bytes())  # the JSON last: it marks completeness
     return dst_dir / last.name
 
 
@@ -151,8 +151,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, modules: Mapping[str, nn.Mo
         tensors.update({k: v.detach().cpu().clone() for k, v in t.items()})
         optim_info[name] = info
     st_path, js_path = _ckpt_paths(ckpt_dir, step)
-    runs.save_tensors(st_path, tensors, {"step": step})
-    runs.write_json(js_path, {"step": step, "config": dict(config or {}), "modules": list(modules),
+    files.save_tensors(st_path, tensors, {"step": step})
+    files.write_json(js_path, {"step": step, "config": dict(config or {}), "modules": list(modules),
                               "optimizers": optim_info, "rng": _rng_state(), **dict(extra or {})})
     _clean_dir(ckpt_dir, keep_step=step)
     return js_path
@@ -204,7 +204,7 @@ def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, stric
     Returns the checkpoint's JSON info ({} for a bare tensor file). Never unpickles: a ``.pt`` file goes
     through ``torch.load(weights_only=True)`` and a code-running pickle is refused."""
     st, js = _resolve(path)
-    tensors, _ = runs.load_tensors(st)
+    tensors, _ = files.load_tensors(st)
     info = read_checkpoint_info(js) if js is not None else {}
     has_prefix = any(k.startswith("module/") for k in tensors)
     for name, m in modules.items():

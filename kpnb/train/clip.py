@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from kpnb.core.runtime import Runtime, current
 from kpnb.models.clip import (
     LABEL_DESCRIPTIONS,
+    DomainClipArch,
     clip_input,
     create_domain_clip,
     domain_clip_config,
@@ -54,22 +55,34 @@ def caption_variants(label: Mapping[str, Any] | None = None, tags: Sequence[str]
     if not caps:
         raise ValueError("caption_variants: no caption, label or tags to describe this image")
     return caps
+
+
+#: The keys of a preset's ``clip`` section that drive :func:`train_domain_clip`.
 TRAIN_KEYS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "min_frac", "seed", "ckpt_every")
+#: What :func:`train_domain_clip` uses for a key of :data:`TRAIN_KEYS` its settings lack (all but ``steps``).
+TRAIN_DEFAULTS = {"batch_size": 64, "lr": 1e-3, "weight_decay": 0.1, "warmup": 50, "min_frac": 0.8, "seed": 0,
+                  "ckpt_every": 500}
 
 
-def train_domain_clip(images: np.ndarray, captions: Sequence[str | Sequence[str]], ckpt_dir: str | Path, *,
-                      steps: int, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.1,
-                      warmup: int = 50, model_cfg: Mapping[str, Any] | None = None, min_frac: float = 0.8,
-                      seed: int = 0, ckpt_every: int = 500, progress: bool = True, resume: bool = True,
-                      runtime: Runtime | None = None):
+def train_domain_clip(images: np.ndarray, captions: Sequence[str | Sequence[str]], settings: Mapping[str, Any],
+                      ckpt_dir: str | Path, *, model_cfg: Mapping[str, Any] | None = None, progress: bool = True,
+                      resume: bool = True, runtime: Runtime | None = None):
     """Train a domain CLIP with the contrastive (InfoNCE) loss of open_clip on ``images`` (uint8
     ``[N, H, W, 3]``) and their ``captions`` (one string, or several variants of which each step draws one),
     through :func:`kpnb.train.loop.train` (checkpoints and resume in ``ckpt_dir``).
 
-    Images are augmented like tuning cutouts (a random crop of ``min_frac``..1 of the side, mirrored),
-    never in colour: colour is what the captions talk about. Under several ranks (``runtime``) each rank
-    encodes its slice and the loss is taken over the whole global batch (open_clip's feature gather), as one
-    process would. Returns ``(model, TrainResult)``."""
+    ``settings``: ``steps`` and any other key of :data:`TRAIN_KEYS` (a preset's ``clip`` section will do; the
+    missing keys take :data:`TRAIN_DEFAULTS`, other keys are ignored). ``model_cfg``: an open_clip config
+    (default :func:`kpnb.models.clip.domain_clip_config` at the images' size). Images are augmented like tuning
+    cutouts (a random crop of ``min_frac``..1 of the side, mirrored), never in colour: colour is what the
+    captions talk about. Under several ranks (``runtime``) each rank encodes its slice and the loss is taken
+    over the whole global batch (open_clip's feature gather), as one process would. Returns
+    ``(model, TrainResult)``."""
+    if "steps" not in settings:
+        raise KeyError("train_domain_clip: settings need 'steps'")
+    s = {**TRAIN_DEFAULTS, **{k: settings[k] for k in TRAIN_KEYS if k in settings}}
+    steps, batch_size, lr, warmup = s["steps"], s["batch_size"], s["lr"], s["warmup"]
+    weight_decay, min_frac, seed = s["weight_decay"], s["min_frac"], s["seed"]
     rt = runtime or current()
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -77,7 +90,7 @@ def train_domain_clip(images: np.ndarray, captions: Sequence[str | Sequence[str]
     if any(not v for v in variants):
         raise ValueError("every image needs at least one caption")
     ckpt_dir = Path(ckpt_dir)
-    model_cfg = dict(model_cfg or domain_clip_config(image_size=int(np.asarray(images).shape[1])))
+    model_cfg = dict(model_cfg or domain_clip_config(DomainClipArch(image_size=int(np.asarray(images).shape[1]))))
     model = create_domain_clip(model_cfg, ckpt_dir, seed=seed).to(rt.device)
     tok = tokenizer_for(model)
     size = preprocess_cfg(model)["size"]
@@ -111,9 +124,10 @@ def train_domain_clip(images: np.ndarray, captions: Sequence[str | Sequence[str]
 
     config = {"model_cfg": model_cfg, "arch": model.kpnb_arch, "batch_size": batch_size, "lr": lr,
               "weight_decay": weight_decay, "warmup": warmup, "min_frac": min_frac, "n_images": len(x_all)}
-    result = training.train({"clip": model}, {"opt": opt}, step_fn, batch_fn, steps=steps, ckpt_dir=ckpt_dir,
-                            config=config, batch_size=batch_size, ckpt_every=ckpt_every, seed=seed,
-                            desc="domain CLIP", progress=progress, resume=resume, runtime=rt)
+    loop = training.LoopSettings(steps=steps, ckpt_dir=ckpt_dir, config=config, batch_size=batch_size,
+                                 ckpt_every=s["ckpt_every"], seed=seed, desc="domain CLIP", resume=resume,
+                                 progress=progress)
+    result = training.train({"clip": model}, {"opt": opt}, step_fn, batch_fn, loop, runtime=rt)
     return model.eval(), result
 
 
@@ -121,9 +135,8 @@ def train_from_preset(section: Mapping[str, Any], images: np.ndarray, captions: 
                       ckpt_dir: str | Path, *, progress: bool = True, resume: bool = True,
                       runtime: Runtime | None = None):
     """:func:`train_domain_clip` with the model and training settings of a preset's ``clip`` section."""
-    return train_domain_clip(images, captions, ckpt_dir, model_cfg=model_config_from_preset(section),
-                             progress=progress, resume=resume, runtime=runtime,
-                             **{k: section[k] for k in TRAIN_KEYS if k in section})
+    return train_domain_clip(images, captions, section, ckpt_dir, model_cfg=model_config_from_preset(section),
+                             progress=progress, resume=resume, runtime=runtime)
 
 
 def load_domain_clip(ckpt_dir: str | Path, device: str = "cpu") -> torch.nn.Module:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from kpnb.core.runtime import Runtime, current
 from kpnb.evaluate.pose import ceiling
-from kpnb.models.pose_net import _CODE_TO_CLASS, VIS_CLASSES, PoseNet, soft_argmax
+from kpnb.models.pose_net import CODE_TO_CLASS, VIS_CLASSES, PoseNet, soft_argmax
 from kpnb.poses.conditioning import check_poses, flip_batch
 from kpnb.poses.pose import HIDDEN, VISIBLE
 from kpnb.synth.renders import render_truth
@@ -84,7 +84,7 @@ def estimator_loss(model: PoseNet, x: torch.Tensor, poses: torch.Tensor, heatmap
     target = torch.softmax((-d2 / (2 * sigma ** 2)).flatten(2), -1)
     ce_hm = (-(target * hm.flatten(2).log_softmax(-1)).sum(-1) * in_frame).sum() / n
     cls = torch.full_like(code, -100, dtype=torch.long)
-    for c, k in _CODE_TO_CLASS.items():
+    for c, k in CODE_TO_CLASS.items():
         cls[code == c] = k
     ce_vis = F.cross_entropy(vl.reshape(-1, len(VIS_CLASSES)), cls.reshape(-1), ignore_index=-100)
     total = coord + heatmap_weight * ce_hm + vis_weight * ce_vis
@@ -135,9 +135,10 @@ def train_estimator(images: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: s
 
     config = {"estimator": model.config(), "train": {k: c[k] for k in _SETTINGS_ORDER if k != "steps"},
               "steps": steps, "n_train": len(data)}
-    result = training.train({"model": model}, {"opt": opt}, step_fn, batch_fn, steps=steps, ckpt_dir=ckpt_dir,
-                            config=config, batch_size=bs, ckpt_every=int(c["ckpt_every"]), seed=seed,
-                            desc="estimator", resume=resume, progress=progress, on_log=on_log, runtime=rt)
+    loop = training.LoopSettings(steps=steps, ckpt_dir=ckpt_dir, config=config, batch_size=bs,
+                                 ckpt_every=int(c["ckpt_every"]), seed=seed, desc="estimator", resume=resume,
+                                 progress=progress)
+    result = training.train({"model": model}, {"opt": opt}, step_fn, batch_fn, loop, on_log=on_log, runtime=rt)
     return model.eval(), result
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,13 +32,46 @@ def _train_record(cfg: Mapping[str, Any]) -> dict[str, Any]:
             **({"joint_drop": cfg["joint_drop"]} if cfg["joint_drop"] else {})}
 
 
-def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_dir: str | Path,
-              modes: str | Sequence[str], *, scale_factor: float | None = None, progress: bool = True,
-              resume: bool = True, on_log: Callable[[dict[str, float]], None] | None = None,
-              runtime: Runtime | None = None, rows: Any = None) -> tuple[KeypointLDM, Any]:
-    """Train a KeypointLDM on unscaled pre-quantisation ``latents`` [N, C, h, w] and ``poses`` [N, 17, 3].
-    ``rows``: train on these rows only (e.g. a stricter subset), read from ``latents`` as it is (a memory map
-    stays one), with the same scale factor unless ``scale_factor`` is given.
+@dataclass(frozen=True)
+class LatentSet:
+    """What :func:`train_ldm` trains on: unscaled pre-quantisation ``latents`` [N, C, h, w] - or a
+    :func:`kpnb.diffusion.ldm.latent_cache` [N, 2, C, h, w], the flipped image's own latents at ``[:, 1]`` - and
+    their ``poses`` [N, 17, 3]. ``rows``: train on these rows only (e.g. a stricter subset), read from
+    ``latents`` as it is (a memory map stays one); None = all. ``scale_factor``: None = 1/std of all of
+    ``latents``, so a subset keeps the whole set's scale."""
+    latents: Any
+    poses: Any
+    rows: Any = None
+    scale_factor: float | None = None
+
+    def checked(self) -> tuple[Any, torch.Tensor, np.ndarray, float]:
+        """(latents, the poses of ``rows``, rows, scale factor), every shape checked."""
+        mirrored = self.latents.ndim == 5
+        latents = self.latents if mirrored else torch.as_tensor(self.latents)
+        poses = check_poses(self.poses, name="train poses")
+        if len(latents) != len(poses):
+            raise ValueError(f"train_ldm: {len(latents)} latents but {len(poses)} poses")
+        sf = (scale_factor_of(latents[:, 0] if mirrored else latents) if self.scale_factor is None
+              else float(self.scale_factor))
+        rows = np.arange(len(latents)) if self.rows is None else np.asarray(self.rows, dtype=np.int64)
+        if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= len(latents):
+            raise ValueError(f"train_ldm: rows must be a non-empty list of indices into the {len(latents)} latents")
+        return latents, poses[torch.as_tensor(rows)], rows, sf
+
+
+def _check_settings(cfg: Mapping[str, Any]) -> None:
+    missing = [k for k in ARCH_KEYS + TRAIN_KEYS if k not in cfg]
+    if missing:
+        raise KeyError(f"train_ldm: the diffusion settings lack {', '.join(missing)}; pass a preset's section, "
+                       f"kpnb.core.settings.preset_config(name)['diffusion']")
+    if cfg["lr_schedule"] not in ("cosine", "constant"):
+        raise ValueError(f"diffusion.lr_schedule must be 'cosine' or 'constant', got {cfg['lr_schedule']!r}")
+
+
+def train_ldm(data: LatentSet, cfg: Mapping[str, Any], ckpt_dir: str | Path, modes: str | Sequence[str], *,
+              progress: bool = True, resume: bool = True, on_log: Callable[[dict[str, float]], None] | None = None,
+              runtime: Runtime | None = None) -> tuple[KeypointLDM, Any]:
+    """Train a KeypointLDM on ``data`` (:class:`LatentSet`: latents, poses, which rows, the scale factor).
 
     ``cfg``: a preset's ``diffusion`` section (every key of :data:`ARCH_KEYS` and :data:`TRAIN_KEYS`). Each
     step: a batch by :func:`kpnb.train.loop.batch_indices`, half the samples flipped together with their poses
@@ -46,27 +80,13 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
     cosine or constant learning rate (``lr_schedule``), EMA of the weights. All randomness of step s comes from
     ``seeded_generator(seed, s)`` and is drawn for the whole global batch in ``batch_fn``, so a resumed run
     matches an uninterrupted one and N ranks (``runtime``, under torchrun) train what one process would.
-    ``scale_factor``: None = 1/std of ``latents``. Returns (the EMA model in eval mode, the
-    :class:`kpnb.train.loop.TrainResult`)."""
+    ``progress``, ``resume``, ``on_log``: as :class:`kpnb.train.loop.LoopSettings` and :func:`kpnb.train.loop.train`.
+    Returns (the EMA model in eval mode, the :class:`kpnb.train.loop.TrainResult`)."""
     rt = runtime or current()
-    missing = [k for k in ARCH_KEYS + TRAIN_KEYS if k not in cfg]
-    if missing:
-        raise KeyError(f"train_ldm: the diffusion settings lack {', '.join(missing)}; pass a preset's section, "
-                       f"kpnb.core.settings.preset_config(name)['diffusion']")
-    if cfg["lr_schedule"] not in ("cosine", "constant"):
-        raise ValueError(f"diffusion.lr_schedule must be 'cosine' or 'constant', got {cfg['lr_schedule']!r}")
+    _check_settings(cfg)
     modes = parse_modes(modes)
+    latents, poses, rows, sf = data.checked()
     mirrored = latents.ndim == 5  # a latent_cache: [N, 2, C, h, w], the flipped image's own latents at [:, 1]
-    if not mirrored:
-        latents = torch.as_tensor(latents)
-    poses = check_poses(poses, name="train poses")
-    if len(latents) != len(poses):
-        raise ValueError(f"train_ldm: {len(latents)} latents but {len(poses)} poses")
-    sf = scale_factor_of(latents[:, 0] if mirrored else latents) if scale_factor is None else float(scale_factor)
-    rows = np.arange(len(latents)) if rows is None else np.asarray(rows, dtype=np.int64)
-    if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= len(latents):
-        raise ValueError(f"train_ldm: rows must be a non-empty list of indices into the {len(latents)} latents")
-    poses = poses[torch.as_tensor(rows)]
     seed = int(cfg["seed"])
     torch.manual_seed(seed)  # the same initial weights for the same seed, in any process (a resume overwrites them)
     model = ldm_from_settings(cfg, modes, latents.shape[2 if mirrored else 1:], scale_factor=sf).to(rt.device)
@@ -110,10 +130,11 @@ def train_ldm(latents: torch.Tensor, poses: Any, cfg: Mapping[str, Any], ckpt_di
 
     # "steps" at the top level: kpnb.train.loop allows resuming with more (or fewer) steps, nothing else changed
     config = {"ldm": model.config(), "train": _train_record(cfg), "steps": steps, "n_train": len(rows)}
-    result = training.train({"model": model, "ema": ema}, {"opt": opt}, step_fn, batch_fn, steps=steps,
-                            ckpt_dir=ckpt_dir, config=config, batch_size=bs, ckpt_every=int(cfg["ckpt_every"]),
-                            seed=seed, desc=f"ldm[{'+'.join(modes)}]", resume=resume, progress=progress,
-                            on_log=on_log, runtime=rt)
+    loop = training.LoopSettings(steps=steps, ckpt_dir=ckpt_dir, config=config, batch_size=bs,
+                                 ckpt_every=int(cfg["ckpt_every"]), seed=seed, desc=f"ldm[{'+'.join(modes)}]",
+                                 resume=resume, progress=progress)
+    result = training.train({"model": model, "ema": ema}, {"opt": opt}, step_fn, batch_fn, loop, on_log=on_log,
+                            runtime=rt)
     return ema.eval(), result
 
 

@@ -11,8 +11,9 @@ The caller supplies two plain functions and ``train`` does the rest::
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         return {"loss": loss}
 
-    result = train({"model": model}, {"opt": opt}, step_fn, batch_fn, steps=1000,
-                   ckpt_dir=run / "checkpoints" / "thing", config={"width": 64}, batch_size=32)
+    result = train({"model": model}, {"opt": opt}, step_fn, batch_fn,
+                   LoopSettings(steps=1000, ckpt_dir=run / "checkpoints" / "thing", config={"width": 64},
+                                batch_size=32))
 
 What it gives every model:
 
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kpnb.core import files as runs
+from kpnb.core import files
 from kpnb.core import progress as kprogress
 from kpnb.core.runtime import Runtime, current
 from kpnb.train.checkpoints import (
@@ -134,7 +135,7 @@ def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: (int(r[k]) if k == "step" else f"{r[k]:.6g}") if k in r else "" for k in keys})
-    runs.atomic_write_bytes(path, buf.getvalue().encode())
+    files.atomic_write_bytes(path, buf.getvalue().encode())
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -175,19 +176,117 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
-          step_fn: Callable[[int, Any], Mapping[str, float | torch.Tensor]], batch_fn: Callable[[int], Any], *,
-          steps: int, ckpt_dir: str | Path, config: Mapping[str, Any] | None = None, batch_size: int = 1,
-          ckpt_every: int = 500, log_every: int = 10, seed: int = 0, desc: str = "train",
-          resume: bool = True, progress: bool = True,
-          on_log: Callable[[dict[str, float]], None] | None = None,
-          runtime: Runtime | None = None) -> TrainResult:
-    """Run ``step_fn(step, batch_fn(step))`` for steps ``[start, steps)``; see the module docstring.
+@dataclass(frozen=True)
+class LoopSettings:
+    """How :func:`train` runs, and where it writes.
 
+    ``steps``: the total (a resumed run continues up to it). ``ckpt_dir``: checkpoints and metrics.csv.
     ``config`` (JSON-able) is saved with each checkpoint; resuming with a different config (other than
-    ``steps``) is refused, so a checkpoint is never continued with another model. ``seed`` seeds the global
-    RNGs at a fresh start (resume restores them instead). ``batch_size`` (the global batch) only feeds the
-    images/s figure. ``on_log(row)`` is called with each metrics row (e.g. to draw a live loss curve).
+    ``steps``) is refused, so a checkpoint is never continued with another model. ``batch_size`` (the global
+    batch) only feeds the images/s figure. ``seed`` seeds the global RNGs at a fresh start (resume restores
+    them instead). ``desc`` labels the progress bar and the NaN error; ``resume=False`` starts afresh even
+    where a checkpoint exists; ``progress=False`` hides the bar."""
+    steps: int
+    ckpt_dir: str | Path
+    config: Mapping[str, Any] | None = None
+    batch_size: int = 1
+    ckpt_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    desc: str = "train"
+    resume: bool = True
+    progress: bool = True
+
+
+def _resume_or_start(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
+                     s: LoopSettings, config: dict[str, Any], rt: Runtime
+                     ) -> tuple[int, float, Path | None, list[dict[str, float]]]:
+    """(start step, seconds trained before, the checkpoint resumed from, metrics rows so far): the latest
+    checkpoint of ``s.ckpt_dir`` loaded into ``modules`` and ``optimizers`` with its RNG states, or a fresh
+    start with the global RNGs seeded from ``s.seed``."""
+    ckpt_dir = Path(s.ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = ckpt_dir / "metrics.csv"
+    last = latest_checkpoint(ckpt_dir) if s.resume else None
+    rt.barrier()  # every rank has picked the same checkpoint before rank 0 cleans or writes anything
+    if rt.is_main:
+        _clean_dir(ckpt_dir, keep_step=None)  # temporary files of a killed write
+    if last is None:
+        torch.manual_seed(s.seed)
+        np.random.seed(s.seed % (1 << 32))
+        random.seed(s.seed)
+        if rt.is_main:
+            csv_path.unlink(missing_ok=True)
+        return 0, 0.0, None, []
+    info = read_checkpoint_info(last)
+    saved = {k: v for k, v in info.get("config", {}).items() if k != "steps"}
+    given = {k: v for k, v in config.items() if k != "steps"}
+    if saved != given:
+        diff = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
+        raise CheckpointError(f"{last}: saved with a different config (keys {', '.join(diff)}); "
+                              f"use another checkpoint folder or resume=False")
+    info = load_checkpoint(last, modules, optimizers=optimizers)
+    _set_rng_state(info["rng"])
+    start, elapsed = int(info["step"]), float(info.get("seconds", 0.0))
+    if start > s.steps:
+        raise CheckpointError(f"{last}: this folder's model is already trained {start} steps, past the {s.steps} "
+                              f"asked; ask for at least {start} steps or use another checkpoint folder")
+    history = [r for r in _read_csv(csv_path) if r["step"] <= start]  # rows logged after it are redone
+    return start, elapsed, last, history
+
+
+class _Row:
+    """The losses of the steps since the last metrics row, summed per key (a key may appear only on some
+    steps, e.g. GAN terms). Tensors stay on the device until the row is read: a float() per step would
+    stall a GPU."""
+
+    def __init__(self, t0: float):
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.n, self.t0 = 0, t0
+
+    def add(self, out: Mapping[str, float | torch.Tensor]) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.n += 1
+
+    def means(self, rt: Runtime) -> dict[str, float]:
+        return rt.mean_over_ranks({k: float(v) / self.counts[k] for k, v in self.sums.items()})
+
+
+def _check_finite(means: Mapping[str, float], step: int, row: _Row, every_step: bool, ckpt_path: Path | None,
+                  s: LoopSettings) -> None:
+    """Stop with :class:`NonFiniteLossError` at a non-finite mean loss, before anything is saved. Checked every
+    step on a CPU (``every_step``); on a GPU only at log rows and checkpoints, so the message names the steps
+    the row covers."""
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if not bad:
+        return
+    where = f"{ckpt_path.name} (step {read_checkpoint_info(ckpt_path)['step']})" if ckpt_path else "none"
+    when = f"at step {step}" if every_step or row.n == 1 else f"in steps {step - row.n + 1}-{step}"
+    raise NonFiniteLossError(
+        f"{s.desc}: loss {bad[0]!r} is {means[bad[0]]} {when}; training stopped. Last good checkpoint in "
+        f"{Path(s.ckpt_dir)}: {where} (left untouched). Lower the learning rate or check the data of this step.")
+
+
+def _save(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer], s: LoopSettings,
+          config: dict[str, Any], done: int, seconds: float, rt: Runtime) -> Path:
+    """The checkpoint of step ``done``, written by rank 0 while the other ranks wait for it."""
+    if rt.is_main:
+        save_checkpoint(s.ckpt_dir, done, modules, optimizers, config,
+                        {"seconds": seconds, "seed": s.seed, "data_order": "batch_fn(step): a function of (seed, step)",
+                         "world_size": rt.world_size})
+    rt.barrier()  # no rank runs ahead of a checkpoint that is still being written
+    return _ckpt_paths(Path(s.ckpt_dir), done)[1]
+
+
+def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
+          step_fn: Callable[[int, Any], Mapping[str, float | torch.Tensor]], batch_fn: Callable[[int], Any],
+          settings: LoopSettings, *, on_log: Callable[[dict[str, float]], None] | None = None,
+          runtime: Runtime | None = None) -> TrainResult:
+    """Run ``step_fn(step, batch_fn(step))`` for steps ``[start, settings.steps)``; see the module docstring
+    and :class:`LoopSettings`. ``on_log(row)`` is called with each metrics row (e.g. to draw a live loss curve).
 
     ``runtime`` (:class:`kpnb.core.runtime.Runtime`, default CPU): batches are built by ``runtime.workers``
     DataLoader workers ahead of the step (pinned memory on CUDA), cut to this rank's slice
@@ -196,99 +295,47 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
     losses are means over the ranks and rank 0 alone writes metrics.csv and checkpoints; every rank resumes
     from the same checkpoint, whatever the number of ranks that wrote it.
     """
-    rt = runtime or current()
+    s, rt = settings, runtime or current()
     main = rt.is_main
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    config = json.loads(json.dumps(dict(config or {}), default=runs._json_default))  # as it will read back
-    csv_path = ckpt_dir / "metrics.csv"
-    start, elapsed, last = 0, 0.0, latest_checkpoint(ckpt_dir) if resume else None
-    rt.barrier()  # every rank has picked the same checkpoint before rank 0 cleans or writes anything
-    if main:
-        _clean_dir(ckpt_dir, keep_step=None)  # temporary files of a killed write
-    if last is not None:
-        info = read_checkpoint_info(last)
-        saved = {k: v for k, v in info.get("config", {}).items() if k != "steps"}
-        given = {k: v for k, v in config.items() if k != "steps"}
-        if saved != given:
-            diff = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
-            raise CheckpointError(f"{last}: saved with a different config (keys {', '.join(diff)}); "
-                                  f"use another checkpoint folder or resume=False")
-        info = load_checkpoint(last, modules, optimizers=optimizers)
-        _set_rng_state(info["rng"])
-        start, elapsed = int(info["step"]), float(info.get("seconds", 0.0))
-        if start > steps:
-            raise CheckpointError(f"{last}: this folder's model is already trained {start} steps, past the {steps} "
-                                  f"asked; ask for at least {start} steps or use another checkpoint folder")
-        history = [r for r in _read_csv(csv_path) if r["step"] <= start]  # rows logged after it are redone
-    else:
-        torch.manual_seed(seed)
-        np.random.seed(seed % (1 << 32))
-        random.seed(seed)
-        history = []
-        if main:
-            csv_path.unlink(missing_ok=True)
+    config = json.loads(json.dumps(dict(s.config or {}), default=files._json_default))  # as it will read back
+    csv_path = Path(s.ckpt_dir) / "metrics.csv"
+    start, elapsed, ckpt_path, history = _resume_or_start(modules, optimizers, s, config, rt)
     for m in modules.values():
         m.train()
-
-    # losses stay on the device between log rows on a GPU (a float() per step would stall it)
     check_every_step = rt.device.type == "cpu"
-    bar = kprogress.bar(total=steps, initial=start, desc=desc, disable=not (progress and main), report=main)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    n_in_row, t_row, t_call, ran = 0, time.perf_counter(), time.perf_counter(), 0
-    ckpt_path = last
+    bar = kprogress.bar(total=s.steps, initial=start, desc=s.desc, disable=not (s.progress and main), report=main)
+    t_call = time.perf_counter()
+    row, ran = _Row(t_call), 0
     try:
-        for step, batch in _batches(batch_fn, start, steps, rt):
-            out = step_fn(step, batch)
-            for k, v in out.items():  # a key may appear only on some steps (e.g. GAN terms)
-                sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
-                counts[k] = counts.get(k, 0) + 1
-            n_in_row += 1
+        for step, batch in _batches(batch_fn, start, s.steps, rt):
+            row.add(step_fn(step, batch))
             ran += 1
             done = step + 1
-            log_now, save_now = done % log_every == 0 or done == steps, done % ckpt_every == 0 or done == steps
+            log_now = done % s.log_every == 0 or done == s.steps
+            save_now = done % s.ckpt_every == 0 or done == s.steps
             if check_every_step or log_now or save_now:
-                means = rt.mean_over_ranks({k: float(v) / counts[k] for k, v in sums.items()})
-                bad = [k for k, v in means.items() if not math.isfinite(v)]
-                if bad:
-                    where = (f"{ckpt_path.name} (step {read_checkpoint_info(ckpt_path)['step']})" if ckpt_path
-                             else "none")
-                    # checked every step on a CPU; on a GPU only at log rows and checkpoints
-                    when = (f"at step {step}" if check_every_step or n_in_row == 1
-                            else f"in steps {step - n_in_row + 1}-{step}")
-                    raise NonFiniteLossError(
-                        f"{desc}: loss {bad[0]!r} is {means[bad[0]]} {when}; training stopped. Last good "
-                        f"checkpoint in {ckpt_dir}: {where} (left untouched). Lower the learning rate or check "
-                        f"the data of this step.")
+                means = row.means(rt)
+                _check_finite(means, step, row, check_every_step, ckpt_path, s)
             if log_now and rt.threads is not None and (changed := rt.threads.maybe_fit()) is not None:
-                kprogress.note(f"{desc}: torch threads now {changed} (the cores other processes leave free)")
+                kprogress.note(f"{s.desc}: torch threads now {changed} (the cores other processes leave free)")
             if log_now:
                 now = time.perf_counter()
-                row = {"step": done, **means, "seconds": elapsed + now - t_call,
-                       "images_per_s": n_in_row * batch_size / (now - t_row)}
-                history.append(row)
+                history.append({"step": done, **means, "seconds": elapsed + now - t_call,
+                                "images_per_s": row.n * s.batch_size / (now - row.t0)})
                 if main:
                     _write_csv(csv_path, history)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "seconds")},
+                bar.set_postfix({k: f"{v:.4g}" for k, v in history[-1].items() if k not in ("step", "seconds")},
                                 refresh=False)
                 if on_log is not None and main:
-                    on_log(row)
-                sums, counts, n_in_row, t_row = {}, {}, 0, now
+                    on_log(history[-1])
+                row = _Row(now)
             bar.update(1)
             if save_now:
-                if main:
-                    ckpt_path = save_checkpoint(ckpt_dir, done, modules, optimizers, config,
-                                                {"seconds": elapsed + time.perf_counter() - t_call, "seed": seed,
-                                                 "data_order": "batch_fn(step): a function of (seed, step)",
-                                                 "world_size": rt.world_size})
-                rt.barrier()  # no rank runs ahead of a checkpoint that is still being written
-                ckpt_path = _ckpt_paths(ckpt_dir, done)[1]
+                ckpt_path = _save(modules, optimizers, s, config, done, elapsed + time.perf_counter() - t_call, rt)
     finally:
         bar.close()
-    total = elapsed + time.perf_counter() - t_call
     call_s = time.perf_counter() - t_call
-    return TrainResult(step=max(start, steps), start_step=start, seconds=total,
-                       images_per_s=(ran * batch_size / call_s) if ran else
-                       (start * batch_size / elapsed if start and elapsed > 0 else None), history=history,
+    return TrainResult(step=max(start, s.steps), start_step=start, seconds=elapsed + call_s,
+                       images_per_s=(ran * s.batch_size / call_s) if ran else
+                       (start * s.batch_size / elapsed if start and elapsed > 0 else None), history=history,
                        checkpoint=ckpt_path)

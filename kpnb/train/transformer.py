@@ -52,14 +52,15 @@ def code_dataset(vq: nn.Module, images: Any, poses: Any, flip: bool = True) -> t
 # Training and loading
 # ======================================================================================================
 def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: str | Path, *, n_codes: int,
-                      progress: bool = True, resume: bool = True, runtime: Runtime | None = None,
+                      progress: bool = True, runtime: Runtime | None = None,
                       on_log: Callable[[dict[str, float]], None] | None = None) -> tuple[CondTransformer, Any]:
     """Train a CondTransformer on code indices ``codes`` [N, h, w] (e.g. :func:`code_dataset`) and ``poses``
     [N, 17, 3], for a VQ codebook of ``n_codes``. ``cfg``: the preset's ``transformer`` section (the keys of
     :data:`TRAIN_KEYS`; sampling keys are ignored here). Teacher forcing; AdamW (weight decay on
     matrices only, betas 0.9/0.95 as minGPT) with warm-up + cosine learning rate; the batch of step s is
     :func:`kpnb.train.loop.batch_indices` of (seed, s). ``runtime``: device, precision and ranks (default CPU).
-    Returns (the model in eval mode, the :class:`kpnb.train.loop.TrainResult`)."""
+    A run interrupted in ``ckpt_dir`` is resumed. Returns (the model in eval mode, the
+    :class:`kpnb.train.loop.TrainResult`)."""
     rt = runtime or current()
     c = {k: cfg[k] for k in TRAIN_KEYS}
     codes = torch.as_tensor(codes).long()
@@ -95,9 +96,9 @@ def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: 
     config = {"transformer": model.config(),
               "train": {k: c[k] for k in TRAIN_KEYS if k not in ARCH_KEYS + ("steps", "ckpt_every")},
               "steps": steps, "n_train": len(codes)}
-    result = training.train({"model": model}, {"opt": opt}, step_fn, batch_fn, steps=steps, ckpt_dir=ckpt_dir,
-                            config=config, batch_size=bs, ckpt_every=int(c["ckpt_every"]), seed=seed,
-                            desc="transformer", resume=resume, progress=progress, on_log=on_log, runtime=rt)
+    loop = training.LoopSettings(steps=steps, ckpt_dir=ckpt_dir, config=config, batch_size=bs,
+                                 ckpt_every=int(c["ckpt_every"]), seed=seed, desc="transformer", progress=progress)
+    result = training.train({"model": model}, {"opt": opt}, step_fn, batch_fn, loop, on_log=on_log, runtime=rt)
     return model.eval(), result
 
 

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kpnb.core import files as runs
+from kpnb.core import files
+from kpnb.core.images import check_uint8_images
 from kpnb.core.runtime import Runtime, current
-from kpnb.models.vq import VQConfig, VQConfigError, VQModel, _check_images, to_model_range, vq_config_for
+from kpnb.models.vq import VQConfig, VQConfigError, VQModel, to_model_range, vq_config_for
 from kpnb.train import checkpoints
 from kpnb.train import loop as training
 
@@ -54,7 +55,7 @@ class VGGPerceptual(nn.Module):
 
 
         vgg = torchvision.models.vgg16(weights=None)
-        sd, _ = runs.load_tensors(weights_path)
+        sd, _ = files.load_tensors(weights_path)
         feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
         vgg.features.load_state_dict(feats)
         self.features = vgg.features[: self.LAYERS[-1] + 1].eval().requires_grad_(False)
@@ -180,7 +181,7 @@ def train_vq(spec: str, images: np.ndarray, preset_cfg: Mapping[str, Any], ckpt_
     unknown = sorted(set(overrides) - set(TRAIN_DEFAULTS))
     if unknown:
         raise VQConfigError(f"train_vq: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(TRAIN_DEFAULTS)}")
-    data = _check_images(images)  # indexed batch by batch: a memory-mapped subset stays on disk
+    data = check_uint8_images(images)  # indexed batch by batch: a memory-mapped subset stays on disk
     if data.shape[1] != cfg.image_size or data.shape[2] != cfg.image_size:
         raise ValueError(f"images are {data.shape[1]}x{data.shape[2]}, the {spec} model expects "
                          f"{cfg.image_size}x{cfg.image_size} (vq.image_size)")
@@ -197,10 +198,11 @@ def train_vq(spec: str, images: np.ndarray, preset_cfg: Mapping[str, Any], ckpt_
     recipe = {k: v for k, v in s.items() if k not in ("steps", "ckpt_every", "log_every")}
     config = {"spec": spec, "model": cfg.to_dict(), "train": recipe,
               "steps": steps, "n_images": len(data)}
+    loop = training.LoopSettings(steps=steps, ckpt_dir=ckpt_dir, config=config, batch_size=bs,
+                                 ckpt_every=int(s["ckpt_every"]), log_every=int(s["log_every"]), seed=seed,
+                                 desc=f"vq-{spec}", resume=resume, progress=progress)
     res = training.train({"model": trainer.model, "disc": trainer.disc}, {"opt": trainer.opt, "opt_d": trainer.opt_d},
-                         trainer.step, batch_fn, steps=steps, ckpt_dir=ckpt_dir, config=config, batch_size=bs,
-                         ckpt_every=int(s["ckpt_every"]), log_every=int(s["log_every"]), seed=seed,
-                         desc=f"vq-{spec}", resume=resume, progress=progress, runtime=trainer.rt)
+                         trainer.step, batch_fn, loop, runtime=trainer.rt)
     model = trainer.model.eval()
     return model, {"spec": spec, "config": cfg.to_dict(), "settings": s, "perceptual": trainer.perceptual_note,
                    "images_per_s": res.images_per_s, "seconds": res.seconds, "steps": res.step,

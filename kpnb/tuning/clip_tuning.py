@@ -58,7 +58,8 @@ class TuneSettings:
     """How :func:`tune` optimises: Adam on the latent for ``steps`` with step ``lr`` (in latent units; the
     codebook's spread sets the scale), ``cutouts`` crops per image per step (each a random ``cut_min_frac``..1
     of the side, mirrored at random, Gaussian noise up to ``cut_noise``; drawn from ``seed``), and
-    ``anchor_weight`` x :func:`anchor_loss`. History rows carry the images every ``record_every`` steps."""
+    ``anchor_weight`` x :func:`anchor_loss`. History rows carry the images every ``record_every`` steps;
+    ``progress`` shows a progress bar."""
 
     steps: int = 100
     lr: float = 0.1
@@ -68,6 +69,7 @@ class TuneSettings:
     anchor_weight: float = 0.0
     seed: int = 0
     record_every: int = 10
+    progress: bool = True
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], mask: str = "none") -> "TuneSettings":
@@ -230,18 +232,18 @@ def _clip_scores(clip_model: torch.nn.Module, x01: torch.Tensor, target: torch.T
 def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.ndarray | torch.Tensor,
          prompt: str | Sequence[str], settings: TuneSettings | None = None, *, mask: torch.Tensor | None = None,
          extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         callback: Callable[[int, np.ndarray, dict[str, Any]], None] | None = None, progress: bool = True,
+         callback: Callable[[int, np.ndarray, dict[str, Any]], None] | None = None,
          **overrides: Any) -> TuneResult:
     """Tune images towards ``prompt`` (one for all, or one per image) by optimising their VQ latent.
 
     ``image_or_latent``: uint8 images ``[N, H, W, 3]`` (or one ``[H, W, 3]``), or a latent tensor
     ``[N, C, h, w]`` from ``vq.encode`` or a diffusion sample. ``settings`` (default :class:`TuneSettings`),
-    with any of its fields overridden by keyword (``steps=5``). ``mask``: ``[N or 1, 1, h, w]`` at latent
-    resolution, 1 where the latent may change and 0 where it stays (e.g. :func:`region_mask`); binary, since
-    Adam's per-element scaling would undo a soft weight. ``extra_loss``: called with the decoded images
-    ``[N, 3, H, W]`` in [0, 1] (differentiable), returns a scalar to add, its weight included (e.g.
-    :func:`keeper_loss`). ``callback(step, images_uint8, row)`` runs every ``record_every`` steps and at the
-    end. Both models are put in eval mode; their weights are not changed.
+    with any of its fields overridden by keyword (``steps=5``, ``progress=False``). ``mask``:
+    ``[N or 1, 1, h, w]`` at latent resolution, 1 where the latent may change and 0 where it stays (e.g.
+    :func:`region_mask`); binary, since Adam's per-element scaling would undo a soft weight. ``extra_loss``:
+    called with the decoded images ``[N, 3, H, W]`` in [0, 1] (differentiable), returns a scalar to add, its
+    weight included (e.g. :func:`keeper_loss`). ``callback(step, images_uint8, row)`` runs every
+    ``record_every`` steps and at the end. Both models are put in eval mode; their weights are not changed.
     """
     s = dataclasses.replace(settings or TuneSettings(), **overrides)
     if s.steps < 0:
@@ -265,7 +267,7 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
     before = _clip_scores(clip_model, x_start, target)
     history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    bar = kprogress.bar(range(s.steps + 1), desc=f"CLIP tuning: {prompts[0][:40]}", disable=not progress)
+    bar = kprogress.bar(range(s.steps + 1), desc=f"CLIP tuning: {prompts[0][:40]}", disable=not s.progress)
     for step in bar:
         _, x = decode_latent(vq, z)
         clip_loss, anchor = clip_prompt_loss(clip_model, x, target, s, gen), anchor_loss(z, z0)
