@@ -12,7 +12,7 @@ Lowest first, with the notebooks each layer serves::
     evaluate   PCK and keypoint AP, FID/KID, VQ and CLIP scores                03 to 07
     train      the one training loop, checkpoints, each model's training       03, 04, 06, 07
     tuning     CLIP-guided tuning of VQ latents                                06
-    original   the released checkpoints, read without running their pickles   05 and ``kpnb sample``
+    original   the released checkpoints, read without running their pickles   05b and ``kpnb sample``
     run        run folders, stages, figures, report, status, widgets, sample,  every notebook (08: the report)
                bench
     cli        ``kpnb/cli.py``: the ``kpnb`` command, handing over to ``run``

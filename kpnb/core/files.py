@@ -4,9 +4,11 @@ Nothing here unpickles a file: a legacy ``.pt``/``.ckpt`` is read only through
 ``torch.load(weights_only=True)``, which refuses pickles that would run code."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,12 +40,66 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(OSError):
+    """A write that met a full disk (or a quota): names the file, the bytes it needed and the space left."""
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _disk_full(path: Path, tmp: Path, size: int | None, err: OSError) -> DiskFullError:
+    written = tmp.stat().st_size if tmp.exists() else 0
+    need = f"{size:,} bytes" if size is not None else f"more than the {written:,} bytes written so far"
+    free = shutil.disk_usage(path.parent).free
+    return DiskFullError(err.errno, f"no space left on the device: writing {path} needs {need}, {free:,} bytes are "
+                         f"free in {path.parent}. Nothing already complete was touched (the temporary file is "
+                         f"removed): free some space and run the same command again", str(path))
+
+
 @contextmanager
-def atomic_path(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path]:
+def naming_full_disk(path: str | Path, size: int | None = None) -> Iterator[None]:
+    """A full disk met in the block (a file appended to in place) raises :class:`DiskFullError` naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _FULL and not isinstance(e, DiskFullError):
+            raise _disk_full(Path(path), Path(path), size, e) from e
+        raise
+
+
+def reserve(path: str | Path, size: int) -> None:
+    """Reserve ``size`` bytes for the file at ``path`` where the system can (``posix_fallocate``), so that a full
+    disk is an error here and not a crash (SIGBUS) when a memory map of the file is written later. Call it after
+    the file is created (a memory map's ``w+`` truncates)."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in _FULL:
+            raise
+        # a file system without fallocate (EOPNOTSUPP, EINVAL): the writes themselves meet a full disk
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+@contextmanager
+def atomic_path(path: str | Path, tmp: str | Path | None = None, *, size: int | None = None) -> Iterator[Path]:
     """A temporary file beside ``path`` for the block to write: when the block ends without an error the file
     is fsynced and renamed to ``path`` and the folder fsynced, so a crash never leaves half a file; after an
     error it is deleted. ``tmp``: the temporary name (the caller creates the file); default a new
-    ``.<name>.<random>.tmp``, made by :func:`tempfile.mkstemp` (so readable by its owner only)."""
+    ``.<name>.<random>.tmp``, made by :func:`tempfile.mkstemp` (so readable by its owner only). ``size``: the
+    bytes the file will hold, for the error message (a memory-mapped writer also calls :func:`reserve`).
+
+    Every write of the package goes through here: a full disk (ENOSPC, or a quota) raises
+    :class:`DiskFullError` naming ``path``, the bytes it needed and the space left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if tmp is None:
@@ -55,16 +111,24 @@ def atomic_path(path: str | Path, tmp: str | Path | None = None) -> Iterator[Pat
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(path, tmp, size, e) if isinstance(e, OSError) and e.errno in _FULL else None
         tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from e
         raise
     fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through :func:`atomic_path`: a crash never leaves half a file."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    """Write ``data`` to ``path`` through :func:`atomic_path`: a crash never leaves half a file, a full disk
+    raises :class:`DiskFullError` naming the file and the bytes."""
+    with atomic_path(path, size=len(data)) as tmp:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
 
 
 def file_sha1(path: str | Path) -> str:

@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image
 
 from kpnb.core import progress as kprogress
-from kpnb.core.files import atomic_path, file_sha1, write_json
+from kpnb.core.files import atomic_path, file_sha1, naming_full_disk, write_json
 from kpnb.data.danbooru import Source, empty_meta, open_source
 from kpnb.data.folder import DataError, Problems, load_image
 from kpnb.data.shard_io import PACK, read_format_json
@@ -264,7 +264,7 @@ def _spill_meta(source: Source, plan: list[list[str]], todo: list[int], spill: P
     def flush() -> None:
         nonlocal held
         for i, lines in buffers.items():
-            with open(spill / f"{i}.jsonl", "a", encoding="utf-8") as f:
+            with naming_full_disk(spill / f"{i}.jsonl"), open(spill / f"{i}.jsonl", "a", encoding="utf-8") as f:
                 f.writelines(lines)
         buffers.clear()
         held = 0

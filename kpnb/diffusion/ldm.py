@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -234,7 +233,8 @@ def latent_cache(vq: nn.Module, images: np.ndarray, path: str | Path, *, identit
                  batch_size: int = 64, progress: bool = True, runtime: Runtime | None = None) -> np.ndarray:
     """The pre-quantisation latents of ``images`` and of their mirror images, ``[N, 2, C, h, w]`` float32
     (``[:, 0]`` as given, ``[:, 1]`` encoded from the horizontally flipped image), memory-mapped from the
-    ``.npy`` at ``path``. Written once (to a temporary file, then renamed; the JSON sidecar with
+    ``.npy`` at ``path``. Written once (through :func:`kpnb.core.files.atomic_path`, its space reserved first, so
+    a full disk is a clear error; the JSON sidecar with
     ``identity`` - which VQ checkpoint, which images - last); a cache whose sidecar names another identity
     is rebuilt. Under several ranks rank 0 writes it and the others wait, then read it."""
     rt = runtime or current()
@@ -247,16 +247,17 @@ def latent_cache(vq: nn.Module, images: np.ndarray, path: str | Path, *, identit
         dev = next(vq.parameters()).device
         tmp = path.with_name(f".{path.name}.tmp")
         shape = (len(images), 2, *vq.encode(to_model(images[:1]).to(dev)).shape[1:])
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        with torch.no_grad():
-            for i in kprogress.bar(range(0, len(images), batch_size), desc=f"latents {path.stem}",
-                                   disable=not progress, unit_label="batch"):
-                x = to_model(images[i:i + batch_size]).to(dev)
-                out[i:i + len(x), 0] = vq.encode(x).float().cpu().numpy()
-                out[i:i + len(x), 1] = vq.encode(x.flip(-1)).float().cpu().numpy()
-        out.flush()
-        del out
-        os.replace(tmp, path)
+        with files.atomic_path(path, tmp, size=4 * math.prod(shape)) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            files.reserve(tmp, tmp.stat().st_size)  # a full disk: an error here, not a crash in the loop
+            with torch.no_grad():
+                for i in kprogress.bar(range(0, len(images), batch_size), desc=f"latents {path.stem}",
+                                       disable=not progress, unit_label="batch"):
+                    x = to_model(images[i:i + batch_size]).to(dev)
+                    out[i:i + len(x), 0] = vq.encode(x).float().cpu().numpy()
+                    out[i:i + len(x), 1] = vq.encode(x.flip(-1)).float().cpu().numpy()
+            out.flush()
+            del out
         files.write_json(side, want)
     rt.barrier()
     return np.load(path, mmap_mode="r")

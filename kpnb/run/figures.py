@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from kpnb.core.files import atomic_path
 from kpnb.poses.pose import JOINTS, LIMB_COLOURS, LIMBS, Pose, draw_skeleton
 
 
@@ -18,9 +19,10 @@ def _plt():
 
 
 def save(fig: Any, path: str | Path | None, dpi: int = 200) -> Any:
+    """Write ``fig`` to ``path`` (its suffix names the format) whole or not at all (:func:`atomic_path`)."""
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     return fig
 
 

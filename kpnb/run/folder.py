@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from kpnb.core.files import repo_root, write_json, write_metrics
+from kpnb.core.files import atomic_path, repo_root, write_json, write_metrics
 from kpnb.core.settings import SETTINGS_LOG_ENV, ConfigError, _ReadLog, preset_config
 from kpnb.train import checkpoints
 
@@ -121,8 +121,8 @@ class RunFiles:
     # ---- sample files ---------------------------------------------------------------------------------
     def save_best_samples(self, images: np.ndarray, poses: np.ndarray, mode: str) -> Path:
         path = self.root / "samples" / BEST_SAMPLES
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, images=images, poses=poses, mode=mode)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=images, poses=poses, mode=mode)
         return path
 
     def load_best_samples(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -138,9 +138,9 @@ class RunFiles:
         """Notebook 06's tuned images: ``start``, ``poses``, ``<spec>.<prompt key>``, ``<spec>.recon``."""
         k = N_TUNED_KEPT
         path = self.root / "samples" / TUNED_SAMPLES
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, start=start[:k], poses=poses[:k], **{f"{s}.{key}": v[:k] for (s, key), v in tuned.items()},
-                 **{f"{s}.recon": v[:k] for s, v in recon.items()})
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, start=start[:k], poses=poses[:k], **{f"{s}.{key}": v[:k] for (s, key), v in tuned.items()},
+                     **{f"{s}.recon": v[:k] for s, v in recon.items()})
         return path
 
     def load_tuned(self) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:

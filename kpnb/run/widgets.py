@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from kpnb.core.files import atomic_write_bytes
 from kpnb.poses.formats import pose_to_coco, read_pose_file, write_release_json
 from kpnb.poses.pose import HIDDEN, JOINTS, MISSING, OUTSIDE, VISIBLE, Pose, PoseError, draw_skeleton, flip
 
@@ -141,8 +142,8 @@ class PoseEditor:
             return None
         try:
             if out.name.endswith(".coco.json"):
-                out.write_text(json.dumps({"images": [{"id": 1, "width": 512, "height": 512}],
-                                           "annotations": [{"image_id": 1, "keypoints": pose_to_coco(self.pose, 512, 512)}]}))
+                atomic_write_bytes(out, json.dumps({"images": [{"id": 1, "width": 512, "height": 512}], "annotations": [
+                    {"image_id": 1, "keypoints": pose_to_coco(self.pose, 512, 512)}]}).encode())
             else:
                 write_release_json(self.pose, out)
         except OSError as e:

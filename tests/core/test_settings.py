@@ -7,15 +7,7 @@ from kpnb.core import settings
 from kpnb.core.settings import BASE, PRESETS, ConfigError, preset_config
 from kpnb.run import folder
 
-
-def _leaves(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+from helpers import leaves
 
 
 def _refused(overrides, *words):
@@ -30,9 +22,9 @@ def _refused(overrides, *words):
 def test_a_deep_dotted_key_changes_only_that_value():
     cfg = preset_config("smoke", {"vq.models.f4.n_codes": 512})
     assert cfg["vq"]["models"]["f4"]["n_codes"] == 512
-    want = _leaves(PRESETS["smoke"])
+    want = leaves(PRESETS["smoke"])
     want["vq.models.f4.n_codes"] = 512
-    assert _leaves(cfg) == want
+    assert leaves(cfg) == want
     assert PRESETS["smoke"]["vq"]["models"]["f4"]["n_codes"] == 64  # the preset is not mutated
 
 
@@ -99,7 +91,7 @@ def test_settings_off_by_default_take_a_path_or_none():
 
 def test_every_setting_defaulting_to_none_says_what_it_takes():
     # a None default shows no type: MORE_TYPES must name what such a setting accepts
-    assert {k for k, v in _leaves(BASE).items() if v is None} <= set(settings.MORE_TYPES)
+    assert {k for k, v in leaves(BASE).items() if v is None} <= set(settings.MORE_TYPES)
 
 
 def test_runtime_threads_take_auto_or_a_count():
@@ -111,9 +103,9 @@ def test_runtime_threads_take_auto_or_a_count():
 # ---- dict values merge ---------------------------------------------------------------------------------
 def test_a_dict_value_merges_key_by_key():
     cfg = preset_config("smoke", {"vq.models": {"f4": {"n_codes": 512}}})
-    want = _leaves(PRESETS["smoke"])
+    want = leaves(PRESETS["smoke"])
     want["vq.models.f4.n_codes"] = 512
-    assert _leaves(cfg) == want  # f8, f16 and f4's other keys kept
+    assert leaves(cfg) == want  # f8, f16 and f4's other keys kept
     cfg = preset_config("smoke", {"diffusion.view_repeat": {"side": 5}})
     assert cfg["diffusion"]["view_repeat"] == {"side": 5, "back": PRESETS["smoke"]["diffusion"]["view_repeat"]["back"]}
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from kpnb.core import settings as runs
-from kpnb.diffusion import ldm, schedule
-from kpnb.diffusion import sampling
+from kpnb.diffusion import ldm, sampling, schedule
 from kpnb.evaluate import pose as pose_eval
-from kpnb.models import pose_net
-from kpnb.models import unet
+from kpnb.models import pose_net, unet
 from kpnb.models.pose_net import PoseNet
 from kpnb.poses.pose import HIDDEN, MISSING, VISIBLE, PoseError
 from kpnb.run import bench
 from kpnb.train import checkpoints
 from kpnb.train import ldm as ldm_training
+
+from helpers import random_poses as poses
 
 
 def tiny(modes="tokens+skeleton", C=3, S=8, seed=0, prediction="eps"):
@@ -32,14 +32,6 @@ def tiny(modes="tokens+skeleton", C=3, S=8, seed=0, prediction="eps"):
 def settings(**overrides):
     """The smoke preset's diffusion section with ``overrides``."""
     return {**runs.preset_config("smoke")["diffusion"], **overrides}
-
-
-def poses(n, seed=0):
-    rng = np.random.default_rng(seed)
-    p = np.zeros((n, 17, 3), np.float32)
-    p[..., :2] = rng.uniform(0.1, 0.9, (n, 17, 2))
-    p[..., 2] = VISIBLE
-    return torch.from_numpy(p)
 
 
 def test_schedule_is_ldm_linear():

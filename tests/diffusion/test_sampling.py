@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb.diffusion import ldm, schedule
-from kpnb.diffusion import sampling
-from kpnb.poses.pose import VISIBLE
+from kpnb.diffusion import ldm, sampling, schedule
+
+from helpers import random_poses as poses
 
 
 def tiny(prediction="eps"):
@@ -17,14 +17,6 @@ def tiny(prediction="eps"):
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return m.eval()
-
-
-def poses(n, seed=0):
-    rng = np.random.default_rng(seed)
-    p = np.zeros((n, 17, 3), np.float32)
-    p[..., :2] = rng.uniform(0.1, 0.9, (n, 17, 2))
-    p[..., 2] = VISIBLE
-    return torch.from_numpy(p)
 
 
 class FakeVQ(torch.nn.Module):

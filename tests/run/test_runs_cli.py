@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from helpers import leaves
 from kpnb import cli
 from kpnb.core import files
 from kpnb.core import settings
@@ -24,20 +25,10 @@ def test_preset_config_overrides_and_refusals():
         settings.preset_config("smoke", {"data.n_candidates": "many"})
 
 
-def _leaves(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 @pytest.mark.parametrize("preset", list(settings.PRESETS))
 def test_every_preset_has_every_base_key(preset):
     # presets are BASE plus a delta: a key the code reads under one preset exists under all of them
-    assert set(_leaves(settings.PRESETS[preset])) == set(_leaves(settings.BASE))
+    assert set(leaves(settings.PRESETS[preset])) == set(leaves(settings.BASE))
     assert settings.preset_config(preset) == settings.PRESETS[preset]
 
 
