@@ -20,21 +20,27 @@ README's status table from a run folder's metrics).
   metrics, at the end a table of all. ``--timeout S`` limits each cell (default :data:`kpnb.core.settings.CELL_TIMEOUT_S`
   per preset); a cell past it, or a dead kernel, stops the run naming the notebook and cell, with everything
   written so far kept for ``--resume``.
+* A run folder has one writer (:mod:`kpnb.core.lock`): ``kpnb run`` holds its lock while it runs, and a second
+  ``kpnb run`` or ``kpnb train`` of the same folder is refused before any work, naming the holder. The notebooks
+  it runs work under its lock (their kernels inherit :data:`kpnb.core.lock.HOLDER_ENV`).
 
 ``kpnb train STAGE --run-dir DIR [--spec S] [--mode M] [--further] [-p section.key=value ...]`` trains one
 stage (:mod:`kpnb.run.stages`) into the run folder's checkpoints, where the notebooks find it. ``-p`` values
 (checked as ``kpnb run``'s) are recorded in the run's ``config.json``, so the notebooks train with the same
 settings. Under ``torchrun --nproc_per_node N -m kpnb train STAGE --run-dir DIR`` every process joins one DDP
-group (NCCL on GPUs, gloo on CPUs). The option is ``--run-dir``, not ``--run``: torchrun's parser would take
-``--run`` for its own ``--run-path``.
+group (NCCL on GPUs, gloo on CPUs); rank 0 holds the run folder's lock, so a ``kpnb train`` beside a ``kpnb run``
+of the same folder is refused. The option is ``--run-dir``, not ``--run``: torchrun's parser would take ``--run``
+for its own ``--run-path``.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -43,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kpnb.core import files, settings
+from kpnb.core import files, lock, settings
 from kpnb.core import progress as kprogress
 from kpnb.run import folder
 
@@ -224,12 +230,27 @@ def _ipc_kernel_manager(sock_dir: Path) -> type:
     return IPCKernelManager
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, command: str = "kpnb run") -> int:
+    """``kpnb run``: the settings checked, then the run folder's lock taken (refused, naming the holder, when
+    another writer has it) before its config.json is written or any notebook runs."""
     try:
-        root, preset, nbs, overrides, nb_params = _open_run(args)
+        root, preset, nbs, overrides, changed, nb_params = _plan_run(args)
     except settings.ConfigError as e:
         print(f"kpnb run: {e}", file=sys.stderr)
         return 2
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(lock.holding(root, command))
+            folder.run_dir(root, preset, overrides)
+            nb_params = _record(root, preset, overrides, changed, nb_params, nbs, args)
+        except (settings.ConfigError, lock.FolderLocked) as e:
+            print(f"kpnb run: {e}", file=sys.stderr)
+            return 2
+        return _run_notebooks(args, root, preset, nbs, overrides, nb_params)
+
+
+def _run_notebooks(args: argparse.Namespace, root: Path, preset: str, nbs: list[Path], overrides: dict[str, Any],
+                   nb_params: dict[str, Any]) -> int:
     timeout = args.timeout if args.timeout is not None else settings.CELL_TIMEOUT_S.get(preset)
     timeout = timeout or None  # 0: no limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -261,10 +282,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_run(args: argparse.Namespace) -> tuple[Path, str, list[Path], dict[str, Any], dict[str, Any]]:
-    """(run folder, preset, notebooks, overrides, notebook parameters) of a new or resumed run, its folder made
-    and its config.json up to date. An unknown notebook, parameter or setting, and a resume of a folder that
-    is no run, raise ConfigError before anything is written."""
+def _plan_run(args: argparse.Namespace) -> tuple[Path, str, list[Path], dict[str, Any], dict[str, Any],
+                                                 dict[str, Any]]:
+    """(run folder, preset, notebooks, overrides, overrides changed now, notebook parameters) of a new or
+    resumed run, nothing written yet. An unknown notebook, parameter or setting, and a resume of a folder that
+    is no run, raise ConfigError."""
     if args.resume:
         root = Path(args.resume)
         if not (root / "config.json").exists():
@@ -279,9 +301,7 @@ def _open_run(args: argparse.Namespace) -> tuple[Path, str, list[Path], dict[str
     changed = {k: v for k, v in overrides.items() if saved_overrides.get(k, object()) != v}
     overrides = {**saved_overrides, **overrides}
     settings.preset_config(preset, overrides)  # the recorded ones with the new ones, before the folder is made
-    folder.run_dir(root, preset, overrides)
-    nb_params = _record(root, preset, overrides, changed, nb_params, nbs, args)
-    return root, preset, nbs, overrides, nb_params
+    return root, preset, nbs, overrides, changed, nb_params
 
 
 def _record(root: Path, preset: str, overrides: dict[str, Any], changed: dict[str, Any], nb_params: dict[str, Any],
@@ -377,7 +397,7 @@ def cmd_bench(argv: list[str]) -> int:
     return bench.main(argv) or 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, command: str = "kpnb train") -> int:
     root = Path(args.run_dir)
     if not (root / "config.json").exists():
         print(f"kpnb train: {root} is not a run folder (no config.json); start one with kpnb run --out {root} "
@@ -397,6 +417,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"kpnb train: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from kpnb.core import runtime
+
+    with contextlib.ExitStack() as stack:
+        if runtime.dist_env()[0] == 0:  # rank 0 writes the run folder's files; the other ranks work under it
+            try:
+                stack.enter_context(lock.holding(root, command))
+            except lock.FolderLocked as e:
+                print(f"kpnb train: {e}", file=sys.stderr)
+                return 2
+        return _train(args, root, saved, extra, overrides, cfg)
+
+
+def _train(args: argparse.Namespace, root: Path, saved: dict[str, Any], extra: dict[str, Any],
+           overrides: dict[str, Any], cfg: dict[str, Any]) -> int:
+    """``kpnb train`` once its settings are checked and the run folder's lock is held."""
     from kpnb.core import runtime
     from kpnb.run import stages
 
@@ -476,16 +511,17 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("run", help="run folder")
     st.add_argument("--readme", help="replace the status block of this README instead of printing")
     args = p.parse_args(argv)
+    command = shlex.join(["kpnb", *argv])  # how a lock names its holder
     if args.cmd == "status":
         return cmd_status(args)
     if args.cmd == "train":
-        return cmd_train(args)
+        return cmd_train(args, command)
     if args.cmd == "run":
         if args.preset not in settings.PRESETS:
             print(f"kpnb run: unknown preset {args.preset!r}; valid presets: {', '.join(settings.PRESETS)}",
                   file=sys.stderr)
             return 2
-        return cmd_run(args)
+        return cmd_run(args, command)
     return 2
 
 

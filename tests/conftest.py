@@ -5,8 +5,7 @@ import pytest
 
 from kpnb.core import settings
 from kpnb.data import subset
-from kpnb.run import folder
-from kpnb.run import stages
+from kpnb.run import folder, stages
 from kpnb.synth import renders
 
 

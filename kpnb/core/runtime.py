@@ -139,12 +139,14 @@ class Runtime:
     threads: ThreadPolicy | None = None  # CPU threads fitted to the free cores (runtime.threads "auto")
     rank: int = 0
     world_size: int = 1
+    keep_checkpoints: int = 2         # the newest checkpoints a training folder keeps: one to fall back on
 
     @classmethod
     def from_settings(cls, section: Mapping[str, Any] | None = None) -> "Runtime":
-        """A preset's ``runtime`` section (device, precision, compile, workers); None = CPU fp32. Under
-        torchrun this joins the process group once per process."""
-        s = section or {"device": "cpu", "precision": "fp32", "compile": False, "workers": 0, "threads": 0}
+        """A preset's ``runtime`` section (device, precision, compile, workers, threads, keep_checkpoints);
+        None = CPU fp32. Under torchrun this joins the process group once per process."""
+        s = section or {"device": "cpu", "precision": "fp32", "compile": False, "workers": 0, "threads": 0,
+                        "keep_checkpoints": 2}
         rank, world, local = dist_env()
         device = resolve_device(str(s["device"]))
         if world > 1 and device.type == "cuda":
@@ -158,6 +160,9 @@ class Runtime:
         workers = int(s["workers"])
         if workers < 0:
             raise RuntimeSettingError(f"runtime.workers must be >= 0, got {workers}")
+        keep = s.get("keep_checkpoints", 2)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise RuntimeSettingError(f"runtime.keep_checkpoints must be a whole number >= 1, got {keep!r}")
         threads, policy = s["threads"], None
         if threads == "auto":
             policy = ThreadPolicy()
@@ -167,7 +172,7 @@ class Runtime:
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(device=device, precision=precision, compile=bool(s["compile"]), workers=workers,
-                   threads=policy, rank=rank, world_size=world)
+                   threads=policy, rank=rank, world_size=world, keep_checkpoints=keep)
 
     # ---- precision ------------------------------------------------------------------------------------
     @property

@@ -16,8 +16,10 @@ BASE: dict[str, dict[str, Any]] = {
     # the UNet; workers: DataLoader processes that build the batches ahead of each step (0: the main thread,
     # which is fastest on 2 CPU cores); threads: torch's CPU threads, "auto" = the cores other processes leave
     # free, checked again every 30 s of training (a busy core otherwise stalls OpenMP: README, "Timing"), or a count
-    # (0: torch's default)
-    "runtime": {"device": "auto", "precision": "fp32", "compile": False, "workers": 0, "threads": "auto"},
+    # (0: torch's default); keep_checkpoints: how many of the newest checkpoints each training folder keeps, so that
+    # a damaged newest one (a killed disk, a truncated copy) leaves an older one to resume from
+    "runtime": {"device": "auto", "precision": "fp32", "compile": False, "workers": 0, "threads": "auto",
+                "keep_checkpoints": 2},
     # data.wide_share: the share of the synthetic characters' poses drawn from the wider distribution
     # (kpnb.synth.sample_pose: kneeling, crouching, lying, free arms, bent and tilted, near-side views and views
     # from behind); the pose estimator's training renders keep the module's default, so the ruler is the same

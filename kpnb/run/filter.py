@@ -1,8 +1,14 @@
-"""``kpnb data filter``: notebook 01's stages over shards, and the kept images as a run folder's subset."""
+"""``kpnb data filter``: notebook 01's stages over shards, and the kept images as a run folder's subset.
+
+The result folder (``--out``) and a ``--to-run`` folder have one writer (:mod:`kpnb.core.lock`): rank 0 holds
+their locks from the start, so a second filter into the same folder is refused before any work, naming the
+holder."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -55,6 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.clip and not a.clip_run:
         p.error("the CLIP stage needs --clip-run RUN (the run whose CLIP scores the images); or pass --no-clip")
+    from kpnb.core import lock
+    from kpnb.core.runtime import dist_env
+
+    with contextlib.ExitStack() as stack:
+        if dist_env()[0] == 0:  # rank 0 merges and writes the subset; the other ranks work under its lock
+            command = shlex.join(["kpnb", "data", "filter", *(sys.argv[1:] if argv is None else argv)])
+            try:
+                for folder in [a.out, *([a.to_run] if a.to_run else [])]:
+                    stack.enter_context(lock.holding(folder, command))
+            except lock.FolderLocked as e:
+                print(f"kpnb data filter: {e}", file=sys.stderr)
+                return 2
+        return _filter(a)
+
+
+def _filter(a: argparse.Namespace) -> int:
+    """``kpnb data filter`` once its arguments are checked and rank 0 holds its folders' locks."""
     from kpnb.core.runtime import Runtime, RuntimeSettingError
 
     try:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from kpnb.core.files import atomic_path, repo_root, write_json, write_metrics
+from kpnb.core.lock import hold_until_exit
 from kpnb.core.settings import SETTINGS_LOG_ENV, ConfigError, _ReadLog, preset_config
 from kpnb.train import checkpoints
 
@@ -191,6 +192,12 @@ class NotebookRun:
     folder for every notebook, so 02 finds what 01 wrote; ``kpnb run`` passes its own folder. ``overrides`` are
     :func:`kpnb.core.settings.preset_config`'s (dotted keys at any depth, dict values merged), checked before
     anything is made: an unknown key or a value of the wrong type raises ConfigError naming it.
+
+    The run folder has one writer (:mod:`kpnb.core.lock`): under ``kpnb run`` the notebook works under that
+    command's lock; opened by hand, it takes the folder's lock and keeps it until :meth:`finish` (or until its
+    kernel exits, when the notebook stops before its end), so a second kernel (or a ``kpnb run``/``kpnb train``)
+    on the same folder raises FolderLocked naming this one while it works, and the next notebook opens once
+    this one has finished.
     """
 
     def __init__(self, stem: str, preset: str, run_dir_: str = "", overrides: Mapping[str, Any] | None = None):
@@ -201,7 +208,9 @@ class NotebookRun:
         self._read_log = os.environ.get(SETTINGS_LOG_ENV)
         if self._read_log:
             self.cfg = {name: _ReadLog(name, section) for name, section in self.cfg.items()}
-        self.root = run_dir(run_dir_ or repo_root() / "outputs" / f"notebooks_{preset}", preset, overrides)
+        root = Path(run_dir_ or repo_root() / "outputs" / f"notebooks_{preset}")
+        self._lock = hold_until_exit(root, f"notebook {stem}")  # FolderLocked, naming the holder, before any write
+        self.root = run_dir(root, preset, overrides)
         from kpnb.core import runtime
 
         self._runtime = runtime.use(runtime.Runtime.from_settings(self.cfg["runtime"]))
@@ -219,8 +228,6 @@ class NotebookRun:
     @property
     def files(self) -> "RunFiles":
         """The run folder's names (checkpoint folders, sample files, cross-notebook metrics)."""
-        pass
-
         return RunFiles(self.root)
 
     @property
@@ -240,4 +247,6 @@ class NotebookRun:
             read = sorted(set().union(*(section.read for section in self.cfg.values())))
             with open(self._read_log, "a") as f:
                 f.write(json.dumps({"notebook": self.stem, "read": read}) + "\n")
+        if self._lock is not None:
+            self._lock.release()  # its work is written: the next notebook may open the folder
         return path

@@ -47,7 +47,7 @@ ORIGINAL_DEFAULTS = {"steps": 50, "eta": 1.0, "guidance": 1.0, "guidance_interva
 def _identity(folder_or_file: Path) -> dict[str, Any]:
     """Which checkpoint: its path, step and a hash of its JSON (or of the file itself)."""
     if folder_or_file.is_dir():
-        js = checkpoints.latest_checkpoint(folder_or_file)
+        js = checkpoints.latest_checkpoint(folder_or_file, verify=True)  # the one the loader reads
         info = json.loads(js.read_text())
         return {"path": str(js), "step": info.get("step"), "sha1": hashlib.sha1(js.read_bytes()).hexdigest()[:16]}
     h = hashlib.sha1()

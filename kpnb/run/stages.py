@@ -60,7 +60,7 @@ def ldm_latents(root: str | Path, spec: str, split: str = "train", *, images: np
     rt = runtime or current()
     files = RunFiles(Path(root))
     images = data.load_subset(root, split)["images"] if images is None else images
-    last = checkpoints.latest_checkpoint(files.vq(spec))
+    last = checkpoints.latest_checkpoint(files.vq(spec), verify=True)  # the one load_vq reads
     if last is None:
         raise checkpoints.CheckpointError(f"{files.vq(spec)}: no {spec} autoencoder yet - run notebook 03 "
                                        f"(or kpnb train vq --spec {spec}) first")

@@ -1,12 +1,20 @@
 """Checkpoints of the one training loop: safetensors weights plus a JSON of step, config, optimiser and RNG state,
-written atomically by rank 0; reading them back, resuming, and forking one into a new folder."""
+written atomically by rank 0; reading them back, resuming, and forking one into a new folder.
+
+A folder keeps its newest ``keep`` complete checkpoints (``runtime.keep_checkpoints``), so that a damaged newest
+one leaves an older one to go on from. Each JSON records its tensor file's size and sha256 (the JSON is written
+after the tensors, so it describes the finished file). Choosing a checkpoint checks the newest's size (always,
+cheap) and, when it is loaded, its sha256; a damaged one (missing, truncated, changed, unreadable) is named with
+the reason and the previous one is used. Checkpoints written before these fields existed load unchecked."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -15,9 +23,11 @@ import torch
 from torch import nn
 
 from kpnb.core import files
+from kpnb.core import progress as kprogress
 from kpnb.core.runtime import current
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})\.json$")
+_FILE_RE = re.compile(r"^ckpt-(\d{7,})\.(json|safetensors)$")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,16 +68,76 @@ def _ckpt_paths(ckpt_dir: Path, step: int) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The JSON file of the newest complete checkpoint in ``ckpt_dir`` (None when there is none). A
-    checkpoint is complete once its JSON exists: the JSON is written after the tensors."""
-    ckpt_dir = Path(ckpt_dir)
+def _newest_first(ckpt_dir: Path) -> list[Path]:
+    """The JSON files of ``ckpt_dir``'s complete checkpoints, newest first. A checkpoint is complete once its
+    JSON exists: the JSON is written after the tensors."""
     if not ckpt_dir.is_dir():
+        return []
+    found = sorted(((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name))), reverse=True)
+    return [p for _, p in found]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _damage(js: Path, *, full: bool) -> tuple[Path, str] | None:
+    """Why the checkpoint of ``js`` cannot be used, as (the damaged file, the reason); None when it can. The
+    tensor file's size is checked against the one its JSON records, and with ``full`` its sha256 too (a read of
+    the whole file). A JSON without the record (written before it existed) can only show a missing file."""
+    st = js.with_suffix(".safetensors")
+    try:
+        info = json.loads(js.read_text())
+    except (OSError, ValueError) as e:
+        return js, f"unreadable JSON ({e})"
+    if not isinstance(info, dict):
+        return js, "not a checkpoint JSON"
+    if not st.is_file():
+        return st, "the tensor file is missing"
+    rec = info.get("tensors")
+    if not isinstance(rec, Mapping) or not isinstance(rec.get("bytes"), int):
         return None
-    found = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name)))
-    for _, p in reversed(found):
-        if p.with_suffix(".safetensors").exists():
-            return p
+    size = st.stat().st_size
+    if size != rec["bytes"]:
+        return st, f"{size:,} bytes where {rec['bytes']:,} were written (truncated or overwritten)"
+    if full and _file_sha256(st) != rec.get("sha256"):
+        return st, "its sha256 differs from the one recorded when it was written (its bytes changed)"
+    return None
+
+
+def _say(text: str) -> None:
+    """A message for the person running (the notebook's or console's output, and a headless run's log)."""
+    print(text)
+    kprogress.note(text)
+
+
+def _all_damaged(ckpt_dir: Path, damaged: list[tuple[Path, str]]) -> CheckpointError:
+    listing = "; ".join(f"{p} ({why})" for p, why in damaged)
+    return CheckpointError(f"{ckpt_dir}: every checkpoint is damaged - {listing}. Restore the files, or delete the "
+                           f"folder to train afresh")
+
+
+def latest_checkpoint(ckpt_dir: str | Path, *, verify: bool = False) -> Path | None:
+    """The JSON file of the newest usable checkpoint in ``ckpt_dir`` (None when it holds no complete one). Its
+    tensor file is checked against the size its JSON records, and with ``verify`` against the sha256 too; a
+    damaged checkpoint is named with the reason and the previous one taken. CheckpointError, naming them all,
+    when every checkpoint is damaged."""
+    ckpt_dir = Path(ckpt_dir)
+    damaged: list[tuple[Path, str]] = []
+    for js in _newest_first(ckpt_dir):
+        bad = _damage(js, full=verify)
+        if bad is None:
+            if damaged:
+                _say(f"going on from the previous complete checkpoint, {js}")
+            return js
+        _say(f"damaged checkpoint {bad[0]}: {bad[1]}; passed over")
+        damaged.append(bad)
+    if damaged:
+        raise _all_damaged(ckpt_dir, damaged)
     return None
 
 
@@ -80,7 +150,7 @@ def fork_checkpoint(src_dir: str | Path, dst_dir: str | Path) -> Path:
     have = latest_checkpoint(dst_dir)
     if have is not None:
         return have
-    last = latest_checkpoint(src_dir)
+    last = latest_checkpoint(src_dir, verify=True)  # a damaged copy would leave dst_dir nothing to fall back on
     if last is None:
         raise CheckpointError(f"{src_dir}: no checkpoint to start {dst_dir} from")
     dst_dir.mkdir(parents=True, exist_ok=True)
@@ -91,14 +161,32 @@ def fork_checkpoint(src_dir: str | Path, dst_dir: str | Path) -> Path:
     return dst_dir / last.name
 
 
-def _clean_dir(ckpt_dir: Path, keep_step: int | None) -> None:
-    """Remove temporary files left by a killed write, and every checkpoint other than ``keep_step``."""
+def _remove_temp_files(ckpt_dir: Path) -> None:
+    """Temporary files left by a killed write."""
     for p in ckpt_dir.iterdir():
         if p.name.startswith(".") and p.name.endswith(".tmp"):
             p.unlink(missing_ok=True)
-        m = re.match(r"^ckpt-(\d{7,})\.(json|safetensors)$", p.name)
-        if m and keep_step is not None and int(m.group(1)) != keep_step:
-            p.unlink(missing_ok=True)
+
+
+def _prune(ckpt_dir: Path, newest: int, keep: int) -> None:
+    """Keep the ``keep`` newest usable checkpoints up to step ``newest`` (the one just written, so only its size
+    is checked again; older ones are hashed) and remove the rest: older ones, damaged ones, incomplete ones (a
+    tensor file without its JSON) and any past ``newest`` (from a run this one started over from: a fresh start,
+    or a fallback past a damaged checkpoint)."""
+    _remove_temp_files(ckpt_dir)
+    steps = sorted({int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _FILE_RE.match(p.name))}, reverse=True)
+    kept = 0
+    for step in steps:
+        st, js = _ckpt_paths(ckpt_dir, step)
+        if step <= newest and js.exists() and kept < keep:
+            bad = _damage(js, full=step != newest)
+            if bad is None:
+                kept += 1
+                continue
+            _say(f"damaged checkpoint {bad[0]}: {bad[1]}; removed")
+        # the JSON first: a kill in between leaves an incomplete checkpoint, not a damaged one
+        js.unlink(missing_ok=True)
+        st.unlink(missing_ok=True)
 
 
 def _flatten_optimizer(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -133,9 +221,15 @@ def _unflatten_optimizer(name: str, tensors: Mapping[str, torch.Tensor], info: M
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, modules: Mapping[str, nn.Module],
                     optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
-                    config: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``ckpt-<step>`` (tensors, then JSON) atomically and remove older checkpoints. Refuses to save
-    non-finite weights, so a diverged model never replaces a good checkpoint."""
+                    config: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None, *,
+                    keep: int | None = None) -> Path:
+    """Write ``ckpt-<step>`` (tensors, then the JSON with the tensor file's size and sha256) atomically, then keep
+    the ``keep`` newest usable checkpoints up to it and remove the others. A damaged checkpoint of the same step
+    is replaced (``keep`` None: the current runtime's ``keep_checkpoints``). Refuses to save non-finite weights, so
+    a diverged model never replaces a good checkpoint."""
+    keep = current().keep_checkpoints if keep is None else keep
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep (runtime.keep_checkpoints) must be a whole number >= 1, got {keep!r}")
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -151,61 +245,102 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, modules: Mapping[str, nn.Mo
         tensors.update({k: v.detach().cpu().clone() for k, v in t.items()})
         optim_info[name] = info
     st_path, js_path = _ckpt_paths(ckpt_dir, step)
+    js_path.unlink(missing_ok=True)  # one of this step written before is incomplete until its new JSON is in
     files.save_tensors(st_path, tensors, {"step": step})
+    record = {"file": st_path.name, "bytes": st_path.stat().st_size, "sha256": _file_sha256(st_path)}
     files.write_json(js_path, {"step": step, "config": dict(config or {}), "modules": list(modules),
-                              "optimizers": optim_info, "rng": _rng_state(), **dict(extra or {})})
-    _clean_dir(ckpt_dir, keep_step=step)
+                              "optimizers": optim_info, "rng": _rng_state(), "tensors": record, **dict(extra or {})})
+    _prune(ckpt_dir, step, keep)
     return js_path
 
 
-def _resolve(path: str | Path) -> tuple[Path, Path | None]:
-    """(tensor file, JSON file or None) for a checkpoint folder, a ckpt JSON, or a tensor file."""
+def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The JSON half of a checkpoint (config, step, ...) of a folder's latest checkpoint or a given file."""
     path = Path(path)
     if path.is_dir():
         js = latest_checkpoint(path)
         if js is None:
             raise CheckpointError(f"{path}: no complete checkpoint (ckpt-<step>.json + .safetensors) here")
-        return js.with_suffix(".safetensors"), js
-    if path.suffix == ".json":
-        return path.with_suffix(".safetensors"), path
-    js = path.with_suffix(".json")
-    return path, (js if js.exists() else None)
-
-
-def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """The JSON half of a checkpoint (config, step, ...) of a folder's latest checkpoint or a given file."""
-    _, js = _resolve(path)
-    if js is None:
-        raise CheckpointError(f"{path}: no checkpoint JSON next to it")
+    else:
+        js = path if path.suffix == ".json" else path.with_suffix(".json")
+        if not js.exists():
+            raise CheckpointError(f"{path}: no checkpoint JSON next to it")
     try:
         return json.loads(js.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{js}: unreadable checkpoint JSON ({e})") from e
 
 
-def load_trained(ckpt_dir: str | Path, key: str, build: Callable[[Any], nn.Module], *, module: str = "model",
-                 what: str | None = None) -> nn.Module:
-    """The model of a checkpoint folder (its latest checkpoint) or file, in eval mode, on the current runtime's
-    device (:func:`kpnb.core.runtime.current`): ``build`` makes it from the saved ``config[key]``, then the weights
-    of ``module`` are loaded (checkpoints hold CPU tensors, so any device can load any checkpoint). A checkpoint without ``config[key]``
-    is refused as not being a ``what`` checkpoint."""
-    cfg = read_checkpoint_info(ckpt_dir).get("config", {})
-    if key not in cfg:
-        raise CheckpointError(f"{ckpt_dir}: not a {what or key} checkpoint (no {key!r} config in its JSON)")
-    model = build(cfg[key])
-    load_checkpoint(ckpt_dir, {module: model})
-    return model.to(current().device).eval()
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: its tensors, its JSON info ({} for a bare tensor file), and its files."""
+    tensors: dict[str, torch.Tensor]
+    info: dict[str, Any]
+    path: Path                 # the tensor file
+    json: Path | None
 
 
-def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, strict: bool = True,
-                    optimizers: Mapping[str, torch.optim.Optimizer] | None = None) -> dict[str, Any]:
-    """Load weights (and optimiser state when given) into ``modules`` from a checkpoint folder (its latest
-    checkpoint) or file. Only the modules named are loaded, so a notebook can take just e.g. ``"ema"``.
-    Returns the checkpoint's JSON info ({} for a bare tensor file). Never unpickles: a ``.pt`` file goes
-    through ``torch.load(weights_only=True)`` and a code-running pickle is refused."""
-    st, js = _resolve(path)
-    tensors, _ = files.load_tensors(st)
-    info = read_checkpoint_info(js) if js is not None else {}
+class _Damaged(Exception):
+    def __init__(self, file: Path, reason: str):
+        super().__init__(file, reason)
+        self.file, self.reason = file, reason
+
+
+def _read_one(st: Path, js: Path | None) -> Checkpoint:
+    """The checkpoint of tensor file ``st`` and its JSON ``js`` (None: a bare tensor file, read unchecked),
+    checked against the JSON's size and sha256; :class:`_Damaged` when it fails them or cannot be read."""
+    if js is None:
+        return Checkpoint(files.load_tensors(st)[0], {}, st, None)
+    bad = _damage(js, full=True)
+    if bad is not None:
+        raise _Damaged(*bad)
+    try:
+        tensors, _ = files.load_tensors(st)
+    except (OSError, ValueError) as e:
+        raise _Damaged(st, f"unreadable ({e})") from e
+    return Checkpoint(tensors, json.loads(js.read_text()), st, js)
+
+
+def read_checkpoint(path: str | Path, *, missing_ok: bool = False) -> Checkpoint | None:
+    """The checkpoint of a folder (its newest usable one) or of a file (a checkpoint JSON, or a tensor file with
+    or without its JSON), its tensor file checked against the size and sha256 its JSON records. In a folder a
+    damaged checkpoint is named with the reason and the previous one read; CheckpointError names them all when
+    every one is damaged, or says the folder has none (None instead with ``missing_ok``). A named file that is
+    damaged is refused with the reason. Never unpickles: a ``.pt`` file goes through
+    ``torch.load(weights_only=True)`` and a code-running pickle is refused."""
+    path = Path(path)
+    if not path.is_dir():
+        if path.suffix == ".json":
+            st, js = path.with_suffix(".safetensors"), path
+        else:
+            st, js = path, (path.with_suffix(".json") if path.with_suffix(".json").exists() else None)
+        try:
+            return _read_one(st, js)
+        except _Damaged as e:
+            raise CheckpointError(f"damaged checkpoint {e.file}: {e.reason}") from None
+    damaged: list[tuple[Path, str]] = []
+    for js in _newest_first(path):
+        try:
+            ck = _read_one(js.with_suffix(".safetensors"), js)
+        except _Damaged as e:
+            _say(f"damaged checkpoint {e.file}: {e.reason}; passed over")
+            damaged.append((e.file, e.reason))
+            continue
+        if damaged:
+            _say(f"going on from the previous complete checkpoint, {js}")
+        return ck
+    if damaged:
+        raise _all_damaged(path, damaged)
+    if missing_ok:
+        return None
+    raise CheckpointError(f"{path}: no complete checkpoint (ckpt-<step>.json + .safetensors) here")
+
+
+def apply_checkpoint(ck: Checkpoint, modules: Mapping[str, nn.Module], *, strict: bool = True,
+                     optimizers: Mapping[str, torch.optim.Optimizer] | None = None) -> None:
+    """Load ``ck``'s weights into ``modules`` (only the modules named, so a notebook can take just e.g.
+    ``"ema"``) and its optimiser state into ``optimizers``."""
+    st, tensors, info = ck.path, ck.tensors, ck.info
     has_prefix = any(k.startswith("module/") for k in tensors)
     for name, m in modules.items():
         if has_prefix:
@@ -222,6 +357,32 @@ def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, stric
             raise CheckpointError(f"{st}: weights of {name!r} do not fit the model ({e})") from e
     for name, opt in (optimizers or {}).items():
         if name not in info.get("optimizers", {}):
-            raise CheckpointError(f"{js}: no optimiser {name!r} saved")
+            raise CheckpointError(f"{ck.json}: no optimiser {name!r} saved")
         opt.load_state_dict(_unflatten_optimizer(name, tensors, info["optimizers"][name]))
-    return info
+
+
+def load_trained(ckpt_dir: str | Path, key: str, build: Callable[[Any], nn.Module], *, module: str = "model",
+                 what: str | None = None) -> nn.Module:
+    """The model of a checkpoint folder (its newest usable checkpoint, :func:`read_checkpoint`) or file, in eval
+    mode, on the current runtime's device (:func:`kpnb.core.runtime.current`): ``build`` makes it from the saved
+    ``config[key]``, then the weights of ``module`` are loaded (checkpoints hold CPU tensors, so any device can
+    load any checkpoint). A checkpoint without ``config[key]`` is refused as not being a ``what`` checkpoint."""
+    ck = read_checkpoint(ckpt_dir)
+    if ck.json is None:
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint JSON next to it")
+    cfg = ck.info.get("config", {})
+    if key not in cfg:
+        raise CheckpointError(f"{ckpt_dir}: not a {what or key} checkpoint (no {key!r} config in its JSON)")
+    model = build(cfg[key])
+    apply_checkpoint(ck, {module: model})
+    return model.to(current().device).eval()
+
+
+def load_checkpoint(path: str | Path, modules: Mapping[str, nn.Module], *, strict: bool = True,
+                    optimizers: Mapping[str, torch.optim.Optimizer] | None = None) -> dict[str, Any]:
+    """Load weights (and optimiser state when given) into ``modules`` from a checkpoint folder (its newest usable
+    checkpoint) or file, as :func:`read_checkpoint` chooses and checks it. Only the modules named are loaded.
+    Returns the checkpoint's JSON info ({} for a bare tensor file)."""
+    ck = read_checkpoint(path)
+    apply_checkpoint(ck, modules, strict=strict, optimizers=optimizers)
+    return ck.info

@@ -22,10 +22,13 @@ What it gives every model:
 * checkpoints every ``ckpt_every`` steps and at the end: ``ckpt-<step>.safetensors`` (module weights and
   optimiser tensors, flat names) plus ``ckpt-<step>.json`` (config, step, optimiser hyper-parameters, RNG
   states of torch/numpy/python, elapsed seconds). Both are written atomically (temporary file + rename) and
-  the JSON is written last, so a checkpoint exists only once it is complete; older ones are then removed.
-* resume: calling ``train`` again with the same ``ckpt_dir`` continues from the latest checkpoint, and - since
-  the data order is a function of (seed, step) and the RNG states are restored - a resumed run computes the
-  same losses as an uninterrupted one (on CPU; bit-exact up to nondeterministic kernels elsewhere).
+  the JSON is written last (with the tensor file's size and sha256), so a checkpoint exists only once it is
+  complete; the newest ``keep_checkpoints`` are kept, older ones removed.
+* resume: calling ``train`` again with the same ``ckpt_dir`` continues from the latest checkpoint (a damaged one -
+  missing, truncated, changed - is named and the previous one used, then rewritten when training reaches its
+  step again), and - since the data order is a function of (seed, step) and the RNG states are restored - a
+  resumed run computes the same losses as an uninterrupted one (on CPU; bit-exact up to nondeterministic kernels
+  elsewhere).
 * a NaN/inf guard: a non-finite loss stops training with :class:`NonFiniteLossError` naming the step and the
   loss, before anything is saved, so the last good checkpoint stays as it was (checked every step on a CPU; on
   a GPU at each log row and checkpoint, so that no step waits for a loss to reach the host).
@@ -58,10 +61,10 @@ from kpnb.train.checkpoints import (
     CheckpointError,
     NonFiniteLossError,
     _ckpt_paths,
-    _clean_dir,
+    _remove_temp_files,
     _set_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
+    apply_checkpoint,
+    read_checkpoint,
     read_checkpoint_info,
     save_checkpoint,
 )
@@ -185,7 +188,9 @@ class LoopSettings:
     ``steps``) is refused, so a checkpoint is never continued with another model. ``batch_size`` (the global
     batch) only feeds the images/s figure. ``seed`` seeds the global RNGs at a fresh start (resume restores
     them instead). ``desc`` labels the progress bar and the NaN error; ``resume=False`` starts afresh even
-    where a checkpoint exists; ``progress=False`` hides the bar."""
+    where a checkpoint exists; ``progress=False`` hides the bar. ``keep_checkpoints``: how many of the newest
+    checkpoints the folder keeps, so that a damaged newest one leaves one to go on from (None: the runtime's,
+    ``runtime.keep_checkpoints``)."""
     steps: int
     ckpt_dir: str | Path
     config: Mapping[str, Any] | None = None
@@ -196,36 +201,43 @@ class LoopSettings:
     desc: str = "train"
     resume: bool = True
     progress: bool = True
+    keep_checkpoints: int | None = None
+
+    def __post_init__(self) -> None:
+        k = self.keep_checkpoints
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"keep_checkpoints (runtime.keep_checkpoints) must be a whole number >= 1, got {k!r}")
 
 
 def _resume_or_start(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
                      s: LoopSettings, config: dict[str, Any], rt: Runtime
                      ) -> tuple[int, float, Path | None, list[dict[str, float]]]:
-    """(start step, seconds trained before, the checkpoint resumed from, metrics rows so far): the latest
-    checkpoint of ``s.ckpt_dir`` loaded into ``modules`` and ``optimizers`` with its RNG states, or a fresh
-    start with the global RNGs seeded from ``s.seed``."""
+    """(start step, seconds trained before, the checkpoint resumed from, metrics rows so far): the newest usable
+    checkpoint of ``s.ckpt_dir`` (:func:`kpnb.train.checkpoints.read_checkpoint`: a damaged one is named and the
+    previous one read) loaded into ``modules`` and ``optimizers`` with its RNG states, or a fresh start with the
+    global RNGs seeded from ``s.seed``."""
     ckpt_dir = Path(s.ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     csv_path = ckpt_dir / "metrics.csv"
-    last = latest_checkpoint(ckpt_dir) if s.resume else None
+    ck = read_checkpoint(ckpt_dir, missing_ok=True) if s.resume else None
     rt.barrier()  # every rank has picked the same checkpoint before rank 0 cleans or writes anything
     if rt.is_main:
-        _clean_dir(ckpt_dir, keep_step=None)  # temporary files of a killed write
-    if last is None:
+        _remove_temp_files(ckpt_dir)
+    if ck is None:
         torch.manual_seed(s.seed)
         np.random.seed(s.seed % (1 << 32))
         random.seed(s.seed)
         if rt.is_main:
             csv_path.unlink(missing_ok=True)
         return 0, 0.0, None, []
-    info = read_checkpoint_info(last)
+    info, last = ck.info, ck.json
     saved = {k: v for k, v in info.get("config", {}).items() if k != "steps"}
     given = {k: v for k, v in config.items() if k != "steps"}
     if saved != given:
         diff = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
         raise CheckpointError(f"{last}: saved with a different config (keys {', '.join(diff)}); "
                               f"use another checkpoint folder or resume=False")
-    info = load_checkpoint(last, modules, optimizers=optimizers)
+    apply_checkpoint(ck, modules, optimizers=optimizers)
     _set_rng_state(info["rng"])
     start, elapsed = int(info["step"]), float(info.get("seconds", 0.0))
     if start > s.steps:
@@ -271,12 +283,13 @@ def _check_finite(means: Mapping[str, float], step: int, row: _Row, every_step: 
 
 
 def _save(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer], s: LoopSettings,
-          config: dict[str, Any], done: int, seconds: float, rt: Runtime) -> Path:
-    """The checkpoint of step ``done``, written by rank 0 while the other ranks wait for it."""
+          config: dict[str, Any], done: int, seconds: float, rt: Runtime, keep: int) -> Path:
+    """The checkpoint of step ``done``, written by rank 0 while the other ranks wait for it; the folder then keeps
+    the ``keep`` newest."""
     if rt.is_main:
         save_checkpoint(s.ckpt_dir, done, modules, optimizers, config,
                         {"seconds": seconds, "seed": s.seed, "data_order": "batch_fn(step): a function of (seed, step)",
-                         "world_size": rt.world_size})
+                         "world_size": rt.world_size}, keep=keep)
     rt.barrier()  # no rank runs ahead of a checkpoint that is still being written
     return _ckpt_paths(Path(s.ckpt_dir), done)[1]
 
@@ -331,7 +344,10 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
                 row = _Row(now)
             bar.update(1)
             if save_now:
-                ckpt_path = _save(modules, optimizers, s, config, done, elapsed + time.perf_counter() - t_call, rt)
+                # a fresh start's first checkpoint replaces whatever the folder held (resume=False)
+                keep = (s.keep_checkpoints or rt.keep_checkpoints) if ckpt_path is not None else 1
+                ckpt_path = _save(modules, optimizers, s, config, done, elapsed + time.perf_counter() - t_call, rt,
+                                  keep)
     finally:
         bar.close()
     call_s = time.perf_counter() - t_call

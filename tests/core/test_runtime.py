@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from kpnb.core import files, runtime
-from kpnb.core import settings
+from kpnb.core import files, runtime, settings
 from kpnb.diffusion import ldm
 from kpnb.models import clip as kc
 from kpnb.models import pose_net, vq
-from kpnb.train import attributes, transformer
-from kpnb.train import checkpoints
+from kpnb.train import attributes, checkpoints, transformer
 from kpnb.train import clip as clip_training
 from kpnb.train import estimator as estimator_training
 from kpnb.train import ldm as ldm_training

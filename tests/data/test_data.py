@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kpnb.data import folder as data
 from kpnb.core.files import repo_root
+from kpnb.data import folder as data
 from kpnb.data import real_poses, subset
 from kpnb.poses import formats as pose_formats
 from kpnb.poses import pose as kp

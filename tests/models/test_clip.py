@@ -7,8 +7,7 @@ import open_clip
 import pytest
 import torch
 
-from kpnb.core import files
-from kpnb.core import settings
+from kpnb.core import files, settings
 from kpnb.evaluate import clip as clip_eval
 from kpnb.models import attributes
 from kpnb.models import clip as kc

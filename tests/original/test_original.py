@@ -22,10 +22,12 @@ from kpnb.core.files import UnsafeFileError
 from kpnb.diffusion import ldm as D
 from kpnb.diffusion import sampling
 from kpnb.models import vq as V
-from kpnb.original import lightning as lightning_ckpt
 from kpnb.original import common as original_common
 from kpnb.original import ldm as O
+from kpnb.original import lightning as lightning_ckpt
 from kpnb.original import vq as original_vq
+
+from helpers import UCFG, exported_checkpoint
 
 CH, MULT, NRB, Z, NE = 64, (1, 2), 2, 3, 32  # taming's ch, ch_mult, num_res_blocks, z_channels=embed_dim, n_embed
 
@@ -259,10 +261,6 @@ def test_missing_files_say_what_to_download_and_where(tmp_path):
 
 
 # ---- the latent-diffusion model -----------------------------------------------------------------------
-UCFG = dict(in_channels=3, out_channels=3, base=32, mults=(1, 2), num_res_blocks=1, attn_ds=(2,), heads=2,
-            context_dim=17)
-
-
 def ldm_schedule(T=1000, start=0.0015, end=0.0195, sqrt_linear=True):
     """ldm's register_schedule buffers: computed in float64 by numpy, stored as float32."""
     b = np.linspace(start ** 0.5, end ** 0.5, T) ** 2 if sqrt_linear else np.linspace(start, end, T)
@@ -498,21 +496,6 @@ def test_garbage_file_is_refused(tmp_path):
 
 
 # ---- kpnb's exporter: a grid model in the released checkpoint's layout -------------------------------
-def exported_checkpoint(path, seed=0):
-    """A small kpnb grid-mode LDM and taming-layout VQ written by original.save_original_ldm: (path, ldm, vq)."""
-    from kpnb.models.vq import VQConfig, VQModel
-    from kpnb.poses.conditioning import PoseConditioner
-
-    torch.manual_seed(seed)
-    vq = VQModel(VQConfig(factor=4, image_size=16, latent_channels=3, n_codes=16, base_width=64,
-                          channel_mult=(1, 2, 2), res_blocks=1, dec_res_blocks=2, quant_conv=True)).eval()
-    ldm = D.KeypointLDM(D.UNetConfig(**UCFG), PoseConditioner("grid", latent_size=4), (3, 4, 4), 0.7).eval()
-    with torch.no_grad():
-        for p in ldm.unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return O.save_original_ldm(ldm, vq, path, step=42), ldm, vq
-
-
 def test_exported_grid_model_reads_back_as_the_same_model(tmp_path):
     path, ldm, vq = exported_checkpoint(tmp_path / "exported.ckpt")
     back, back_vq = O.load_original_ldm(path, heads=UCFG["heads"], image_size=16, verbose=False)

@@ -1,11 +1,11 @@
 """The dataset filter's CLIP stage of a run (kpnb.run.clip_stage), with the run's CLIP and its scores replaced."""
 import numpy as np
 import pytest
+from test_filter_report import pool
 
 from kpnb.data import filtering
 from kpnb.data.stream_filter import describe_stage
 from kpnb.run import clip_stage
-from test_filter_report import pool
 
 
 def test_clip_stage_for_run_scores_with_the_runs_clip(monkeypatch):

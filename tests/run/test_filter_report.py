@@ -4,8 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kpnb.data import filtering
-from kpnb.data import subset
+from kpnb.data import filtering, subset
 from kpnb.data.folder import Candidates, Problems, split_of
 from kpnb.run import filter_report as F
 

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_generators import DDIM, FakeDistance, FakeVQ, estimator, poses, tiny_ldm
 
 from kpnb.data import filtering
 from kpnb.evaluate import pose as pose_eval
@@ -12,7 +13,6 @@ from kpnb.poses.pose import OUTSIDE
 from kpnb.run import ldm_report as L
 from kpnb.run.folder import FURTHER
 from kpnb.train.ldm import validation_loss
-from test_generators import DDIM, FakeDistance, FakeVQ, estimator, poses, tiny_ldm
 
 
 def scoring(n=6):

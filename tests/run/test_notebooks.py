@@ -8,6 +8,8 @@ from kpnb.core import files as runs
 from kpnb.core import settings
 from kpnb.train import checkpoints as training
 
+from helpers import exported_checkpoint
+
 pytestmark = pytest.mark.slow
 
 EXPECTED = {
@@ -133,9 +135,7 @@ def test_rerun_runs_a_finished_notebook_again(smoke_run, capsys):
 def test_notebook_05b_samples_the_released_model_in_a_fresh_run_folder(tmp_path, capsys):
     """Only a released checkpoint (here one written by kpnb's exporter in the original layout) and a fresh run
     folder: notebook 05b samples it for the example poses with the original script's settings."""
-    import test_original as T
-
-    ckpt, _, _ = T.exported_checkpoint(tmp_path / "released.ckpt")
+    ckpt, _, _ = exported_checkpoint(tmp_path / "released.ckpt")
     root = tmp_path / "fresh"
     assert cli.main(["run", "--preset", "smoke", "--out", str(root), "--only", "05b", "--no-progress",
                      "-p", f"original_checkpoint={ckpt}"]) == 0

@@ -1,8 +1,7 @@
 import json
 
 from kpnb.core import files
-from kpnb.run import folder
-from kpnb.run import report
+from kpnb.run import folder, report
 
 
 def _metrics(root, stem, **m):
@@ -91,8 +90,7 @@ def test_claims_compare_the_numbers_and_say_what_is_not_measured():
 
 def test_status_table_reads_the_metrics_files(tmp_path):
     from kpnb.core import files
-    from kpnb.run import folder
-    from kpnb.run import status
+    from kpnb.run import folder, status
 
     folder.run_dir(tmp_path, "smoke")
     files.write_metrics(tmp_path, "03_vq_training", {"f4.psnr": 26.7, "f4.codebook_used_fraction": 1.0,

@@ -1,14 +1,18 @@
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
-from helpers import leaves
 from kpnb import cli
-from kpnb.core import files
-from kpnb.core import settings
+from kpnb.core import files, lock, settings
 from kpnb.run import folder
+
+from helpers import dead_pid, leaves, other_holder
 
 
 def test_preset_config_overrides_and_refusals():
@@ -178,7 +182,7 @@ def test_a_cell_past_the_timeout_stops_the_run_named_and_resumable(tiny_notebook
     _notebook(tiny_notebooks / "02_slow.ipynb", "x = 1", "import time\ntime.sleep(60)",
               FINISH.replace("NAME", '"02_slow"'))
     run = tmp_path / "run"
-    rc = cli.main(["run", "--preset", "smoke", "--out", str(run), "--timeout", "3", "--no-progress"])
+    rc = cli.main(["run", "--preset", "smoke", "--out", str(run), "--timeout", "15", "--no-progress"])  # 15 s: the kernel starts and imports torch within it on a busy machine too
     err = capsys.readouterr().err
     assert rc == 1
     assert "02_slow.ipynb timed out in cell 3 (import time)" in err and f"--resume {run}" in err
@@ -258,3 +262,144 @@ def test_a_bar_iterated_counts_each_item_once(tmp_path, monkeypatch, disable):
             break  # a loop left at its last item: that item is not counted
     text = log.read_text()
     assert "items  step 4/5 (80%)" in text and "step 5/5" not in text and "step 6/5" not in text, text
+
+
+# ---- one writer per run folder ---------------------------------------------------------------------------
+def stale_lock(path):
+    """A lock file left by a writer that was killed: its PID is a finished process's."""
+    pid = dead_pid()
+    (path / lock.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "command": "kpnb gone",
+                                                   "started": "earlier", "started_unix": time.time() - 60}))
+    return pid
+
+
+@pytest.fixture
+def no_inherited_holder(monkeypatch):
+    monkeypatch.setenv(lock.HOLDER_ENV, "")  # restored after the test: a notebook opened here would set it
+
+
+def test_a_second_run_or_train_of_a_held_folder_is_refused_before_any_work(tmp_path, capsys):
+    run = tmp_path / "run"
+    folder.run_dir(run, "smoke")
+    config = (run / "config.json").read_text()
+    with other_holder(run, "kpnb run --resume RUN --only 03") as p:
+        holder = f"kpnb run --resume RUN --only 03 (PID {p.pid} on {socket.gethostname()}), since"
+        t0 = time.time()
+        r = _kpnb("run", "--resume", str(run), "--only", "02", "--no-progress", "-p", "vq.steps=7")
+        took = time.time() - t0
+        assert r.returncode == 2 and holder in r.stderr and "Wait for it to finish" in r.stderr, r.stderr
+        assert took < 30, took  # the interpreter's start and the imports; nothing waits for the holder
+        t0 = time.time()
+        assert cli.main(["train", "vq", "--run-dir", str(run), "--no-progress", "-p", "vq.steps=7"]) == 2
+        assert time.time() - t0 < 10
+        assert holder in capsys.readouterr().err
+    assert (run / "config.json").read_text() == config  # neither recorded its -p
+    assert not any((run / "metrics").iterdir()) and not any((run / "notebooks").iterdir())
+    assert not any((run / "checkpoints").iterdir())
+
+
+def test_a_stale_lock_is_taken_over_and_the_run_goes_on_its_notebooks_under_its_lock(tiny_notebooks, tmp_path,
+                                                                                       capsys):
+    _notebook(tiny_notebooks / "02_ok.ipynb", "from kpnb.core import lock\nfrom kpnb.run import folder\n"
+              "nb = folder.NotebookRun('02_ok', preset, run_dir, overrides)\n"
+              "nb.finish({'inherited': lock.inherited(run_dir)})")
+    run = tmp_path / "run"
+    folder.run_dir(run, "smoke")
+    pid = stale_lock(run)
+    assert cli.main(["run", "--resume", str(run), "--only", "02", "--no-progress"]) == 0
+    assert f"taking over the lock of {run} from kpnb gone (PID {pid}" in capsys.readouterr().err
+    assert files.read_metrics(run, "02_ok")["inherited"] is True  # its kernel worked under kpnb run's lock
+    assert not (run / lock.LOCK_NAME).exists()  # released at the end
+
+
+def test_train_takes_over_a_stale_lock_and_trains(tmp_path, capsys):
+    from kpnb.data import subset
+    from kpnb.synth import renders
+
+    run = tmp_path / "run"
+    folder.run_dir(run, "smoke")
+    images, poses = renders.render_truth(32, seed=5, image_size=32, render_size=64)
+    subset.save_subset(run, "train", ids=[f"r{i}" for i in range(32)], images=images, poses=poses,
+                       captions=[""] * 32, attrs=[{}] * 32)
+    pid = stale_lock(run)
+    assert cli.main(["train", "vq", "--run-dir", str(run), "--spec", "f4", "--no-progress"]) == 0
+    assert f"from kpnb gone (PID {pid}" in capsys.readouterr().err
+    assert folder.RunFiles(run).has(run / "checkpoints" / "vq-f4") and not (run / lock.LOCK_NAME).exists()
+
+
+def test_data_filter_refuses_a_held_result_folder(tmp_path, capsys):
+    from kpnb.run import filter as run_filter
+
+    out = tmp_path / "filtered"
+    with other_holder(out, "kpnb data filter shards --out filtered") as p:
+        assert run_filter.main([str(tmp_path / "no-shards"), "--out", str(out), "--no-clip", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"kpnb data filter shards --out filtered (PID {p.pid}" in err and "no-shards" not in err  # refused first
+
+
+NOTEBOOK = "import sys\nfrom kpnb.run import folder\nnb = folder.NotebookRun('02_x', 'smoke', sys.argv[1])\n"
+
+
+def _python(code, *args, env=None):
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_a_notebook_under_a_holder_is_let_in_and_one_beside_a_live_holder_refused(tmp_path, no_inherited_holder):
+    run = tmp_path / "run"
+    with lock.holding(run, "kpnb run (this test)"):  # this process plays kpnb run; a child, its notebook's kernel
+        r = _python(NOTEBOOK + "nb.finish({'ok': 1})", run)
+        assert r.returncode == 0, r.stderr
+        assert files.read_metrics(run, "02_x")["ok"] == 1
+    other = tmp_path / "other"
+    # a kernel opened by hand beside another one on the same folder
+    with other_holder(other, "notebook 03_vq_training") as p, \
+            pytest.raises(lock.FolderLocked, match=f"notebook 03_vq_training \\(PID {p.pid} on "):
+        folder.NotebookRun("02_x", "smoke", str(other))
+    assert not (other / "config.json").exists()  # refused before anything was written
+
+
+def test_a_notebook_keeps_the_lock_until_it_finishes_and_a_killed_ones_is_taken_over(tmp_path, capsys,
+                                                                                         no_inherited_holder):
+    run = tmp_path / "run"
+    r = _python(NOTEBOOK + "import json, os\nprint(json.load(open(os.path.join(sys.argv[1], '.kpnb-lock.json'))))",
+                run)
+    assert r.returncode == 0 and "'command': 'notebook 02_x'" in r.stdout, r.stderr
+    assert not (run / lock.LOCK_NAME).exists()  # released as the interpreter exited
+    r = _python(NOTEBOOK + "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", run)  # a kernel that died
+    assert r.returncode != 0 and (run / lock.LOCK_NAME).exists()
+    nb = folder.NotebookRun("02_y", "smoke", str(run))
+    assert "from notebook 02_x (PID" in capsys.readouterr().err
+    assert json.loads((run / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    nb.finish({"ok": 1})
+    assert not (run / lock.LOCK_NAME).exists()  # a finished notebook lets the next one in
+
+
+# ---- a damaged checkpoint falls back --------------------------------------------------------------------------
+def _run_with_subset(run):
+    from kpnb.data import subset
+    from kpnb.synth import renders
+
+    folder.run_dir(run, "smoke")
+    images, poses = renders.render_truth(32, seed=5, image_size=32, render_size=64)
+    subset.save_subset(run, "train", ids=[f"r{i}" for i in range(32)], images=images, poses=poses,
+                       captions=[""] * 32, attrs=[{}] * 32)
+    return run
+
+
+def test_kpnb_train_finishes_past_a_truncated_newest_checkpoint_with_the_undamaged_weights(tmp_path, capsys):
+    run = _run_with_subset(tmp_path / "run")
+    train = ["train", "vq", "--run-dir", str(run), "--spec", "f4", "--no-progress", "-p", "vq.ckpt_every=2"]
+    assert cli.main(train + ["-p", "runtime.keep_checkpoints=3"]) == 0
+    ckpt = run / "checkpoints" / "vq-f4"
+    assert sorted(p.name for p in ckpt.glob("ckpt-*.json")) == [f"ckpt-000000{s}.json" for s in (2, 4, 6)]
+    newest = ckpt / "ckpt-0000006.safetensors"
+    undamaged = {k: v.clone() for k, v in files.load_tensors(newest)[0].items()}  # not a view of the mapped file
+    with open(newest, "r+b") as f:
+        f.truncate(2000)  # a copy cut short
+    capsys.readouterr()
+    assert cli.main(train) == 0  # the recorded keep_checkpoints=3 holds: -p values go to config.json
+    out = capsys.readouterr().out
+    assert f"damaged checkpoint {newest}" in out and "ckpt-0000004.json" in out, out
+    redone, _ = files.load_tensors(newest)
+    assert redone.keys() == undamaged.keys() and all(torch.equal(redone[k], undamaged[k]) for k in undamaged)

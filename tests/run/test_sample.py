@@ -7,13 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-from kpnb.core import files
-from kpnb.core import settings
+from kpnb.core import files, settings
 from kpnb.data import subset
 from kpnb.poses import analysis as pose_analysis
 from kpnb.poses import formats as pose_formats
 from kpnb.poses import pose as kp
 from kpnb.run import sample
+
+from helpers import exported_checkpoint
 
 POSES = files.repo_root() / "data" / "poses"
 
@@ -115,9 +116,7 @@ def test_bad_pose_file_is_named_with_its_field(run, tmp_path, capsys):
 
 
 def test_released_checkpoint_uses_the_original_scripts_defaults(pose_files, tmp_path, capsys):
-    import test_original as T
-
-    ckpt, _, _ = T.exported_checkpoint(tmp_path / "released.ckpt")  # kpnb's exporter, the original's layout
+    ckpt, _, _ = exported_checkpoint(tmp_path / "released.ckpt")  # kpnb's exporter, the original's layout
     release, _, _ = pose_files
     assert sample.main(["--pose", str(release), "--model", str(ckpt), "--n", "1", "--steps", "2", "--no-progress",
                         "--out", str(tmp_path / "o")]) == 0

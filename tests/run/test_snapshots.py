@@ -1,10 +1,10 @@
 """The transformer's code-by-code row (kpnb.run.snapshots) on a tiny untrained transformer and a VQ stand-in."""
 import numpy as np
 import torch
+from test_transformer import N_CODES, poses, tiny
 
 from kpnb.models import transformer as T
 from kpnb.run.snapshots import code_snapshots
-from test_transformer import N_CODES, poses, tiny
 
 
 class CodeVQ(torch.nn.Module):

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from kpnb import synth
-from kpnb.core import runtime
-from kpnb.core import settings
+from kpnb.core import runtime, settings
 from kpnb.poses import analysis as pose_analysis
 from kpnb.run import stages
 from kpnb.run.folder import RunFiles

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from kpnb import cli
-from kpnb.core import files
-from kpnb.core import settings
+from kpnb.core import files, settings
 from kpnb.data import subset
 from kpnb.run import folder, stages
 from kpnb.synth import renders

@@ -1,4 +1,5 @@
-"""The shared training loop: resume after SIGKILL, exact resumption, NaN guard, no unpickling."""
+"""The shared training loop: resume after SIGKILL, exact resumption, NaN guard, no unpickling, the newest
+checkpoints kept and a damaged one passed over."""
 from __future__ import annotations
 
 import json
@@ -124,7 +125,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert [len(seen[s]) for s in range(steps)] == [2 if saved <= s <= killed_at else 1 for s in range(steps)]
 
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == ["ckpt-0000080.json", "ckpt-0000080.safetensors", "metrics.csv"], names
+    assert names == ["ckpt-0000070.json", "ckpt-0000070.safetensors", "ckpt-0000080.json", "ckpt-0000080.safetensors",
+                     "metrics.csv"], names  # the newest two (runtime.keep_checkpoints' default)
     rows = (ckpt / "metrics.csv").read_text().splitlines()
     logged_steps = [int(r.split(",")[0]) for r in rows[1:]]
     assert logged_steps == list(range(5, steps + 1, 5))  # no duplicated rows from the killed part
@@ -136,7 +138,7 @@ def _tiny(seed: int = 0):
     return model, torch.optim.Adam(model.parameters(), lr=1e-2)
 
 
-def _fit(ckpt: Path, steps: int, losses: list[float], nan_at: int | None = None, model_seed: int = 0):
+def _fit(ckpt: Path, steps: int, losses: list[float], nan_at: int | None = None, model_seed: int = 0, **loop_kw):
     model, opt = _tiny(model_seed)
     X = torch.linspace(-1, 1, 30)[:, None].repeat(1, 3)
 
@@ -151,7 +153,7 @@ def _fit(ckpt: Path, steps: int, losses: list[float], nan_at: int | None = None,
         return {"loss": loss, "mse": loss.detach()}
 
     loop = training.LoopSettings(steps=steps, ckpt_dir=ckpt, config={"kind": "tiny"}, batch_size=4, ckpt_every=5,
-                                 log_every=2, seed=3, progress=False)
+                                 log_every=2, seed=3, progress=False, **loop_kw)
     res = training.train({"model": model}, {"opt": opt}, step_fn,
                          lambda s: X[training.batch_indices(30, 4, s, seed=1)], loop)
     return model, res
@@ -198,7 +200,7 @@ def test_nan_loss_stops_cleanly_and_keeps_last_checkpoint(tmp_path):
     msg = str(err.value)
     assert "'loss'" in msg and "step 17" in msg and "ckpt-0000015" in msg
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == [
-        "ckpt-0000015.json", "ckpt-0000015.safetensors"]
+        "ckpt-0000010.json", "ckpt-0000010.safetensors", "ckpt-0000015.json", "ckpt-0000015.safetensors"]
     info = checkpoints.read_checkpoint_info(tmp_path)
     assert info["step"] == 15
     model, _ = _tiny()
@@ -274,3 +276,62 @@ def test_fork_checkpoint_trains_further_elsewhere(tmp_path):
     assert checkpoints.fork_checkpoint(tmp_path / "base", tmp_path / "long").name == "ckpt-0000020.json"
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint"):
         checkpoints.fork_checkpoint(tmp_path / "empty", tmp_path / "x")
+
+
+# ---- the newest checkpoints kept, a damaged one passed over ------------------------------------------------
+def _steps(folder: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("ckpt-*.json"))
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_a_truncated_newest_checkpoint_is_named_and_training_goes_on_from_the_one_before(tmp_path, capsys):
+    ref10, _ = _fit(tmp_path / "ref10", 10, [])
+    ref20, _ = _fit(tmp_path / "ref20", 20, [])
+    ck = tmp_path / "ck"
+    _fit(ck, 10, [])
+    assert _steps(ck) == [5, 10]
+    newest = ck / "ckpt-0000010.safetensors"
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size - 100)
+    capsys.readouterr()
+    model, res = _fit(ck, 10, [], model_seed=99)  # back to step 10: the damaged checkpoint is written again
+    out = capsys.readouterr().out
+    assert res.start_step == 5 and f"damaged checkpoint {newest}" in out and "bytes where" in out
+    assert "ckpt-0000005.json" in out  # says which one it goes on from
+    assert _same_weights(model, ref10) and _steps(ck) == [5, 10]
+    redone, _ = files.load_tensors(newest)
+    want, _ = files.load_tensors(tmp_path / "ref10" / "ckpt-0000010.safetensors")
+    assert redone.keys() == want.keys() and all(torch.equal(redone[k], want[k]) for k in want)
+    assert checkpoints.latest_checkpoint(ck, verify=True).name == "ckpt-0000010.json"
+    # the same damage, then straight on to the end: the weights of an undamaged, uninterrupted run
+    with open(newest, "r+b") as f:
+        f.truncate(1000)
+    model, res = _fit(ck, 20, [], model_seed=99)
+    assert res.start_step == 5 and _same_weights(model, ref20) and _steps(ck) == [15, 20]
+    rows = (ck / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(2, 21, 2))  # the redone steps logged once
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_the_newest_keep_checkpoints_are_kept(tmp_path, keep):
+    _fit(tmp_path, 20, [], keep_checkpoints=keep)
+    assert _steps(tmp_path) == [20, 15, 10][:keep][::-1]
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.safetensors")) == [
+        f"ckpt-{s:07d}.safetensors" for s in _steps(tmp_path)]
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        training.LoopSettings(steps=1, ckpt_dir=tmp_path, keep_checkpoints=0)
+
+
+def test_cleaning_removes_a_damaged_older_checkpoint_and_a_fresh_start_replaces_the_old_run(tmp_path, capsys):
+    _fit(tmp_path, 10, [])
+    older = tmp_path / "ckpt-0000005.safetensors"
+    data = bytearray(older.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the hash tells
+    older.write_bytes(bytes(data))
+    _fit(tmp_path, 15, [], keep_checkpoints=3)  # keeps 10 and 15; the damaged 5 is not a checkpoint to keep
+    assert _steps(tmp_path) == [10, 15] and f"damaged checkpoint {older}" in capsys.readouterr().out
+    _fit(tmp_path, 5, [], resume=False)  # a fresh start: its first checkpoint replaces the old run's
+    assert _steps(tmp_path) == [5]

@@ -8,9 +8,8 @@ from kpnb.core import settings
 from kpnb.core.images import to_model
 from kpnb.evaluate import pose as pose_eval
 from kpnb.evaluate import vq as vq_eval
-from kpnb.models import attributes, vq
+from kpnb.models import attributes, pose_net, vq
 from kpnb.models import clip as kc
-from kpnb.models import pose_net
 from kpnb.poses import pose as kp
 from kpnb.tuning import clip_tuning as ct
 
