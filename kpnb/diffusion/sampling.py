@@ -1,7 +1,8 @@
 """DDIM sampling of the keypoint LDM, in k-diffusion's shape: one short loop over a *model function*.
 
 * :func:`ddim_loop` - the loop: ``model_fn(x, t) -> eps`` and :func:`kpnb.diffusion.schedule.ddim_step` at each
-  of the DDIM levels, a per-step callback.
+  of the DDIM levels, a per-step callback. :func:`dpmpp_2m_loop` - the same levels by DPM-Solver++(2M), the
+  deterministic second-order multistep solver (``solver="dpmpp_2m"`` of :class:`DDIMSettings`).
 * small wrappers that build the model function or act on the loop's x: :func:`guided` (classifier-free
   guidance within an interval of timesteps), :func:`in_runtime_precision` (autocast where the model is called),
   :func:`known_region` (inpainting's blend). ``x0_fn`` (e.g. :func:`kpnb.diffusion.ldm.snap_to_codebook`)
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
@@ -55,6 +57,46 @@ def ddim_loop(model_fn: ModelFn, x: torch.Tensor, levels: Sequence[tuple[int, fl
         eps = model_fn(x, t)
         noise = _randn(x.shape, generator, x.device) if ddim_sigma(a_t, a_prev, eta) > 0 else None
         x, pred_x0 = ddim_step(x, eps, a_t, a_prev, eta=eta, noise=noise, x0_fn=x0_fn)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "pred_x0": pred_x0})
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m_loop(model_fn: ModelFn, x: torch.Tensor, levels: Sequence[tuple[int, float, float]], *,
+                  x0_fn: X0Fn | None = None, x_fn: XFn | None = None,
+                  callback: Callable[[dict[str, Any]], None] | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2: deterministic, data prediction, second
+    order, one model call a step) from ``x`` = x_T through the DDIM ``levels``; ``x_fn``, ``x0_fn`` (on each x0
+    estimate) and ``callback`` as :func:`ddim_loop`.
+
+    With alpha = sqrt(a), sigma = sqrt(1 - a), lambda = log(alpha / sigma), step i from level a_t to a_prev:
+    x0_i = (x_t - sigma_t eps) / alpha_t, h_i = lambda_prev - lambda_t, r_i = h_{i-1} / h_i and
+
+        D_i    = (1 + 1 / (2 r_i)) x0_i - 1 / (2 r_i) x0_{i-1}
+        x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (exp(-h_i) - 1) D_i
+
+    The first step takes D_0 = x0_0 (first order: DDIM with eta 0), and so does the last one below 15 steps, where
+    it is long in lambda on these uniform timesteps (2.1 after 0.5 at 10 steps) and an extrapolation over it
+    overshoots; a last step to a_prev = 1 (sigma 0) gives x0 itself. That is diffusers'
+    DPMSolverMultistepScheduler with its default lower_order_final, and final_sigmas_type="sigma_min": the last
+    level is alphas_cumprod[0], as in DDIM (tests/diffusion/test_multistep.py)."""
+    x0_last = h_last = None
+    for i, (t, a_t, a_prev) in enumerate(levels):
+        if x_fn is not None:
+            x = x_fn(x, t)
+        eps = model_fn(x, t)
+        pred_x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if x0_fn is not None:
+            pred_x0 = x0_fn(pred_x0)
+        if a_prev >= 1:  # sigma_prev = 0, lambda_prev = inf: the first-order step lands on x0
+            x, h = pred_x0, None
+        else:
+            h = 0.5 * math.log(a_prev / (1 - a_prev)) - 0.5 * math.log(a_t / (1 - a_t))
+            first_order = x0_last is None or (i == len(levels) - 1 and len(levels) < 15)
+            d = pred_x0 if first_order else pred_x0 + h / (2 * h_last) * (pred_x0 - x0_last)
+            x = math.sqrt((1 - a_prev) / (1 - a_t)) * x - math.sqrt(a_prev) * math.expm1(-h) * d
+        x0_last, h_last = pred_x0, h
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "pred_x0": pred_x0})
     return x
@@ -107,10 +149,16 @@ def known_region(schedule: Schedule, x0: torch.Tensor, mask: torch.Tensor,
 # ======================================================================================================
 # Poses in, latents out
 # ======================================================================================================
+#: How :func:`ddim_sample` steps through the DDIM levels: :func:`ddim_loop` or :func:`dpmpp_2m_loop`.
+SOLVERS = ("ddim", "dpmpp_2m")
+
+
 @dataclass(frozen=True)
 class DDIMSettings:
     """The settings of :func:`ddim_sample` (besides ``seed`` and ``callback``).
 
+    * ``solver``: ``"ddim"`` (:func:`ddim_loop`) or ``"dpmpp_2m"`` (:func:`dpmpp_2m_loop`, deterministic: eta
+      must be 0); either over the same ``steps`` timesteps.
     * ``steps``, ``eta`` (0 = deterministic DDIM, 1 = DDPM-like), ``guidance`` (classifier-free scale:
       1 = conditional only, 0 = unconditional, >1 pushes towards the pose), ``guidance_interval`` (``[lo, hi]``
       timesteps where guidance applies, None = all; :func:`guided`).
@@ -123,6 +171,7 @@ class DDIMSettings:
       (ldm's quantize_denoised) or a clamp; None = plain DDIM."""
     steps: int = 50
     eta: float = 0.0
+    solver: str = "ddim"
     guidance: float = 1.0
     guidance_interval: Sequence[int] | None = None
     generator: torch.Generator | None = None
@@ -130,6 +179,14 @@ class DDIMSettings:
     x0: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     x0_fn: X0Fn | None = None
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"DDIM setting solver (diffusion.solver) must be one of {', '.join(map(repr, SOLVERS))}, "
+                             f"got {self.solver!r}")
+        if self.solver == "dpmpp_2m" and self.eta != 0:
+            raise ValueError(f"DDIM setting eta must be 0 with solver 'dpmpp_2m' (a deterministic solver), "
+                             f"got {self.eta}")
 
     @classmethod
     def of(cls, settings: Mapping[str, Any], caller: str = "ddim_sample") -> "DDIMSettings":
@@ -146,9 +203,10 @@ class DDIMSettings:
 def ddim_sample(model: KeypointLDM, poses: Any, *, seed: int | None = None,
                 callback: Callable[[dict[str, Any]], None] | None = None, **settings: Any) -> torch.Tensor:
     """Sample scaled latents ``[B, C, h, w]`` for ``poses`` (anything :func:`check_poses` takes) by DDIM
-    (:func:`ddim_loop`) with the keyword ``settings`` of :class:`DDIMSettings`. The same ``seed`` gives the
-    same latents (noise drawn on the CPU). ``callback(dict(i, t, x, pred_x0))`` after each step. The model runs
-    in eval mode, in the current runtime's precision when it is on the runtime's device."""
+    (:func:`ddim_loop`, or :func:`dpmpp_2m_loop` for ``solver="dpmpp_2m"``) with the keyword ``settings`` of
+    :class:`DDIMSettings`. The same ``seed`` gives the same latents (noise drawn on the CPU).
+    ``callback(dict(i, t, x, pred_x0))`` after each step. The model runs in eval mode, in the current runtime's
+    precision when it is on the runtime's device."""
     s = DDIMSettings.of(settings)
     poses = check_poses(poses)
     dev = next(model.parameters()).device
@@ -169,8 +227,12 @@ def ddim_sample(model: KeypointLDM, poses: Any, *, seed: int | None = None,
     model.eval()
     try:
         model_fn = in_runtime_precision(guided(model, poses.to(dev), s.guidance, s.guidance_interval), dev)
-        x = ddim_loop(model_fn, x, model.schedule.ddim_levels(s.steps), eta=s.eta, x0_fn=s.x0_fn, x_fn=x_fn,
-                      callback=callback, generator=generator)
+        levels = model.schedule.ddim_levels(s.steps)
+        if s.solver == "dpmpp_2m":
+            x = dpmpp_2m_loop(model_fn, x, levels, x0_fn=s.x0_fn, x_fn=x_fn, callback=callback)
+        else:
+            x = ddim_loop(model_fn, x, levels, eta=s.eta, x0_fn=s.x0_fn, x_fn=x_fn, callback=callback,
+                          generator=generator)
     finally:
         model.train(was_training)
     if mask is not None:
@@ -194,8 +256,8 @@ def check_interval(interval: Sequence[int] | None, T: int) -> tuple[int, int]:
 
 def sample_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """A preset's ``diffusion`` section as the DDIM keywords of :func:`ddim_sample`, :func:`sample_images`
-    and :func:`pose_fidelity`: ``steps``, ``eta``, ``guidance``, ``guidance_interval``."""
-    return {"steps": cfg["sample_steps"], "eta": cfg["eta"], "guidance": cfg["guidance"],
+    and :func:`pose_fidelity`: ``steps``, ``solver``, ``eta``, ``guidance``, ``guidance_interval``."""
+    return {"steps": cfg["sample_steps"], "solver": cfg["solver"], "eta": cfg["eta"], "guidance": cfg["guidance"],
             "guidance_interval": cfg["guidance_interval"]}
 
 

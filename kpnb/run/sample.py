@@ -41,7 +41,7 @@ from kpnb.run.folder import RunFiles
 from kpnb.train import checkpoints, vq
 from kpnb.train import ldm as ldm_training
 
-ORIGINAL_DEFAULTS = {"steps": 50, "eta": 1.0, "guidance": 1.0, "guidance_interval": None}
+ORIGINAL_DEFAULTS = {"steps": 50, "eta": 1.0, "guidance": 1.0, "guidance_interval": None, "solver": "ddim"}
 
 
 def _identity(folder_or_file: Path) -> dict[str, Any]:
@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", help="run folder: conditioning mode (default: the run's best)")
     p.add_argument("--spec", default="f4", help="run folder: latents of this VQ (default f4)")
     p.add_argument("--n", type=int, default=4, help="samples per pose")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the preset's; released model 50)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the preset's; released model 50)")
+    p.add_argument("--solver", choices=sampling.SOLVERS,
+                   help="ddim, or dpmpp_2m (DPM-Solver++(2M), eta 0) (default: the preset's; released model ddim)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the preset's; released model 1.0)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance (released model: 1, none)")
     p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"),
@@ -160,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     except (kp.PoseError, FileNotFoundError, ValueError) as e:
         print(f"kpnb sample: {e}", file=sys.stderr)
         return 2
-    given = {"steps": a.steps, "eta": a.eta, "guidance": a.guidance, "guidance_interval": a.guidance_interval}
+    given = {"steps": a.steps, "eta": a.eta, "guidance": a.guidance, "guidance_interval": a.guidance_interval,
+             "solver": a.solver}
     settings = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
+    if settings["solver"] == "dpmpp_2m" and a.eta is None:
+        settings["eta"] = 0.0  # the multistep solver is deterministic, whatever eta the model's defaults have
     try:
         sampling.check_interval(settings["guidance_interval"], ldm.schedule.T)
     except ValueError as e:

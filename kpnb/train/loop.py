@@ -115,9 +115,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 @torch.no_grad()
 def ema_update(ema_module: nn.Module, module: nn.Module, decay: float) -> None:
     """Exponential moving average of weights (buffers are copied). Keep the EMA copy in ``modules`` so it
-    is checkpointed with the rest."""
-    for e, p in zip(ema_module.parameters(), module.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    is checkpointed with the rest. One ``_foreach_lerp_`` over all parameters instead of a Python loop of
+    per-tensor kernels (the same arithmetic, the same bits)."""
+    ema_params = list(ema_module.parameters())
+    if ema_params:
+        torch._foreach_lerp_(ema_params, [p.detach() for p in module.parameters()], 1 - decay)
     for e, b in zip(ema_module.buffers(), module.buffers()):
         e.copy_(b)
 

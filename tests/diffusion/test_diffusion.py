@@ -336,7 +336,8 @@ def test_unknown_lr_schedule_is_refused(tmp_path):
 
 def test_sample_kwargs_from_a_preset():
     cfg = settings(sample_steps=7, eta=0.5, guidance=2.0, guidance_interval=[0, 400])
-    assert sampling.sample_kwargs(cfg) == {"steps": 7, "eta": 0.5, "guidance": 2.0, "guidance_interval": [0, 400]}
+    assert sampling.sample_kwargs(cfg) == {"steps": 7, "solver": "ddim", "eta": 0.5, "guidance": 2.0,
+                                           "guidance_interval": [0, 400]}
 
 
 def test_ddim_step_on_hand_computed_values():

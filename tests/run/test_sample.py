@@ -59,7 +59,7 @@ def test_three_formats_from_a_run_folder_same_seed_same_images(run, pose_files, 
     assert labels == ["release", "coco-coco7-0", "openpose-person0"]
     d = settings.run_config(run)["diffusion"]  # the run's sampler settings, with the given --steps
     assert info["sampler"] == {"steps": 3, "eta": d["eta"], "guidance": d["guidance"],
-                               "guidance_interval": d["guidance_interval"]}
+                               "guidance_interval": d["guidance_interval"], "solver": d["solver"]}
     assert info["model"]["model"] == "skeleton"
     assert info["model"]["ldm"]["step"] == 6 and len(info["model"]["ldm"]["sha1"]) == 16
     pngs = sorted(p.name for p in (tmp_path / "a").glob("*_[0-9].png"))
@@ -122,6 +122,11 @@ def test_released_checkpoint_uses_the_original_scripts_defaults(pose_files, tmp_
                         "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "the original script's defaults" in out
+    assert sample.main(["--pose", str(release), "--model", str(ckpt), "--n", "1", "--steps", "3", "--no-progress",
+                        "--solver", "dpmpp_2m", "--out", str(tmp_path / "m")]) == 0
+    used = json.loads((tmp_path / "m" / "sample.json").read_text())["sampler"]
+    assert used["solver"] == "dpmpp_2m" and used["eta"] == 0.0 and used["steps"] == 3
     info = json.loads((tmp_path / "o" / "sample.json").read_text())
-    assert info["sampler"] == {"steps": 2, "eta": 1.0, "guidance": 1.0, "guidance_interval": None}
+    assert info["sampler"] == {"steps": 2, "eta": 1.0, "guidance": 1.0, "guidance_interval": None,
+                               "solver": "ddim"}
     assert info["model"]["kind"] == "released checkpoint" and (tmp_path / "o" / "release_0.png").exists()
