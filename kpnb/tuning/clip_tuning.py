@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from kpnb.core import progress as kprogress
 from kpnb.core.images import to_model
+from kpnb.evaluate.edits import saturation
 from kpnb.evaluate.pose import pck
 from kpnb.evaluate.vq import reconstruct
 from kpnb.models.attributes import attribute_probs
@@ -374,23 +375,32 @@ def tune_samples(vq: torch.nn.Module, clip_model: torch.nn.Module, images: np.nd
                 extra_loss=extra, progress=progress)
 
 
-def saturation(images: np.ndarray) -> np.ndarray:
-    """Mean HSV saturation per image (uint8 ``[N, H, W, 3]``), in 0..1: a pixel measure of "colourful"
-    that no model judges."""
-    x = np.asarray(images, dtype=np.float32) / 255.0
-    mx, mn = x.max(-1), x.min(-1)
-    return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0).reshape(len(x), -1).mean(1)
-
-
 def measure(images: np.ndarray, poses: np.ndarray, estimator: torch.nn.Module,
             attr_model: torch.nn.Module | None = None, attribute: tuple[str, str] | None = None,
-            keeper: torch.nn.Module | None = None) -> dict[str, float]:
+            keeper: torch.nn.Module | None = None, *, draws: int = 1) -> dict[str, Any]:
     """What tuning is judged by, on uint8 images ``[N, H, W, 3]`` generated for ``poses`` ``[N, 17, 3]``:
     ``pck@0.1`` (and 0.05, 0.2) of ``estimator`` against the poses, ``saturation``, and with ``attribute``
     = (name, class), e.g. ("hair_colour", "red"), the share of images ``attr_model`` puts in that class
     (``rate``) and its mean probability (``prob``). With a ``keeper``, also its ``keeper_pck@0.1``: what the
-    pose term optimised, reported beside the judge's."""
-    out = {k: v for k, v in pck(predict(estimator, images), poses).items() if k.startswith("pck@")}
+    pose term optimised, reported beside the judge's. With ``draws`` > 1, also ``rate.draws`` and
+    ``pck@0.1.draws``: the same numbers on ``draws`` equal consecutive parts of the images (independent draws
+    of samples), whose spread shows how far a number moves from one draw to the next."""
+    out = _judged(images, poses, estimator, attr_model, attribute)
+    if keeper is not None:
+        out["keeper_pck@0.1"] = pck(predict(keeper, images), poses)["pck@0.1"]
+    if draws > 1:
+        if len(images) < draws:
+            raise ValueError(f"measure: {len(images)} images cannot make {draws} draws")
+        parts = [_judged(images[i], poses[i], estimator, attr_model, attribute)
+                 for i in np.array_split(np.arange(len(images)), draws)]
+        out.update({f"{k}.draws": [p[k] for p in parts] for k in ("rate", "pck@0.1") if k in out})
+    return out
+
+
+def _judged(images: np.ndarray, poses: np.ndarray, estimator: torch.nn.Module, attr_model: torch.nn.Module | None,
+            attribute: tuple[str, str] | None) -> dict[str, Any]:
+    """:func:`measure`'s PCK, saturation and attribute rate of one set of images."""
+    out: dict[str, Any] = {k: v for k, v in pck(predict(estimator, images), poses).items() if k.startswith("pck@")}
     out["saturation"] = float(saturation(images).mean())
     if attribute is not None:
         if attr_model is None:
@@ -402,8 +412,6 @@ def measure(images: np.ndarray, poses: np.ndarray, estimator: torch.nn.Module,
         k = attr_model.classes[name].index(cls)
         out["rate"] = float((p.argmax(-1) == k).mean())
         out["prob"] = float(p[:, k].mean())
-    if keeper is not None:
-        out["keeper_pck@0.1"] = pck(predict(keeper, images), poses)["pck@0.1"]
     return out
 
 
@@ -418,16 +426,19 @@ def pick_best_spec(before: Mapping[str, Mapping[str, float]], after: Mapping[tup
     return max(before, key=score)
 
 
-def tuning_metrics(base: Mapping[str, float], before: Mapping[str, Mapping[str, float]],
+def tuning_metrics(base: Mapping[str, float], before: Mapping[str, Mapping[str, Any]],
                    results: Mapping[tuple[str, str], TuneResult],
-                   after: Mapping[tuple[str, str], Mapping[str, float]], best_spec: str | None = None,
-                   ablations: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, float]:
+                   after: Mapping[tuple[str, str], Mapping[str, Any]], best_spec: str | None = None,
+                   ablations: Mapping[str, Mapping[str, Any]] | None = None,
+                   edits: Mapping[tuple[str, str], Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Notebook 06's tuning numbers as flat metric keys (``docs/metrics.md``): ``samples.<m>`` for the
     untuned samples (``base``); per spec and prompt key ``<spec>.<key>.clip_score_before/_after``,
     ``.<m>_before/_after`` for m in rate, pck@0.1, saturation (before: the spec's reconstruction),
-    ``.iterations_per_s``, and ``.keeper_pck@0.1_before/_after`` when measured with a keeper; and for each
-    ablation mask kind ``ablation.<best_spec>.<kind>.rate_after`` and ``.pck@0.1_after``."""
-    out: dict[str, float] = {f"samples.{k}": base[k] for k in ("pck@0.1", "rate", "saturation")}
+    ``.pck@0.1_drop``, ``.iterations_per_s``, ``.keeper_pck@0.1_before/_after`` when measured with a keeper, and
+    per draw (:func:`measure`'s ``draws``) ``.rate_after_draws`` and ``.pck@0.1_drop_draws``; ``edits[spec, key]``
+    (:func:`kpnb.evaluate.edits.describe_edit`) under ``<spec>.<key>.edit.``; and for each ablation mask kind
+    ``ablation.<best_spec>.<kind>.rate_after``, ``.pck@0.1_after`` and ``.pck@0.1_drop``."""
+    out: dict[str, Any] = {f"samples.{k}": base[k] for k in ("pck@0.1", "rate", "saturation")}
     for (s, key), r in results.items():
         p, a = f"{s}.{key}", after[s, key]
         out[f"{p}.clip_score_before"] = float(r.clip_score_before.mean())
@@ -435,11 +446,25 @@ def tuning_metrics(base: Mapping[str, float], before: Mapping[str, Mapping[str, 
         for m in ("rate", "pck@0.1", "saturation"):
             out[f"{p}.{m}_before"] = before[s][m]
             out[f"{p}.{m}_after"] = a[m]
+        out.update(_drops(p, before[s], a))
         out[f"{p}.iterations_per_s"] = r.iterations_per_s
         if "keeper_pck@0.1" in a:
             out[f"{p}.keeper_pck@0.1_before"] = before[s]["keeper_pck@0.1"]
             out[f"{p}.keeper_pck@0.1_after"] = a["keeper_pck@0.1"]
+        out.update({f"{p}.edit.{k}": v for k, v in (edits or {}).get((s, key), {}).items()})
     for kind, m in (ablations or {}).items():
         out[f"ablation.{best_spec}.{kind}.rate_after"] = m["rate"]
         out[f"ablation.{best_spec}.{kind}.pck@0.1_after"] = m["pck@0.1"]
+        if best_spec in before:
+            out.update(_drops(f"ablation.{best_spec}.{kind}", before[best_spec], m))
+    return out
+
+
+def _drops(prefix: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """PCK@0.1 before less after, and per draw with the rate after when :func:`measure` made draws."""
+    out: dict[str, Any] = {f"{prefix}.pck@0.1_drop": before["pck@0.1"] - after["pck@0.1"]}
+    if "pck@0.1.draws" in after and "pck@0.1.draws" in before:
+        out[f"{prefix}.pck@0.1_drop_draws"] = [b - a for b, a in zip(before["pck@0.1.draws"], after["pck@0.1.draws"])]
+    if "rate.draws" in after:
+        out[f"{prefix}.rate_after_draws"] = list(after["rate.draws"])
     return out

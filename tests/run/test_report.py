@@ -167,3 +167,38 @@ def test_pck_by_view_is_a_table_of_the_report_when_measured(tmp_path):
     both = {**smp, "by_view.real_poses.back.pck@0.1": 0.52, "by_view.real_poses.back.n": 18.0}   # a mean
     assert "seen from behind: held-out 0.450 (13 poses), real 0.520 (18)" in status._sampling(both)
     assert "seen from behind" not in status._sampling({"best_mode": "long"})
+
+
+def _tuned(hf, changed, rate=0.5, drop=0.05):
+    """06's metrics of one spec: the hair prompt and "colorful", with the edit measures of "colorful"."""
+    return {"red_hair.rate_after": rate, "red_hair.pck@0.1_drop": drop, "red_hair.rate_after_draws": [rate, rate],
+            "colorful.rate_after": 0.1, "colorful.pck@0.1_drop": 0.2, "colorful.saturation_before": 0.3,
+            "colorful.saturation_after": 0.4, "colorful.edit.high_freq_share": hf,
+            "colorful.edit.hair_colour.changed": changed}
+
+
+def _tuning(**specs):
+    return {"n_tune": 64, **{f"{s}.{k}": v for s, d in specs.items() for k, v in d.items()}}
+
+
+def test_tuning_table_the_hair_bar_and_the_colorful_claim(tmp_path):
+    tun = _tuning(f4=_tuned(0.7, 0.1), f8=_tuned(0.5, 0.2, rate=0.85, drop=0.08), f16=_tuned(0.2, 0.6, rate=0.9,
+                                                                                            drop=0.2))
+    rows = report.tuning_table({"06_clip_tuning": tun})
+    assert [(r["spec"], r["prompt"]) for r in rows] == [(s, k) for s in ("f4", "f8", "f16")
+                                                       for k in ("red_hair", "colorful")]
+    assert rows[2]["rate after"] == "0.85 (draws 0.85 / 0.85)" and rows[1]["high-freq. share"] == "0.7"
+    # f16's rate is high but its drop past 0.1; f8 meets both
+    assert "met on f8 - f4 rate 0.5" in report.hair_target(tun) and "over 64 tuned images" in report.hair_target(tun)
+    assert "not met on any spec" in report.hair_target(_tuning(f4=_tuned(0.7, 0.1)))
+    claim = report._colorful_claim(tun)
+    assert "pixel-wise on f4**: supported here - f4: high-frequency share 0.7, hair colour changed on 0.1" in claim
+    assert "partly supported (f4's change" in report._colorful_claim(
+        _tuning(f4=_tuned(0.7, 0.1), f16=_tuned(0.2, 0.05)))  # f16 smooth but no hair changed
+    assert "not supported" in report._colorful_claim(_tuning(f4=_tuned(0.2, 0.5), f16=_tuned(0.7, 0.1)))
+    assert "not measured" in report._colorful_claim(_tuning(f8=_tuned(0.5, 0.2)))
+    folder.run_dir(tmp_path, "smoke")
+    files.write_metrics(tmp_path, "06_clip_tuning", tun, preset="smoke", seconds=1.0)
+    text = report.write_report(tmp_path).read_text()
+    assert "## CLIP tuning" in text and "| f8 | red_hair | 0.85 (draws 0.85 / 0.85) | 0.08" in text
+    assert "pixel-wise on f4**: supported" in text

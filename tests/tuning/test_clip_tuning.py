@@ -170,11 +170,7 @@ def test_pose_region_mask_freezes_the_body_and_tuning_respects_it(tiny_models):
         ct.tune(model, clip_model, z0, "red hair", mask=torch.ones(1, 1, 3, 3), steps=1, progress=False)
 
 
-def test_saturation_and_measure():
-    grey = np.full((1, 4, 4, 3), 128, np.uint8)
-    red = np.zeros((1, 4, 4, 3), np.uint8)
-    red[..., 0] = 200
-    assert ct.saturation(grey)[0] == 0.0 and ct.saturation(red)[0] == pytest.approx(1.0)
+def test_measure():
     torch.manual_seed(0)
     est = pose_net.PoseNet(image_size=16, width=4).eval()
     attr = attributes.AttributeNet({"hair_colour": ["red", "blue"]}, width=8, depth=1).eval()
@@ -184,6 +180,15 @@ def test_saturation_and_measure():
     assert 0 <= m["pck@0.1"] <= 1 and 0 <= m["rate"] <= 1 and 0 < m["prob"] < 1 and m["saturation"] > 0
     with pytest.raises(ValueError, match="not one the classifier knows"):
         ct.measure(_images(), poses, est, attr, ("hair_colour", "teal"))
+    # two draws: each half measured alone, the whole the mean of the halves (equal halves)
+    ims, poses4 = np.concatenate([_images(), _images()[::-1]]), np.concatenate([poses, poses])
+    m2 = ct.measure(ims, poses4, est, attr, ("hair_colour", "red"), draws=2)
+    halves = [ct.measure(ims[i:i + 2], poses4[i:i + 2], est, attr, ("hair_colour", "red")) for i in (0, 2)]
+    assert m2["rate.draws"] == [h["rate"] for h in halves] and m2["pck@0.1.draws"] == [h["pck@0.1"] for h in halves]
+    assert m2["rate"] == pytest.approx(np.mean(m2["rate.draws"]))
+    assert "rate.draws" not in m
+    with pytest.raises(ValueError, match="cannot make 3 draws"):
+        ct.measure(_images(), poses, est, draws=3)
 
 
 def test_head_region_mask_frees_only_the_head():
@@ -282,7 +287,16 @@ def test_prompts_best_spec_and_metrics():
     assert m["f4.red_hair.keeper_pck@0.1_before"] == 0.9 and m["f4.red_hair.keeper_pck@0.1_after"] == 0.85
     assert m["f4.red_hair.iterations_per_s"] == 7.0
     assert m["ablation.f4.none.rate_after"] == 0.5 and m["ablation.f4.none.pck@0.1_after"] == 0.4
-    assert len(m) == 3 + 2 * 11 + 2
+    assert m["f4.red_hair.pck@0.1_drop"] == pytest.approx(0.05) and m["ablation.f4.none.pck@0.1_drop"] == 0.4
+    assert len(m) == 3 + 2 * 12 + 3
+    # draws and the edit's description
+    before["f8"]["pck@0.1.draws"] = [0.6, 0.8]
+    after["f8", "red_hair"].update({"pck@0.1.draws": [0.6, 0.7], "rate.draws": [0.75, 0.85]})
+    m = ct.tuning_metrics(before["f4"], before, results, after,
+                          edits={("f8", "red_hair"): {"high_freq_share": 0.3, "hair_colour.changed": 0.5}})
+    assert m["f8.red_hair.pck@0.1_drop_draws"] == pytest.approx([0.0, 0.1])
+    assert m["f8.red_hair.rate_after_draws"] == [0.75, 0.85] and "f4.red_hair.rate_after_draws" not in m
+    assert m["f8.red_hair.edit.high_freq_share"] == 0.3 and m["f8.red_hair.edit.hair_colour.changed"] == 0.5
     for a in after.values():  # measured without a keeper: no keeper keys
         del a["keeper_pck@0.1"]
     assert not any("keeper" in k for k in ct.tuning_metrics(before["f4"], before, results, after))
