@@ -267,8 +267,6 @@ def distance_for_run(root: str | Path, cfg: Mapping[str, Mapping[str, Any]], rea
     if q.get("inception_weights"):
         feats = inception_features(q["inception_weights"])
     else:
-        pass
-
         model, info = clip_for_run(root, cfg, progress=False)
         feats = ClipFeatures(model, name=f"{info['kind']} CLIP")
     return ImageDistance(real_images, feats, kid_subset_size=int(q["kid_subset_size"]))

@@ -110,8 +110,10 @@ def _clip(m: Mapping[str, Any]) -> str:
         p = f"{s}.{hair}"
         if f"{p}.rate_after" in m:
             before, after = m[f"{p}.pck@0.1_before"], m[f"{p}.pck@0.1_after"]
-            parts.append(f"{s} rate {_f(m[f'{p}.rate_before'], 2)} -> **{_f(m[f'{p}.rate_after'], 2)}**, PCK@0.1 "
-                         f"{_f(before)} -> {_f(after)} (drop **{_f(before - after)}**)")
+            draws = m.get(f"{p}.rate_after_draws")
+            spread = f" (draws {' / '.join(_f(d, 2) for d in draws)})" if draws else ""
+            parts.append(f"{s} rate {_f(m[f'{p}.rate_before'], 2)} -> **{_f(m[f'{p}.rate_after'], 2)}**{spread}, "
+                         f"PCK@0.1 {_f(before)} -> {_f(after)} (drop **{_f(before - after)}**)")
     return (f"domain CLIP zero-shot hair colour **{_f(m.get('zero_shot.hair_colour'))}**; attribute classifier "
             f"{_f(m.get('attributes.hair_colour_accuracy'))}; '{(hair or '').replace('_', ' ')}' on "
             f"{m.get('n_tune')} samples, {m.get('tune_steps')} steps: " + "; ".join(parts))

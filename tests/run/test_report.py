@@ -202,3 +202,14 @@ def test_tuning_table_the_hair_bar_and_the_colorful_claim(tmp_path):
     text = report.write_report(tmp_path).read_text()
     assert "## CLIP tuning" in text and "| f8 | red_hair | 0.85 (draws 0.85 / 0.85) | 0.08" in text
     assert "pixel-wise on f4**: supported" in text
+
+
+def test_status_clip_line_has_the_rate_and_its_draws():
+    from kpnb.run import status
+
+    m = {"zero_shot.hair_colour": 0.9, "n_tune": 64, "tune_steps": 80, "f4.red_hair.rate_before": 0.2,
+         "f4.red_hair.rate_after": 0.81, "f4.red_hair.rate_after_draws": [0.78, 0.84],
+         "f4.red_hair.pck@0.1_before": 0.8, "f4.red_hair.pck@0.1_after": 0.75}
+    line = status._clip(m)
+    assert "'red hair' on 64 samples" in line and "f4 rate 0.20 -> **0.81** (draws 0.78 / 0.84)" in line
+    assert "(drop **0.050**)" in line
