@@ -3,10 +3,19 @@ from __future__ import annotations
 
 import pytest
 
-from kpnb.core import settings
+from kpnb.core import runtime, settings
 from kpnb.data import subset
 from kpnb.run import folder, stages
 from kpnb.synth import renders
+
+
+@pytest.fixture(autouse=True)
+def restore_runtime():
+    """``kpnb train`` and ``NotebookRun`` set the process's runtime (its keep_checkpoints among the rest): each
+    test starts from the runtime the one before it started from."""
+    before = runtime.current()
+    yield
+    runtime.use(before)
 
 
 @pytest.fixture(scope="session")
