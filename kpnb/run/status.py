@@ -154,7 +154,8 @@ def status_table(root: str | Path) -> str:
     date = time.strftime("%Y-%m-%d", time.localtime(max(p.stat().st_mtime for p in files))) if files else "-"
     threads = sorted({str(v.get("torch_threads")) for v in m.values()})
     seconds = {stem: v.get("seconds") for stem, v in m.items()}
-    lines = [f"Run `{root.name}` (preset `{cfg.get('preset', '?')}`, overrides "
+    # the block names the preset, not the folder: the README describes the project, and the lab log the runs
+    lines = [f"The `{cfg.get('preset', '?')}` preset (overrides "
              f"`{json.dumps(cfg.get('overrides', {}))}`, {'/'.join(threads)} torch threads, metrics of {date}).", "",
              "| stage | result | target |", "|---|---|---|"]
     total = sum(float(s or 0) for s in seconds.values())
