@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -120,6 +120,18 @@ def sample(poses: list[tuple[str, kp.Pose]], ldm, ae, out: str | Path, *, n: int
     return written
 
 
+def _sampler_settings(a: argparse.Namespace, defaults: Mapping[str, Any], T: int) -> dict[str, Any]:
+    """The sampler's settings: those given on the command line, the model's ``defaults`` for the rest (eta 0 with
+    the multistep solver, which is deterministic); ValueError for a guidance interval outside ``0..T``."""
+    given = {"steps": a.steps, "eta": a.eta, "guidance": a.guidance, "guidance_interval": a.guidance_interval,
+             "solver": a.solver}
+    settings = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
+    if settings["solver"] == "dpmpp_2m" and a.eta is None:
+        settings["eta"] = 0.0
+    sampling.check_interval(settings["guidance_interval"], T)
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kpnb sample", description="images for pose files (see kpnb.run.sample)")
     p.add_argument("--pose", action="append", required=True, help="pose file or folder (repeatable)")
@@ -162,13 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     except (kp.PoseError, FileNotFoundError, ValueError) as e:
         print(f"kpnb sample: {e}", file=sys.stderr)
         return 2
-    given = {"steps": a.steps, "eta": a.eta, "guidance": a.guidance, "guidance_interval": a.guidance_interval,
-             "solver": a.solver}
-    settings = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
-    if settings["solver"] == "dpmpp_2m" and a.eta is None:
-        settings["eta"] = 0.0  # the multistep solver is deterministic, whatever eta the model's defaults have
     try:
-        sampling.check_interval(settings["guidance_interval"], ldm.schedule.T)
+        settings = _sampler_settings(a, defaults, ldm.schedule.T)
     except ValueError as e:
         print(f"kpnb sample: {e}", file=sys.stderr)
         return 2
