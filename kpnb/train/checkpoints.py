@@ -121,24 +121,43 @@ def _all_damaged(ckpt_dir: Path, damaged: list[tuple[Path, str]]) -> CheckpointE
                            f"folder to train afresh")
 
 
+class _Damaged(Exception):
+    def __init__(self, file: Path, reason: str):
+        super().__init__(file, reason)
+        self.file, self.reason = file, reason
+
+
+def _first_usable(ckpt_dir: Path, use: Callable[[Path], Any]) -> Any:
+    """``use(json)`` of the newest checkpoint it accepts; one it refuses with :class:`_Damaged` is named with the
+    reason and passed over. None when the folder holds no complete checkpoint; CheckpointError, naming them all,
+    when every one is damaged."""
+    damaged: list[tuple[Path, str]] = []
+    for js in _newest_first(ckpt_dir):
+        try:
+            got = use(js)
+        except _Damaged as e:
+            _say(f"damaged checkpoint {e.file}: {e.reason}; passed over")
+            damaged.append((e.file, e.reason))
+            continue
+        if damaged:
+            _say(f"going on from the previous complete checkpoint, {js}")
+        return got
+    if damaged:
+        raise _all_damaged(ckpt_dir, damaged)
+    return None
+
+
 def latest_checkpoint(ckpt_dir: str | Path, *, verify: bool = False) -> Path | None:
     """The JSON file of the newest usable checkpoint in ``ckpt_dir`` (None when it holds no complete one). Its
     tensor file is checked against the size its JSON records, and with ``verify`` against the sha256 too; a
     damaged checkpoint is named with the reason and the previous one taken. CheckpointError, naming them all,
     when every checkpoint is damaged."""
-    ckpt_dir = Path(ckpt_dir)
-    damaged: list[tuple[Path, str]] = []
-    for js in _newest_first(ckpt_dir):
+    def checked(js: Path) -> Path:
         bad = _damage(js, full=verify)
-        if bad is None:
-            if damaged:
-                _say(f"going on from the previous complete checkpoint, {js}")
-            return js
-        _say(f"damaged checkpoint {bad[0]}: {bad[1]}; passed over")
-        damaged.append(bad)
-    if damaged:
-        raise _all_damaged(ckpt_dir, damaged)
-    return None
+        if bad is not None:
+            raise _Damaged(*bad)
+        return js
+    return _first_usable(Path(ckpt_dir), checked)
 
 
 def fork_checkpoint(src_dir: str | Path, dst_dir: str | Path) -> Path:
@@ -280,12 +299,6 @@ class Checkpoint:
     json: Path | None
 
 
-class _Damaged(Exception):
-    def __init__(self, file: Path, reason: str):
-        super().__init__(file, reason)
-        self.file, self.reason = file, reason
-
-
 def _read_one(st: Path, js: Path | None) -> Checkpoint:
     """The checkpoint of tensor file ``st`` and its JSON ``js`` (None: a bare tensor file, read unchecked),
     checked against the JSON's size and sha256; :class:`_Damaged` when it fails them or cannot be read."""
@@ -318,21 +331,9 @@ def read_checkpoint(path: str | Path, *, missing_ok: bool = False) -> Checkpoint
             return _read_one(st, js)
         except _Damaged as e:
             raise CheckpointError(f"damaged checkpoint {e.file}: {e.reason}") from None
-    damaged: list[tuple[Path, str]] = []
-    for js in _newest_first(path):
-        try:
-            ck = _read_one(js.with_suffix(".safetensors"), js)
-        except _Damaged as e:
-            _say(f"damaged checkpoint {e.file}: {e.reason}; passed over")
-            damaged.append((e.file, e.reason))
-            continue
-        if damaged:
-            _say(f"going on from the previous complete checkpoint, {js}")
+    ck = _first_usable(path, lambda js: _read_one(js.with_suffix(".safetensors"), js))
+    if ck is not None or missing_ok:
         return ck
-    if damaged:
-        raise _all_damaged(path, damaged)
-    if missing_ok:
-        return None
     raise CheckpointError(f"{path}: no complete checkpoint (ckpt-<step>.json + .safetensors) here")
 
 
