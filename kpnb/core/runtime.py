@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: The models ``runtime.compile`` can name: each is compiled (``torch.compile``) only where its name is listed.
+COMPILABLE = ("vq", "ldm", "estimator", "clip", "transformer")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -116,6 +118,11 @@ class ThreadPolicy:
             torch.set_num_threads(want)
         return want
 
+    def restart(self) -> None:
+        """Start the next interval now, so that :meth:`maybe_fit` judges only what ran after this call (work
+        before it, such as a process pool that drew the data, is not another process of the training)."""
+        self._last = (time.monotonic(), _busy_seconds(), _own_seconds())
+
     def maybe_fit(self) -> int | None:
         """:meth:`fit` when ``every`` seconds have passed since the last look; the new count if it changed."""
         if time.monotonic() - self._last[0] < self.every:
@@ -123,6 +130,19 @@ class ThreadPolicy:
         before = torch.get_num_threads()
         after = self.fit()
         return after if after != before else None
+
+
+def compiled_models(setting: Any) -> frozenset[str]:
+    """``runtime.compile`` as the set of models to compile: a list of names from :data:`COMPILABLE`, or a bool
+    (True: all of them, False: none)."""
+    if isinstance(setting, bool):
+        return frozenset(COMPILABLE) if setting else frozenset()
+    names = [setting] if isinstance(setting, str) else list(setting)
+    bad = [n for n in names if n not in COMPILABLE]
+    if bad:
+        raise RuntimeSettingError(f"runtime.compile: unknown model(s) {', '.join(map(repr, bad))}; name any of "
+                                  f"{', '.join(COMPILABLE)}, or true/false for all/none")
+    return frozenset(names)
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -134,7 +154,7 @@ def dist_env() -> tuple[int, int, int]:
 class Runtime:
     device: torch.device
     precision: str = "fp32"           # resolved: fp32 | bf16 | fp16
-    compile: bool = False
+    compile: frozenset[str] = frozenset()  # the models (of COMPILABLE) that torch.compile runs
     workers: int = 0                  # DataLoader worker processes that build the batches (0: main thread)
     threads: ThreadPolicy | None = None  # CPU threads fitted to the free cores (runtime.threads "auto")
     rank: int = 0
@@ -171,7 +191,7 @@ class Runtime:
             torch.set_num_threads(int(threads))
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(device=device, precision=precision, compile=bool(s["compile"]), workers=workers,
+        return cls(device=device, precision=precision, compile=compiled_models(s["compile"]), workers=workers,
                    threads=policy, rank=rank, world_size=world, keep_checkpoints=keep)
 
     # ---- precision ------------------------------------------------------------------------------------
@@ -229,11 +249,14 @@ class Runtime:
         """Rank 0: the one process that writes checkpoints, CSV, metrics and shows progress."""
         return self.rank == 0
 
-    def ddp(self, module: nn.Module) -> nn.Module:
+    def ddp(self, module: nn.Module, model: str) -> nn.Module:
         """``module`` wrapped in DistributedDataParallel when there are several ranks (DDP averages the
-        gradients during backward), else ``module`` itself; compiled first when ``compile`` is on. Checkpoint
-        the unwrapped module: it shares its parameters with the wrapper."""
-        if self.compile:
+        gradients during backward), else ``module`` itself; compiled first when ``runtime.compile`` names
+        ``model`` (one of :data:`COMPILABLE`). Checkpoint the unwrapped module: it shares its parameters with the
+        wrapper."""
+        if model not in COMPILABLE:
+            raise ValueError(f"unknown model {model!r}; valid: {', '.join(COMPILABLE)}")
+        if model in self.compile:
             module = torch.compile(module)
         if not self.distributed:
             return module
@@ -294,7 +317,8 @@ class Runtime:
     def describe(self) -> str:
         ranks = f", {self.world_size} ranks" if self.distributed else ""
         cpu = f", {torch.get_num_threads()} CPU threads" + (" (fitted to the free cores)" if self.threads else "")
-        return f"{self.device} {self.precision}{' compiled' if self.compile else ''}{ranks}{cpu}"
+        compiled = f" ({', '.join(sorted(self.compile))} compiled)" if self.compile else ""
+        return f"{self.device} {self.precision}{compiled}{ranks}{cpu}"
 
 
 class Method(nn.Module):

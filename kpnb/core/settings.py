@@ -12,13 +12,13 @@ from typing import Any, Mapping
 # measured it: docs/experiments.md.
 BASE: dict[str, dict[str, Any]] = {
     # where the models run (kpnb.core.runtime): device auto = cuda, else mps, else cpu; precision fp32 | bf16 | fp16 |
-    # auto (bf16 where the GPU has it, else fp16 with a gradient scaler; fp32 on a CPU); compile: torch.compile
-    # the UNet; workers: DataLoader processes that build the batches ahead of each step (0: the main thread,
+    # auto (bf16 where the GPU has it, else fp16 with a gradient scaler; fp32 on a CPU); compile: the models
+    # torch.compile runs, any of vq, ldm, estimator, clip, transformer (true/false: all/none); workers: DataLoader processes that build the batches ahead of each step (0: the main thread,
     # which is fastest on 2 CPU cores); threads: torch's CPU threads, "auto" = the cores other processes leave
     # free, checked again every 30 s of training (a busy core otherwise stalls OpenMP: README, "Timing"), or a count
     # (0: torch's default); keep_checkpoints: how many of the newest checkpoints each training folder keeps, so that
     # a damaged newest one (a killed disk, a truncated copy) leaves an older one to resume from
-    "runtime": {"device": "auto", "precision": "fp32", "compile": False, "workers": 0, "threads": "auto",
+    "runtime": {"device": "auto", "precision": "fp32", "compile": [], "workers": 0, "threads": "auto",
                 "keep_checkpoints": 2},
     # data.wide_share: the share of the synthetic characters' poses drawn from the wider distribution
     # (kpnb.synth.sample_pose: kneeling, crouching, lying, free arms, bent and tilted, near-side views and views
@@ -76,14 +76,15 @@ BASE: dict[str, dict[str, Any]] = {
     # tune_steps 80: the CLIP score gains little after 80 (54.3 at 81, 54.8 at 100); n_tune images tuned, measured
     # in tune_draws equal parts as well: with 32 images a rate moved by about 0.07 from one run to the next;
     # head_radius 0.2 / head_anchor 0.25 (from 0.125 / 0.5): long hair reaches past the head joints, and the hair
-    # prompt's red rate on f16 rose 0.67 -> 0.81 at a PCK drop of 0.03 (64 held-out renders; docs/experiments.md)
+    # prompt's red rate on f16 rose 0.67 -> 0.81 at a PCK drop of 0.03 (64 held-out renders; docs/experiments.md);
+    # pose_weight 30 (from 10): on the same 64 samples f8's PCK@0.1 drop fell 0.149 -> 0.090 at a red rate of 0.81
     "clip": {"steps": 1600, "batch_size": 64, "n_images": 4000, "lr": 2e-3, "warmup": 50, "weight_decay": 0.1,
              "min_frac": 0.8, "seed": 0, "ckpt_every": 500, "image_size": 64, "patch_size": 8, "width": 64,
              "layers": 2, "text_width": 64, "text_layers": 2, "context_length": 32, "embed_dim": 64,
              "pretrained_arch": "ViT-B-32", "pretrained_tag": "laion2b_s34b_b79k", "pretrained_path": None,
              "attr_steps": 600, "attr_width": 16, "attr_depth": 3,
              "tune_steps": 80, "tune_lr": 0.1, "cutouts": 16, "cut_min_frac": 0.75, "cut_noise": 0.05,
-             "anchor_weight": 1.0, "head_radius": 0.2, "head_anchor": 0.25, "pose_weight": 10.0,
+             "anchor_weight": 1.0, "head_radius": 0.2, "head_anchor": 0.25, "pose_weight": 30.0,
              "keeper_seed": 11, "keeper_steps": 1500, "keeper_n_train": 4000, "n_tune": 64,
              "tune_draws": 2},
     # transformer: a GPT over f16 codes with the 17 grid tokens as its prefix
@@ -198,10 +199,12 @@ class ConfigError(ValueError):
     """An unknown preset, parameter or setting, or a value of the wrong type: says which, and what is valid."""
 
 
-# Settings that take more than their BASE default's type: a weights file or None (off); "auto" or a thread count.
+# Settings that take more than their BASE default's type: a weights file or None (off); "auto" or a thread count;
+# true/false for every model or none.
 # Any other setting takes its BASE default's type (an int for a float too).
 MORE_TYPES: dict[str, tuple[type, ...]] = {
-    "vq.perceptual_weights": (str,), "clip.pretrained_path": (str,), "runtime.threads": (int,)}
+    "vq.perceptual_weights": (str,), "clip.pretrained_path": (str,), "runtime.threads": (int,),
+    "runtime.compile": (bool,)}
 
 
 def preset_config(preset: str, overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:

@@ -32,7 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from kpnb.core import settings as runs
-from kpnb.core.runtime import Runtime
+from kpnb.core.runtime import COMPILABLE, Method, Runtime
 from kpnb.diffusion import ldm, sampling
 from kpnb.models import clip as kclip
 from kpnb.models import transformer, vq
@@ -87,7 +87,8 @@ def time_steps(fn: Callable[[int], Any], steps: int, device: torch.device, warmu
 def _header(device: torch.device, preset: str, **extra: Any) -> dict[str, Any]:
     """What every bench result starts with. The load average says whether other work shared the cores (with
     2 threads on 2 busy cores, torch can be 10x slower than with 1: OpenMP threads wait for each other)."""
-    return {"device": str(device), "precision": RT.precision, "torch_threads": torch.get_num_threads(),
+    return {"device": str(device), "precision": RT.precision, "compile": sorted(RT.compile),
+            "torch_threads": torch.get_num_threads(),
             "preset": preset, **extra,
             "load_avg_1min": round(os.getloadavg()[0], 2)}
 
@@ -185,10 +186,11 @@ def bench_ldm_model(model: Any, *, batch_size: int, steps: int, sample_steps: in
     poses[..., 2] = 2.0
     poses = poses.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    loss_of = RT.ddp(Method(model, "loss"), "ldm")  # compiled as training compiles it (--compile ldm)
 
     def step(i: int) -> None:
         with RT.autocast():
-            loss = model.loss(z, poses, generator=torch.Generator().manual_seed(i))
+            loss = loss_of(z, poses, generator=torch.Generator().manual_seed(i))
         RT.backward_step(loss, opt)
 
     out: dict[str, Any] = {"modes": "+".join(model.cond.modes), "latent": [C, h, w], "batch_size": batch_size,
@@ -402,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: the cores other processes leave free)")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="fp32", help="fp32, bf16, fp16 (GPU) or auto")
+    p.add_argument("--compile", default="", help=f"comma-separated models to torch.compile: any of {', '.join(COMPILABLE)} "
+                   "(runtime.compile; the first timed step waits for the compiler)")
     p.add_argument("--no-gpu-config", dest="gpu_config", action="store_false",
                    help="skip the gpu-preset models (slow on a CPU: minutes per step)")
     p.add_argument("--modes", help="ldm: comma-separated conditioning modes (default: the preset's)")
@@ -414,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     global RT
     try:  # threads: as given, else fitted to the cores other processes leave free (runtime.threads "auto")
-        RT = Runtime.from_settings({"device": args.device, "precision": args.precision, "compile": False,
+        RT = Runtime.from_settings({"device": args.device, "precision": args.precision,
+                                    "compile": [m.strip() for m in args.compile.split(",") if m.strip()],
                                     "workers": 0, "threads": args.threads or "auto"})
     except ValueError as e:
         print(f"kpnb bench: {e}", file=sys.stderr)

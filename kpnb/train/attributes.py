@@ -62,7 +62,7 @@ def train_attribute_classifier(images: np.ndarray, labels: Mapping[str, Sequence
         y_all[name] = encode_labels(labels[name], cls, name)
     torch.manual_seed(seed)
     model = AttributeNet(classes, width=width, depth=depth).to(rt.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, fused=True)
 
     def batch_fn(step: int):
         idx = training.batch_indices(len(x_all), batch_size, step, seed=seed)

@@ -96,12 +96,13 @@ def train_domain_clip(images: np.ndarray, captions: Sequence[str | Sequence[str]
     size = preprocess_cfg(model)["size"]
     x_all = images_to_tensor(images)  # [N, 3, H, W] in [0, 1], kept in memory (6000 x 64^2 x 3 floats = 300 MB)
     loss_fn = open_clip.ClipLoss(gather_with_grad=True, rank=rt.rank, world_size=rt.world_size)
-    net = rt.ddp(model)
+    net = rt.ddp(model, "clip")
     # No weight decay on gains, biases, embeddings and the temperature (as in CLIP / open_clip training).
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6,
+                            fused=True)
 
     def batch_fn(step: int):
         g = training.seeded_generator(seed, step)

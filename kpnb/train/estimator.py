@@ -116,7 +116,7 @@ def train_estimator(images: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: s
     data = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()  # uint8, converted per batch
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"], fused=True)
     seed, bs, steps = int(c["seed"]), int(c["batch_size"]), int(c["steps"])
-    net = rt.ddp(model)
+    net = rt.ddp(model, "estimator")
 
     def batch_fn(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = training.batch_indices(len(data), bs, step, seed=seed)

@@ -98,7 +98,7 @@ def train_ldm(data: LatentSet, cfg: Mapping[str, Any], ckpt_dir: str | Path, mod
     bs, steps = int(cfg["batch_size"]), int(cfg["steps"])
     # constant (after warmup): a finished run can be trained further (more steps) without a jump in lr
     final_frac = 1.0 if cfg["lr_schedule"] == "constant" else 0.1
-    loss_of = rt.ddp(Method(model, "loss"))  # DDP (several ranks) and torch.compile (runtime.compile) go here
+    loss_of = rt.ddp(Method(model, "loss"), "ldm")  # DDP (several ranks) and torch.compile (runtime.compile) go here
 
     def batch_fn(step: int) -> tuple[torch.Tensor, ...]:
         """The global batch of ``step`` with every random draw of its samples (flips, timesteps, noise, pose

@@ -318,6 +318,8 @@ def train(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim
     for m in modules.values():
         m.train()
     check_every_step = rt.device.type == "cpu"
+    if rt.threads is not None:
+        rt.threads.restart()
     bar = kprogress.bar(total=s.steps, initial=start, desc=s.desc, disable=not (s.progress and main), report=main)
     t_call = time.perf_counter()
     row, ran = _Row(t_call), 0

@@ -80,7 +80,7 @@ def train_transformer(codes: Any, poses: Any, cfg: Mapping[str, Any], ckpt_dir: 
                              {"params": no_decay, "weight_decay": 0.0}], lr=c["lr"], betas=(0.9, 0.95),
                             fused=True)
 
-    loss_of = rt.ddp(Method(model, "loss"))
+    loss_of = rt.ddp(Method(model, "loss"), "transformer")
 
     def batch_fn(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = training.batch_indices(len(codes), bs, step, seed=seed)

@@ -92,7 +92,7 @@ class TuneResult:
     start_image: np.ndarray           # uint8 [N, H, W, 3]: the decoded starting latent (what tuning began at)
     clip_score_before: np.ndarray     # [N]: 100 x cosine(full image, prompt) at the start
     clip_score_after: np.ndarray      # [N]
-    history: list[dict[str, Any]] = field(default_factory=list)  # per step; "images" every record_every
+    history: list[dict[str, Any]] = field(default_factory=list)  # per step; "images", "clip_score(s)" every record_every
     seconds: float = 0.0
     iterations_per_s: float = 0.0
 
@@ -276,18 +276,18 @@ def tune(vq: torch.nn.Module, clip_model: torch.nn.Module, image_or_latent: np.n
         extra = extra_loss(x) if extra_loss is not None else None
         if extra is not None:
             loss = loss + extra
-        scores = _clip_scores(clip_model, x.detach(), target)
         row: dict[str, Any] = {"step": step, "loss": loss.item() / n, "clip_loss": clip_loss.item() / n,
-                               "anchor": anchor.item() / n, "clip_score": float(scores.mean()),
-                               "clip_scores": scores.tolist()}
+                               "anchor": anchor.item() / n}
         if extra is not None:
             row["extra"] = extra.item()
         if step % s.record_every == 0 or step == s.steps:
-            row["images"] = tensor_to_images(x)
+            # the whole-image score costs a CLIP pass of its own: taken only with the recorded images
+            scores = _clip_scores(clip_model, x.detach(), target)
+            row.update(clip_score=float(scores.mean()), clip_scores=scores.tolist(), images=tensor_to_images(x))
             if callback is not None:
                 callback(step, row["images"], row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", clip=f"{row['clip_score']:.2f}", refresh=False)
         history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", clip=f"{row['clip_score']:.2f}", refresh=False)
         if step == s.steps:  # the last row describes the final latent; no step after it (and the bar counts it)
             continue
         if not math.isfinite(row["loss"]):

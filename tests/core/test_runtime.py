@@ -55,6 +55,21 @@ def test_settings_resolve_and_bad_values_are_refused():
     assert settings.PRESETS["gpu"]["runtime"]["precision"] == "auto"
 
 
+def test_compile_names_the_models_it_compiles():
+    """runtime.compile: a list of model names (True/False: all/none); an unknown name is refused before any work,
+    and ddp() compiles only a model the list names."""
+    assert runtime.compiled_models(["ldm", "vq"]) == {"ldm", "vq"}
+    assert runtime.compiled_models(True) == set(runtime.COMPILABLE) and runtime.compiled_models(False) == set()
+    with pytest.raises(runtime.RuntimeSettingError, match="'unet'.*ldm"):
+        runtime.Runtime.from_settings({**SMOKE["runtime"], "compile": ["unet"]})
+    rt = runtime.Runtime.from_settings({**SMOKE["runtime"], "compile": ["ldm"]})
+    m = torch.nn.Linear(2, 2)
+    assert rt.ddp(m, "estimator") is m and rt.ddp(m, "ldm") is not m and "ldm compiled" in rt.describe()
+    with pytest.raises(ValueError, match="unknown model 'unet'"):
+        rt.ddp(m, "unet")
+    assert settings.preset_config("cpu", {"runtime.compile": True})["runtime"]["compile"] is True
+
+
 def test_bf16_autocast_step_vq(tmp_path):
     model, info = vq_training.train_vq("f8", _images(8), SMOKE["vq"], tmp_path / "vq", progress=False, runtime=BF16,
                               steps=4, disc_start=2)
@@ -170,5 +185,10 @@ def test_thread_policy_leaves_the_cores_other_processes_use(monkeypatch):
         assert policy.maybe_fit() is None
         clock.update(t=45.0, busy=30.0 + 35.0 * 3.0, own=20.0 + 35.0 * 3.0)  # the other process has stopped
         assert policy.maybe_fit() == 4 and torch.get_num_threads() == 4
+        # a process pool kept both other cores busy, then training started: restart() leaves the pool out
+        clock.update(t=100.0, busy=150.0 + 55.0 * 4.0, own=125.0 + 55.0 * 2.0)
+        policy.restart()
+        clock.update(t=131.0, busy=370.0 + 31.0 * 4.0, own=235.0 + 31.0 * 4.0)
+        assert policy.maybe_fit() is None and torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(before)
