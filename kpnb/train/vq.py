@@ -116,6 +116,11 @@ class VQTrainer:
         for m in (self.model, self.disc, self.perceptual):
             if m is not None:
                 m.to(self.rt.device)
+        # runtime.compile naming "vq" compiles the step's networks; the modules themselves (saved, used later for
+        # encoding) stay as they are
+        compiled = "vq" in self.rt.compile
+        self.encode, self.decode, self.judge = ((torch.compile(f) if compiled else f)
+                                                for f in (self.model.encode, self.model.decode, self.disc))
         # fused: one kernel over all tensors instead of a Python loop of per-tensor kernels (torch's CPU default)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=s["lr"], betas=tuple(s["betas"]), fused=True)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=s["disc_lr"] or s["lr"], betas=tuple(s["betas"]),
@@ -134,13 +139,13 @@ class VQTrainer:
             model.init_linear_path(x)  # before the codebook is initialised from the encoder's outputs
             rt.broadcast_module(model)
         with rt.autocast():
-            h = model.encode(x)
+            h = self.encode(x)
         h = h.float()  # the codebook lookup in fp32 (distances of nearby codes)
         zq, _, qloss = model.quantize(h)
         if first:
             rt.broadcast_module(model.quantizer)
         with rt.autocast():
-            xrec = model.decode(zq).float()
+            xrec = self.decode(zq).float()
         rec = (x - xrec).abs().mean()
         out: dict[str, torch.Tensor | float] = {"rec": rec, "codebook": qloss}
         if self.perceptual is not None:
@@ -152,7 +157,7 @@ class VQTrainer:
         if gan_on:
             disc.requires_grad_(False)  # the generator's backward must not reach D's weights
             with rt.autocast():
-                g_loss = -disc(xrec).float().mean()
+                g_loss = -self.judge(xrec).float().mean()
             w = adaptive_weight(rec, g_loss, model.decoder.conv_out.weight) * s["disc_weight"]
             loss = loss + w * g_loss
             disc.requires_grad_(True)
@@ -160,7 +165,7 @@ class VQTrainer:
         rt.backward_step(loss, self.opt, average=True)
         if gan_on:
             with rt.autocast():
-                real, fake = disc(x).float(), disc(xrec.detach()).float()
+                real, fake = self.judge(x).float(), self.judge(xrec.detach()).float()
             d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())  # hinge
             rt.backward_step(d_loss, self.opt_d, average=True)
             out["d_loss"] = d_loss

@@ -68,6 +68,13 @@ def test_compile_names_the_models_it_compiles():
     with pytest.raises(ValueError, match="unknown model 'unet'"):
         rt.ddp(m, "unet")
     assert settings.preset_config("cpu", {"runtime.compile": True})["runtime"]["compile"] is True
+    # the VQ compiles its step's networks, never the modules it saves (compiling is lazy: nothing is compiled here)
+    cfg = vq.vq_config_for("f8", SMOKE["vq"])
+    eager = vq_training.VQTrainer(cfg, vq_training.train_settings(SMOKE["vq"]), 2, runtime.CPU)
+    assert eager.encode == eager.model.encode and eager.judge is eager.disc
+    tr = vq_training.VQTrainer(cfg, vq_training.train_settings(SMOKE["vq"]), 2,
+                               runtime.Runtime.from_settings({**SMOKE["runtime"], "compile": ["vq"]}))
+    assert tr.encode != tr.model.encode and tr.judge is not tr.disc and isinstance(tr.model.encoder, vq.Encoder)
 
 
 def test_bf16_autocast_step_vq(tmp_path):
