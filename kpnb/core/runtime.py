@@ -95,7 +95,7 @@ class ThreadPolicy:
     def __init__(self, max_threads: int | None = None, every: float = 30.0):
         self.max = max_threads or os.cpu_count() or 1
         self.every = every
-        self._last = (time.monotonic(), _busy_seconds(), _own_seconds())
+        self.restart()
 
     def other_load(self, window: float = 0.0) -> float | None:
         """Cores' worth of CPU used by other processes since the last call (after sleeping ``window`` s)."""

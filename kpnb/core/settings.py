@@ -14,8 +14,9 @@ BASE: dict[str, dict[str, Any]] = {
     # where the models run (kpnb.core.runtime): device auto = cuda, else mps, else cpu; precision fp32 | bf16 | fp16 |
     # auto (bf16 where the GPU has it, else fp16 with a gradient scaler; fp32 on a CPU); compile: the models
     # torch.compile runs, any of vq, ldm, estimator, clip, transformer (true/false: all/none; none on a CPU, where
-    # the step is convolutions that compiling does not speed up: docs/experiments.md); workers: DataLoader processes
-    # that build the batches ahead of each step (0: the main thread, which is fastest on 2 CPU cores); threads: torch's CPU threads, "auto" = the cores other processes leave
+    # the step is mostly convolutions, which compiling leaves as they are: 3-8% faster after 1-3 min of compiling,
+    # docs/experiments.md); workers: DataLoader processes that build the batches ahead of each step (0: the main
+    # thread, which is fastest on 2 CPU cores); threads: torch's CPU threads, "auto" = the cores other processes leave
     # free, checked again every 30 s of training (a busy core otherwise stalls OpenMP: README, "Timing"), or a count
     # (0: torch's default); keep_checkpoints: how many of the newest checkpoints each training folder keeps, so that
     # a damaged newest one (a killed disk, a truncated copy) leaves an older one to resume from

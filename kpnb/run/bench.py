@@ -404,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: the cores other processes leave free)")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="fp32", help="fp32, bf16, fp16 (GPU) or auto")
-    p.add_argument("--compile", default="", help=f"comma-separated models to torch.compile: any of {', '.join(COMPILABLE)} "
-                   "(runtime.compile; the first timed step waits for the compiler)")
+    p.add_argument("--compile", default="", help="comma-separated models to torch.compile: any of "
+                   f"{', '.join(COMPILABLE)} (runtime.compile; the first timed step waits for the compiler)")
     p.add_argument("--no-gpu-config", dest="gpu_config", action="store_false",
                    help="skip the gpu-preset models (slow on a CPU: minutes per step)")
     p.add_argument("--modes", help="ldm: comma-separated conditioning modes (default: the preset's)")

@@ -92,7 +92,7 @@ class TuneResult:
     start_image: np.ndarray           # uint8 [N, H, W, 3]: the decoded starting latent (what tuning began at)
     clip_score_before: np.ndarray     # [N]: 100 x cosine(full image, prompt) at the start
     clip_score_after: np.ndarray      # [N]
-    history: list[dict[str, Any]] = field(default_factory=list)  # per step; "images", "clip_score(s)" every record_every
+    history: list[dict[str, Any]] = field(default_factory=list)  # per step; images, clip scores every record_every
     seconds: float = 0.0
     iterations_per_s: float = 0.0
 
