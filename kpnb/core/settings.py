@@ -47,9 +47,10 @@ BASE: dict[str, dict[str, Any]] = {
     # held-out poses) goes on to best_steps, then trains on each of extra_specs' latents; v prediction and a
     # constant lr after warm-up, so training on continues the same schedule; guidance 3 at the low-noise
     # timesteps only (guidance_interval [0, 600]): guidance over the whole schedule bought pose accuracy with
-    # FID (5 gave speckled colour noise), at the low-noise steps it raised both (docs/experiments.md); DDIM 25
-    # steps: the same PCK and FID as 50 on the cpu preset's best model at half the sampling time; the best
-    # mode's PCK and FID still improve at 4000 steps: best_steps 4000 and an equal budget of 400 fit the hour;
+    # FID (5 gave speckled colour noise), at the low-noise steps it raised both (docs/experiments.md); DDIM 20
+    # steps: the PCK and FID of 25 and 50 on the cpu preset's best model (15 kept PCK but raised FID on each of six
+    # seeds; 2M was no better than DDIM at 10-25); the best mode's PCK and FID still improve at 4000 steps:
+    # best_steps 4000 and an equal budget of 400 fit the hour;
     # strict_compare: notebook 04 also trains the best mode on the strict subset (kpnb.data.filtering.strict_keep);
     # curve_points: the longer run stops that many times to score held-out loss and FID (overfitting);
     # joint_drop: each training pose's joints go MISSING, and visible ones HIDDEN, with this probability, as
@@ -61,7 +62,7 @@ BASE: dict[str, dict[str, Any]] = {
                   "lr": 1e-3, "warmup": 100, "ema_decay": 0.999, "p_uncond": 0.1, "min_snr": 5.0, "flip": True,
                   "ckpt_every": 250, "seed": 0, "base": 32, "mults": [1, 2, 2], "num_res_blocks": 2,
                   "attn_ds": [2], "heads": 4, "token_dim": 64, "self_attn": True, "dropout": 0.0, "sigma": 1.0,
-                  "sample_steps": 25, "solver": "ddim", "eta": 0.0, "guidance": 3.0, "guidance_interval": [0, 600],
+                  "sample_steps": 20, "solver": "ddim", "eta": 0.0, "guidance": 3.0, "guidance_interval": [0, 600],
                   "n_eval": 128, "prediction": "v", "best_steps": 4000, "n_select": 48, "lr_schedule": "constant",
                   "extra_specs": ["f8"], "strict_compare": True, "curve_points": 3, "joint_drop": 0.0,
                   "view_repeat": {"side": 2, "back": 3}},
