@@ -2,7 +2,7 @@
 of a run, also under ``torchrun``), ``kpnb sample`` (images for pose files), ``kpnb synth``, ``kpnb data pack``
 (a candidate pool as resumable WebDataset shards, :mod:`kpnb.data.shards`), ``kpnb data filter`` (notebook 01's
 filter over those shards, :mod:`kpnb.data.stream_filter`), ``kpnb bench``, ``kpnb status`` (the
-README's status table from a run folder's metrics).
+README's status table from a run folder's metrics; ``--times``: where its time went, :mod:`kpnb.run.timing`).
 
 ``kpnb run [--preset P] [--out DIR | --resume DIR [--rerun]] [--only 01,02] [-p name=value ...]``
 
@@ -16,10 +16,10 @@ README's status table from a run folder's metrics).
   cell's error. ``--resume DIR`` skips notebooks that already finished (their metrics file exists), unless
   ``--rerun`` asks for them again.
 * While a notebook runs, its progress lines (:mod:`kpnb.core.progress`: model, step/total, losses, images/s, time
-  left) are printed, and kept in ``DIR/progress.log``; after each notebook its wall time and headline
-  metrics, at the end a table of all. ``--timeout S`` limits each cell (default :data:`kpnb.core.settings.CELL_TIMEOUT_S`
-  per preset); a cell past it, or a dead kernel, stops the run naming the notebook and cell, with everything
-  written so far kept for ``--resume``.
+  left) are printed, and kept in ``DIR/progress.log``, where a line marks each notebook's start; after each
+  notebook its wall time and headline metrics, at the end a table of all. ``--timeout S`` limits each cell
+  (default :data:`kpnb.core.settings.CELL_TIMEOUT_S` per preset); a cell past it, or a dead kernel, stops the
+  run naming the notebook and cell, with everything written so far kept for ``--resume``.
 * A run folder has one writer (:mod:`kpnb.core.lock`): ``kpnb run`` holds its lock while it runs, and a second
   ``kpnb run`` or ``kpnb train`` of the same folder is refused before any work, naming the holder. The notebooks
   it runs work under its lock (their kernels inherit :data:`kpnb.core.lock.HOLDER_ENV`).
@@ -270,6 +270,7 @@ def _run_notebooks(args: argparse.Namespace, root: Path, preset: str, nbs: list[
         out_nb = root / "notebooks" / nb.name
         t0 = time.time()
         print(f"  {nb.stem}: running ...", flush=True)
+        kprogress.mark_notebook(nb.stem)
         if not _execute(nb, out_nb, params, timeout, progress_log, args.progress):
             return _stopped(root, out_nb)
         secs = time.time() - t0
@@ -454,12 +455,14 @@ def _train(args: argparse.Namespace, root: Path, saved: dict[str, Any], extra: d
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from kpnb.run import status
+    from kpnb.run import status, timing
 
     if not (Path(args.run) / "metrics").is_dir():
         print(f"kpnb status: {args.run} is not a run folder (no metrics/)", file=sys.stderr)
         return 2
-    if args.readme:
+    if args.times:
+        print(timing.time_table(args.run), end="")
+    elif args.readme:
         status.update_readme(args.readme, args.run)
         print(f"kpnb status: {args.readme} updated from {args.run}")
     else:
@@ -509,7 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="measure training/sampling speed (kpnb bench --help)")
     st = sub.add_parser("status", help="the README's status table from a run folder's metrics")
     st.add_argument("run", help="run folder")
-    st.add_argument("--readme", help="replace the status block of this README instead of printing")
+    what = st.add_mutually_exclusive_group()
+    what.add_argument("--readme", help="replace the status block of this README instead of printing")
+    what.add_argument("--times", action="store_true", help="print where the run's time went instead: each "
+                      "notebook's seconds, its progress bars' and the rest")
     args = p.parse_args(argv)
     command = shlex.join(["kpnb", *argv])  # how a lock names its holder
     if args.cmd == "status":

@@ -7,6 +7,9 @@ end::
 
     05:53:43  ldm[skeleton]  step 224/500 (45%)  loss 0.1207  images_per_s 74.03  elapsed 1m21s  left 1m39s
 
+``kpnb run`` also writes a line before each notebook (:func:`mark_notebook`), so that ``kpnb status RUN --times``
+(:mod:`kpnb.run.timing`) can say which notebook each bar's seconds belong to (:func:`ended_bars`).
+
 Every loop of the package uses :func:`bar` (the training helper, latent encoding, dataset writing, sampling,
 CLIP tuning), so a person sees which model, step/total, the last losses, speed and time left.
 """
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
 LOG_ENV = "KPNB_PROGRESS_LOG"
 EVERY_ENV = "KPNB_PROGRESS_EVERY"
+NOTEBOOK_MARK = "notebook "  # ``kpnb run`` writes "HH:MM:SS  notebook <name>" before each notebook
 
 
 def duration(seconds: float) -> str:
@@ -30,6 +34,18 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def parse_duration(text: str) -> int:
+    """Seconds of a :func:`duration` string ('1h05m' -> 3900); ValueError on anything else."""
+    rest, total = text, 0
+    for unit, scale in (("h", 3600), ("m", 60), ("s", 1)):
+        if unit in rest:
+            num, rest = rest.split(unit, 1)
+            total += int(num) * scale
+    if rest or not text:
+        raise ValueError(f"not a duration: {text!r}")
+    return total
 
 
 def _write(line: str) -> None:
@@ -124,3 +140,21 @@ def bar(iterable: Iterable | None = None, **kwargs: Any) -> Bar:
 def note(text: str) -> None:
     """A free-form line in the progress log (e.g. a notebook's phase)."""
     _write(f"{time.strftime('%H:%M:%S')}  {text}")
+
+
+def mark_notebook(name: str) -> None:
+    """The line that opens a notebook's part of the log (:func:`ended_bars` reads it)."""
+    note(NOTEBOOK_MARK + name)
+
+
+def ended_bars(lines: Iterable[str]) -> Iterator[tuple[int, str | None, str, int]]:
+    """(part, notebook, bar, seconds) of each bar that ended ("done" or "stopped") in progress-log ``lines``; the
+    notebook is the last :func:`mark_notebook` line before it (None before any) and ``part`` counts those lines,
+    so that two runs of one notebook stay apart."""
+    part, notebook = 0, None
+    for line in lines:
+        parts = line.rstrip("\n").split("  ")
+        if len(parts) == 2 and parts[1].startswith(NOTEBOOK_MARK):
+            part, notebook = part + 1, parts[1][len(NOTEBOOK_MARK):]
+        elif len(parts) >= 4 and parts[-1] in ("done", "stopped") and parts[-2].startswith("elapsed "):
+            yield part, notebook, parts[1], parse_duration(parts[-2][len("elapsed "):])

@@ -118,6 +118,15 @@ def test_notebook_05_scores_every_pose_under_one_view(smoke_run):
         assert all(0 <= m[k[:-2] + ".pck@0.1"] <= 1 for k in counts)
 
 
+def test_status_times_splits_each_notebook_of_the_run_into_its_bars(smoke_run, capsys):
+    assert cli.main(["status", str(smoke_run), "--times"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines()}
+    assert set(EXPECTED) <= set(rows) and "total" in rows
+    assert "vq-f4" in rows["03_vq_training"] and "ldm[grid]" in rows["04_ldm_training"]
+    assert "Bars before" not in out  # kpnb run marked every notebook
+
+
 def test_resume_skips_finished_notebooks(smoke_run, capsys):
     before = {p.name: p.stat().st_mtime for p in (smoke_run / "metrics").iterdir()}
     assert cli.main(["run", "--resume", str(smoke_run), "--only", "01,02", "--no-progress"]) == 0
