@@ -7,10 +7,10 @@ only its last run's bars, as its metrics keep only its last run's seconds.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kpnb.core import progress
+from kpnb.run import report
 
 
 def notebook_bars(log: Path) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
@@ -36,14 +36,14 @@ def time_table(root: str | Path) -> str:
     bars, unmarked = notebook_bars(root / "progress.log")
     lines = ["| notebook | seconds | of which (progress bars) | rest |", "|---|---|---|---|"]
     total = 0.0
-    for path in sorted((root / "metrics").glob("*.json")):
-        seconds = json.loads(path.read_text()).get("seconds")
+    for stem, metrics in report.collect_metrics(root).items():
+        seconds = metrics.get("seconds")
         if seconds is None:
             continue
-        mine = bars.get(path.stem, {})
+        mine = bars.get(stem, {})
         total += float(seconds)
         parts = ", ".join(f"{name} {s}" for name, s in mine.items()) or "-"
-        lines.append(f"| {path.stem} | {float(seconds):.0f} | {parts} | {float(seconds) - sum(mine.values()):.0f} |")
+        lines.append(f"| {stem} | {float(seconds):.0f} | {parts} | {float(seconds) - sum(mine.values()):.0f} |")
     lines.append(f"| total | {total:.0f} ({total / 60:.1f} min) | | |")
     if unmarked:
         lines += ["", "Bars before the log's first notebook mark (a run from before kpnb run marked them): "
